@@ -1,0 +1,100 @@
+"""LIME configuration and the default metadata tag inventories.
+
+This file is copied next to the weights by ``save_pretrained`` (remote code), so it imports only
+``transformers`` and its flat siblings.
+"""
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# Every field reserves its first three ids; a label's index in its inventory is its id.
+PAD_ID, UNKNOWN_ID, SPECIAL_ID = 0, 1, 2
+RESERVED_LABELS = ("<pad>", "<unk>", "<special>")
+
+# Fine-grained Penn Treebank tags of spaCy's English pipelines (`Token.tag_`), `_SP` = whitespace.
+POS_TAGS = (
+    "$", "''", ",", "-LRB-", "-RRB-", ".", ":", "ADD", "AFX", "CC", "CD", "DT", "EX", "FW", "HYPH",
+    "IN", "JJ", "JJR", "JJS", "LS", "MD", "NFP", "NN", "NNP", "NNPS", "NNS", "PDT", "POS", "PRP",
+    "PRP$", "RB", "RBR", "RBS", "RP", "SYM", "TO", "UH", "VB", "VBD", "VBG", "VBN", "VBP", "VBZ",
+    "WDT", "WP", "WP$", "WRB", "XX", "_SP", "``",
+)  # fmt: skip
+# The 18 OntoNotes entity types of spaCy's English NER, written as IOB labels.
+ENTITY_TYPES = (
+    "CARDINAL", "DATE", "EVENT", "FAC", "GPE", "LANGUAGE", "LAW", "LOC", "MONEY", "NORP",
+    "ORDINAL", "ORG", "PERCENT", "PERSON", "PRODUCT", "QUANTITY", "TIME", "WORK_OF_ART",
+)  # fmt: skip
+NER_TAGS = ("O",) + tuple(f"{prefix}-{etype}" for etype in ENTITY_TYPES for prefix in ("B", "I"))
+
+
+def make_inventory(labels: list[str] | tuple[str, ...]) -> list[str]:
+    """Prepend the reserved labels so that ``inventory.index(label)`` is the label's id."""
+    return [*RESERVED_LABELS, *labels]
+
+
+DEFAULT_METADATA_FIELDS: dict[str, list[str]] = {
+    "pos": make_inventory(POS_TAGS),
+    "ner": make_inventory(NER_TAGS),
+}
+
+
+def validate_metadata_fields(fields: dict[str, list[str]]) -> None:
+    """Raise ``ValueError`` unless every field is a valid name with a well-formed inventory."""
+    if not fields:
+        raise ValueError("`metadata_fields` is empty: give at least one field, e.g. {'pos': [...]}.")
+    for name, labels in fields.items():
+        if not name.isidentifier():
+            raise ValueError(f"Metadata field name {name!r} is not a Python identifier; it must be one "
+                             f"because the model takes it as the keyword argument `{name}_ids`.")
+        if tuple(labels[:3]) != RESERVED_LABELS:
+            raise ValueError(f"Field {name!r}: an inventory must start with the reserved labels "
+                             f"{list(RESERVED_LABELS)} (ids 0/1/2), got {list(labels[:3])}. "
+                             "Build it with `make_inventory(labels)`.")
+        if len(set(labels)) != len(labels):
+            duplicates = sorted({label for label in labels if labels.count(label) > 1})
+            raise ValueError(f"Field {name!r}: duplicate labels {duplicates} in the inventory.")
+
+
+class LimeConfig(PreTrainedConfig):
+    r"""
+    Configuration of a LIME (Linguistic Metadata Embeddings) decoder: any decoder-only backbone plus one
+    small embedding table per metadata field, added to the token embeddings.
+
+    Args:
+        text_config (`dict` or `PreTrainedConfig`, *optional*):
+            The backbone's config (any decoder-only architecture: Llama, Qwen2, GPT-2, ...). A dict must
+            name its `model_type`; `None` gives a default Llama config.
+        metadata_fields (`dict[str, list[str]]`, *optional*):
+            Field name -> label inventory. A label's index is its id; ids 0/1/2 are padding/unknown/special.
+            Defaults to `{"pos": <spaCy fine-grained tags>, "ner": <IOB over 18 OntoNotes types>}`.
+        metadata_weights (`dict[str, float]`, *optional*):
+            The weight `w_d` of each field's embedding in `E_tok(t) + sum_d w_d E_d(a_d)`; 1.0 by default.
+        metadata_shift (`int`, *optional*, defaults to 0):
+            0 = LIME (position i sees the tags of token i); 1 = LIME+1 (position i sees the tags of token
+            i+1, so the next token's tags can guide generation).
+    """
+
+    model_type = "lime"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    text_config: dict | PreTrainedConfig | None = None
+    metadata_fields: dict[str, list[str]] | None = None
+    metadata_weights: dict[str, float] | None = None
+    metadata_shift: int = 0
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.metadata_fields is None:
+            self.metadata_fields = {name: list(labels) for name, labels in DEFAULT_METADATA_FIELDS.items()}
+        self.metadata_fields = {name: list(labels) for name, labels in self.metadata_fields.items()}
+        validate_metadata_fields(self.metadata_fields)
+        weights = self.metadata_weights or {}
+        unknown = sorted(set(weights) - set(self.metadata_fields))
+        if unknown:
+            raise ValueError(f"`metadata_weights` names unknown fields {unknown}; "
+                             f"the fields are {list(self.metadata_fields)}.")
+        self.metadata_weights = {name: float(weights.get(name, 1.0)) for name in self.metadata_fields}
+        if self.metadata_shift not in (0, 1):
+            raise ValueError(f"`metadata_shift` must be 0 (LIME) or 1 (LIME+1), got {self.metadata_shift!r}.")
+
+
+__all__ = ["LimeConfig"]
