@@ -43,12 +43,16 @@ def validate_metadata_fields(fields: dict[str, list[str]]) -> None:
         raise ValueError("`metadata_fields` is empty: give at least one field, e.g. {'pos': [...]}.")
     for name, labels in fields.items():
         if not name.isidentifier():
-            raise ValueError(f"Metadata field name {name!r} is not a Python identifier; it must be one "
-                             f"because the model takes it as the keyword argument `{name}_ids`.")
+            raise ValueError(
+                f"Metadata field name {name!r} is not a Python identifier; it must be one "
+                f"because the model takes it as the keyword argument `{name}_ids`."
+            )
         if tuple(labels[:3]) != RESERVED_LABELS:
-            raise ValueError(f"Field {name!r}: an inventory must start with the reserved labels "
-                             f"{list(RESERVED_LABELS)} (ids 0/1/2), got {list(labels[:3])}. "
-                             "Build it with `make_inventory(labels)`.")
+            raise ValueError(
+                f"Field {name!r}: an inventory must start with the reserved labels "
+                f"{list(RESERVED_LABELS)} (ids 0/1/2), got {list(labels[:3])}. "
+                "Build it with `make_inventory(labels)`."
+            )
         if len(set(labels)) != len(labels):
             duplicates = sorted({label for label in labels if labels.count(label) > 1})
             raise ValueError(f"Field {name!r}: duplicate labels {duplicates} in the inventory.")
@@ -90,9 +94,18 @@ class LimeConfig(PreTrainedConfig):
         weights = self.metadata_weights or {}
         unknown = sorted(set(weights) - set(self.metadata_fields))
         if unknown:
-            raise ValueError(f"`metadata_weights` names unknown fields {unknown}; "
-                             f"the fields are {list(self.metadata_fields)}.")
+            raise ValueError(
+                f"`metadata_weights` names unknown fields {unknown}; "
+                f"the fields are {list(self.metadata_fields)}."
+            )
         self.metadata_weights = {name: float(weights.get(name, 1.0)) for name in self.metadata_fields}
+        if getattr(self, "auto_map", None) is None:
+            # Lets `trust_remote_code=True` users load a saved folder without lime_hf installed.
+            self.auto_map = {
+                "AutoConfig": "configuration_lime.LimeConfig",
+                "AutoModel": "modeling_lime.LimeModel",
+                "AutoModelForCausalLM": "modeling_lime.LimeForCausalLM",
+            }
         if self.metadata_shift not in (0, 1):
             raise ValueError(f"`metadata_shift` must be 0 (LIME) or 1 (LIME+1), got {self.metadata_shift!r}.")
 

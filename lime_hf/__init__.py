@@ -1,0 +1,28 @@
+"""lime_hf: LIME (Linguistic Metadata Embeddings) for Hugging Face Transformers.
+
+Importing the package registers the model type ``"lime"`` with the Auto classes.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_lime import DEFAULT_METADATA_FIELDS, LimeConfig, make_inventory
+from .modeling_lime import LimeForCausalLM, LimeModel, LimePreTrainedModel
+
+AutoConfig.register("lime", LimeConfig)
+AutoModel.register(LimeConfig, LimeModel)
+AutoModelForCausalLM.register(LimeConfig, LimeForCausalLM)
+# `save_pretrained` then copies the code files next to the weights, for `trust_remote_code=True` users.
+LimeConfig.register_for_auto_class()
+LimeModel.register_for_auto_class("AutoModel")
+LimeForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_METADATA_FIELDS",
+    "LimeConfig",
+    "LimeForCausalLM",
+    "LimeModel",
+    "LimePreTrainedModel",
+    "make_inventory",
+]
