@@ -1,5 +1,6 @@
-"""Stand-in demo until `lime-hf demo` lands: build a tiny LIME model, train it briefly on random tags,
-save it and reload it through the Auto classes."""
+"""Stand-in demo until `lime-hf demo` lands: a tiny LIME+1 model learns a toy language in which each
+token's tag decides the token, so knowing the *next* token's tag (LIME+1) makes it predictable; then the
+model is saved and reloaded through the Auto classes."""
 
 import tempfile
 
@@ -15,7 +16,7 @@ def main() -> None:
         model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     )  # fmt: skip
-    model = LimeForCausalLM(LimeConfig(text_config=text_config))
+    model = LimeForCausalLM(LimeConfig(text_config=text_config, metadata_shift=1))
     # A toy language where the POS tag decides the token: token = 10 * tag + noise.
     tags = torch.randint(3, 12, (64, 32))
     ids = tags * 10 + torch.randint(0, 3, tags.shape)
@@ -26,7 +27,9 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad()
         if step % 20 == 0 or step == 59:
-            print(f"step {step:3d}  loss {loss.item():.3f}")
+            print(
+                f"step {step:3d}  loss {loss.item():.3f}  (chance without tags: ln 27 = 3.30; with next tags: ln 3 = 1.10)"
+            )
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         reloaded = AutoModelForCausalLM.from_pretrained(folder)
