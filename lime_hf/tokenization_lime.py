@@ -1,0 +1,373 @@
+"""LimeTokenizer: any fast tokenizer plus per-token linguistic metadata (`pos_ids`, `ner_ids`, ...).
+
+This file is copied next to a saved tokenizer (remote code): it imports only `transformers`, numpy, the
+standard library and its flat siblings.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from transformers import TokenizersBackend
+from transformers.tokenization_utils_base import BatchEncoding
+
+from .alignment import fill_reserved, label_to_id_maps, segment_offsets, tags_from_offsets
+from .annotation import BUILTIN_FIELDS, FieldAnnotator, SpacyAnnotator, check_texts, resolve_fields
+from .configuration_lime import DEFAULT_METADATA_FIELDS, PAD_ID, validate_metadata_fields
+
+ALIGNMENTS = ("pretokenized", "offsets")
+
+
+class LimeTokenizer(TokenizersBackend):
+    r"""
+    A fast tokenizer that also returns linguistic metadata ids, one per token and field (`{field}_ids`).
+
+    Text is annotated by spaCy (see [`SpacyAnnotator`]) as character spans, which are aligned to the subword
+    tokens in one of two modes:
+
+    - `"pretokenized"` (the LIME paper's tokenization, default for new pretraining): the text is cut at every
+      annotation boundary (a lone space joins the word after it, GPT-2 style) and the pieces are encoded as
+      pretokenized words, so no token crosses a linguistic-token boundary. With a byte-level BPE without prefix
+      space, `decode(input_ids)` returns the input text exactly. With tokenizers that add a prefix to each word
+      (Metaspace `▁`, byte-level with `add_prefix_space=True`) or that drop whitespace (WordPiece/BERT), the
+      ids differ from the base tokenizer's and decoding is not exact; use `"offsets"` for those.
+    - `"offsets"` (for existing checkpoints): `input_ids` are exactly the wrapped tokenizer's; a token takes the
+      tags of the linguistic token holding its first non-whitespace character; whitespace-only tokens take the
+      whitespace tag (`_SP` for pos, `O` for ner).
+
+    Special tokens get tag id 2 and padding tag id 0 in every field. `offset_mapping` (when requested) holds
+    absolute character offsets into the input text in both modes. Create one with [`~LimeTokenizer.from_tokenizer`].
+
+    Args:
+        alignment (`str`, *optional*, defaults to `"pretokenized"`): `"pretokenized"` or `"offsets"`.
+        metadata_fields (`dict[str, list[str]]`, *optional*):
+            Field -> inventory, the format of `LimeConfig.metadata_fields`; defaults to pos + ner.
+        whitespace_labels (`dict[str, str]`, *optional*):
+            Field -> label of whitespace-only tokens; taken from the field annotators when omitted.
+        spacy_model (`str`, *optional*): the spaCy pipeline to annotate with (default: `en_core_web_sm`).
+        field_annotators (`list[FieldAnnotator]`, *optional*):
+            Annotators of custom (non built-in) fields. They are not saved: pass them again to `from_pretrained`.
+    """
+
+    def __init__(
+        self,
+        *args,
+        alignment: str = "pretokenized",
+        metadata_fields: dict[str, list[str]] | None = None,
+        whitespace_labels: dict[str, str] | None = None,
+        spacy_model: str | None = None,
+        field_annotators: Sequence[FieldAnnotator] | None = None,
+        **kwargs,
+    ):
+        if alignment not in ALIGNMENTS:
+            raise ValueError(f"`alignment` must be one of {list(ALIGNMENTS)}, got {alignment!r}.")
+        metadata_fields = {
+            name: list(labels) for name, labels in (metadata_fields or DEFAULT_METADATA_FIELDS).items()
+        }
+        validate_metadata_fields(metadata_fields)
+        self._field_annotators = field_annotators_for(metadata_fields, field_annotators or ())
+        whitespace_labels = dict(whitespace_labels or {})
+        for name, annotator in self._field_annotators.items():
+            whitespace_labels.setdefault(name, annotator.whitespace_label)
+        check_whitespace_labels(metadata_fields, whitespace_labels)
+        super().__init__(
+            *args,
+            alignment=alignment,
+            metadata_fields=metadata_fields,
+            whitespace_labels=whitespace_labels,
+            spacy_model=spacy_model,
+            **kwargs,
+        )
+        self.alignment = alignment
+        self.metadata_fields = metadata_fields
+        self.whitespace_labels = whitespace_labels
+        self.spacy_model = spacy_model
+        self.model_input_names = ["input_ids", "attention_mask", *(f"{name}_ids" for name in metadata_fields)]
+        self._label_to_id = label_to_id_maps(metadata_fields)
+        self._annotator = None
+
+    @classmethod
+    def convert_to_native_format(cls, trust_remote_code: bool = False, **kwargs) -> dict[str, Any]:
+        # The generic path for subclasses with their own `__init__` rebuilds the backend from the vocabulary
+        # alone and silently drops BPE merges; `tokenizer.json` already holds the complete backend.
+        tokenizer_file = kwargs.get("tokenizer_file")
+        if tokenizer_file is not None and os.path.isfile(tokenizer_file):
+            return dict(kwargs)
+        return super().convert_to_native_format(trust_remote_code=trust_remote_code, **kwargs)
+
+    @classmethod
+    def from_tokenizer(
+        cls,
+        tokenizer: TokenizersBackend,
+        alignment: str = "pretokenized",
+        spacy_model: str | None = None,
+        fields: Sequence[str | FieldAnnotator] = ("pos", "ner"),
+        **kwargs,
+    ) -> LimeTokenizer:
+        """
+        Wrap a fast tokenizer (any `PreTrainedTokenizerFast`/`TokenizersBackend`).
+
+        Args:
+            tokenizer: the tokenizer to wrap; its backend, special tokens and settings are copied.
+            alignment (`str`, *optional*, defaults to `"pretokenized"`): `"pretokenized"` or `"offsets"`.
+            spacy_model (`str`, *optional*): the spaCy pipeline to annotate with.
+            fields (`Sequence[str | FieldAnnotator]`, *optional*, defaults to `("pos", "ner")`):
+                Built-in field names and/or `FieldAnnotator` instances for custom fields.
+            kwargs: further `LimeTokenizer` init arguments, overriding those copied from `tokenizer`.
+        """
+        if not isinstance(tokenizer, TokenizersBackend):
+            raise ValueError(
+                f"`from_tokenizer` needs a fast tokenizer (PreTrainedTokenizerFast), got {type(tokenizer).__name__}."
+            )
+        annotators = resolve_fields(fields)
+        settings = {
+            key: tokenizer.init_kwargs[key]
+            for key in ("add_bos_token", "add_eos_token", "clean_up_tokenization_spaces")
+            if key in tokenizer.init_kwargs
+        }
+        settings.update(
+            tokenizer_object=tokenizer.backend_tokenizer,
+            padding_side=tokenizer.padding_side,
+            truncation_side=tokenizer.truncation_side,
+            model_max_length=tokenizer.model_max_length,
+            chat_template=tokenizer.chat_template,
+            **{
+                key: str(value)
+                for key, value in tokenizer.special_tokens_map.items()
+                if isinstance(value, str)
+            },
+        )
+        return cls(
+            alignment=alignment,
+            metadata_fields={annotator.name: annotator.inventory for annotator in annotators},
+            whitespace_labels={annotator.name: annotator.whitespace_label for annotator in annotators},
+            spacy_model=spacy_model,
+            field_annotators=[annotator for annotator in annotators if annotator.name not in BUILTIN_FIELDS],
+            **{**settings, **kwargs},
+        )
+
+    @property
+    def annotator(self) -> SpacyAnnotator:
+        """The annotator (`list[str] -> list[Annotation]`) for this tokenizer's fields, loaded on first use."""
+        if self._annotator is None:
+            missing = [name for name in self.metadata_fields if name not in self._field_annotators]
+            if missing:
+                raise ValueError(
+                    f"No annotator for the metadata fields {missing}: custom fields are not saved with the "
+                    "tokenizer; pass `field_annotators=[...]` (FieldAnnotator instances) to `from_pretrained`, "
+                    "or give precomputed annotations (`annotations=`)."
+                )
+            self._annotator = SpacyAnnotator(
+                list(self._field_annotators.values()), spacy_model=self.spacy_model
+            )
+        return self._annotator
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Workers load their own spaCy pipeline; never ship a loaded one.
+        return {**self.__dict__, "_annotator": None}
+
+    def _encode_plus(
+        self,
+        text: str | Sequence[str],
+        text_pair: Any = None,
+        is_split_into_words: bool = False,
+        return_offsets_mapping: bool = False,
+        return_overflowing_tokens: bool = False,
+        return_tensors: str | None = None,
+        annotations: Sequence[dict] | dict | None = None,
+        **kwargs,
+    ) -> BatchEncoding:
+        if text_pair is not None:
+            raise ValueError("LimeTokenizer encodes single texts; `text_pair` is not supported.")
+        if is_split_into_words:
+            raise ValueError(
+                "LimeTokenizer pre-tokenizes text itself from the annotations; pass raw text, not "
+                "`is_split_into_words=True`."
+            )
+        is_batched = isinstance(text, (list, tuple))
+        texts = check_texts(text if is_batched else [text])
+        if annotations is None:
+            annotations = self.annotator(texts)
+        elif not is_batched:
+            annotations = [annotations]
+        if len(annotations) != len(texts):
+            raise ValueError(f"Got {len(annotations)} annotations for {len(texts)} texts.")
+        if not texts:
+            return BatchEncoding({name: [] for name in self.model_input_names}, tensor_type=return_tensors)
+
+        if self.alignment == "pretokenized":
+            segments = [
+                segment_offsets(annotation, text) for annotation, text in zip(annotations, texts, strict=True)
+            ]
+            inputs = [
+                [text[start:end] for start, end in segment.tolist()]
+                for text, segment in zip(texts, segments, strict=True)
+            ]
+        else:
+            segments, inputs = None, texts
+        encoded = super()._encode_plus(
+            inputs,
+            is_split_into_words=segments is not None,
+            return_offsets_mapping=False,
+            return_overflowing_tokens=return_overflowing_tokens,
+            **kwargs,
+        )
+        sample_of_row = encoded.get("overflow_to_sample_mapping", range(len(texts)))
+        data = dict(encoded)
+        rows = [
+            self._align_row(
+                encoding, texts[sample], annotations[sample], None if segments is None else segments[sample]
+            )
+            for encoding, sample in zip(encoded.encodings, sample_of_row, strict=True)
+        ]
+        for name in self.metadata_fields:
+            data[f"{name}_ids"] = [row[0][name] for row in rows]
+        if return_offsets_mapping:
+            data["offset_mapping"] = [row[1] for row in rows]
+        output = BatchEncoding(data, encoded.encodings, tensor_type=return_tensors)
+        if not is_batched and return_tensors is None and not return_overflowing_tokens:
+            output = BatchEncoding(
+                {key: value[0] if isinstance(value[0], list) else value for key, value in output.items()},
+                output.encodings,
+            )
+        return output
+
+    def _align_row(
+        self, encoding: Any, text: str, annotation: dict, segments: np.ndarray | None
+    ) -> tuple[dict[str, list[int]], list[tuple[int, int]]]:
+        """Tag ids per field and absolute character offsets for one encoded row (a Rust `Encoding`)."""
+        input_ids = np.asarray(encoding.ids, dtype=np.int64)
+        attention_mask = np.asarray(encoding.attention_mask, dtype=np.int64)
+        offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+        if segments is None:
+            tags = tags_from_offsets(annotation, offsets, text, self._label_to_id, self.whitespace_labels)
+        else:
+            # Pretokenized encodings index segments by word id, with offsets relative to the segment.
+            word_ids = np.asarray(
+                [-1 if word is None else word for word in encoding.word_ids], dtype=np.int64
+            )
+            segment_tags = tags_from_offsets(
+                annotation, segments, text, self._label_to_id, self.whitespace_labels
+            )
+            # Word id -1 (special and padding tokens) reads the appended sentinel: offset 0, tag PAD_ID.
+            offsets = np.where(
+                word_ids[:, None] >= 0, offsets + np.append(segments[:, 0], 0)[word_ids, None], 0
+            )
+            tags = {
+                name: np.append(field_tags, PAD_ID)[word_ids] for name, field_tags in segment_tags.items()
+            }
+        special_ids = np.asarray(self.all_special_ids, dtype=np.int64)
+        tags = {
+            name: fill_reserved(ids, input_ids, attention_mask, special_ids).tolist()
+            for name, ids in tags.items()
+        }
+        return tags, [tuple(pair) for pair in offsets.tolist()]
+
+    def _pad(
+        self,
+        encoded_inputs: dict[str, Any],
+        max_length: int | None = None,
+        padding_strategy: Any = None,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
+        return_attention_mask: bool | None = None,
+    ) -> dict[str, Any]:
+        """Pad like the base tokenizer, and pad every `{field}_ids` with the padding tag (0) on the same side."""
+        length = len(encoded_inputs[self.model_input_names[0]])
+        kwargs = {"padding_strategy": padding_strategy} if padding_strategy is not None else {}
+        encoded_inputs = super()._pad(
+            encoded_inputs,
+            max_length=max_length,
+            pad_to_multiple_of=pad_to_multiple_of,
+            padding_side=padding_side,
+            return_attention_mask=return_attention_mask,
+            **kwargs,
+        )
+        difference = len(encoded_inputs[self.model_input_names[0]]) - length
+        if difference:
+            side = padding_side or self.padding_side
+            for name in self.metadata_fields:
+                key = f"{name}_ids"
+                if key in encoded_inputs:
+                    tags, pad = list(encoded_inputs[key]), [PAD_ID] * difference
+                    encoded_inputs[key] = tags + pad if side == "right" else pad + tags
+        return encoded_inputs
+
+    def metadata_for_ids(
+        self, input_ids: Sequence[int], annotation: dict | None = None
+    ) -> dict[str, list[int]]:
+        """
+        Tag ids for an arbitrary id sequence (e.g. generated tokens), shape `(len(input_ids),)` per field.
+
+        The ids are decoded, the text is annotated (unless `annotation` of that decoded text is given) and each
+        token takes the tags of its first non-whitespace character; special tokens get the special tag.
+        Token character offsets come from decoding growing prefixes, so this costs `O(len(input_ids)^2)`
+        decoding work: meant for short tails, not corpora.
+        """
+        input_ids = [int(token) for token in input_ids]
+        ends = [
+            len(self._tokenizer.decode(input_ids[: index + 1], skip_special_tokens=False))
+            for index in range(len(input_ids))
+        ]
+        # Byte-level pieces of one character decode to U+FFFD until complete, so prefix lengths can shrink.
+        ends = np.maximum.accumulate(np.asarray(ends or [0], dtype=np.int64))[: len(input_ids)]
+        offsets = (
+            np.stack([np.concatenate([[0], ends[:-1]]), ends], axis=1) if len(input_ids) else np.zeros((0, 2))
+        )
+        text = self._tokenizer.decode(input_ids, skip_special_tokens=False)
+        annotation = annotation if annotation is not None else self.annotator([text])[0]
+        tags = tags_from_offsets(annotation, offsets, text, self._label_to_id, self.whitespace_labels)
+        ids = np.asarray(input_ids, dtype=np.int64)
+        special_ids = np.asarray(self.all_special_ids, dtype=np.int64)
+        ones = np.ones_like(ids)
+        return {
+            name: fill_reserved(field_tags, ids, ones, special_ids).tolist()
+            for name, field_tags in tags.items()
+        }
+
+
+def field_annotators_for(
+    metadata_fields: dict[str, list[str]], custom: Sequence[FieldAnnotator]
+) -> dict[str, FieldAnnotator]:
+    """Annotator per field (custom ones by name, else built-in); checks each against the saved inventory."""
+    by_name = {annotator.name: annotator for annotator in custom}
+    unknown = sorted(set(by_name) - set(metadata_fields))
+    if unknown:
+        raise ValueError(
+            f"`field_annotators` for {unknown} match no metadata field; the fields are {list(metadata_fields)}."
+        )
+    annotators = {}
+    for name, inventory in metadata_fields.items():
+        annotator = by_name.get(name) or (BUILTIN_FIELDS[name]() if name in BUILTIN_FIELDS else None)
+        if annotator is None:
+            continue
+        if annotator.inventory != list(inventory):
+            raise ValueError(
+                f"Field {name!r}: the annotator {annotator!r} has the inventory {annotator.inventory}, but the "
+                f"tokenizer's is {list(inventory)}."
+            )
+        annotators[name] = annotator
+    return annotators
+
+
+def check_whitespace_labels(metadata_fields: dict[str, list[str]], whitespace_labels: dict[str, str]) -> None:
+    """Every field needs a whitespace label from its own inventory."""
+    for name, inventory in metadata_fields.items():
+        if name not in whitespace_labels:
+            raise ValueError(
+                f"Field {name!r} has no whitespace label: pass its `FieldAnnotator` in `field_annotators` or "
+                f"`whitespace_labels={{{name!r}: ...}}`."
+            )
+        if whitespace_labels[name] not in inventory[3:]:
+            raise ValueError(
+                f"Field {name!r}: the whitespace label {whitespace_labels[name]!r} is not in its inventory "
+                f"{inventory[3:]}."
+            )
+
+
+LimeTokenizer.register_for_auto_class("AutoTokenizer")
+
+__all__ = ["LimeTokenizer"]
