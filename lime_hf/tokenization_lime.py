@@ -87,7 +87,13 @@ class LimeTokenizer(TokenizersBackend):
         self.spacy_model = spacy_model
         self.model_input_names = ["input_ids", "attention_mask", *(f"{name}_ids" for name in metadata_fields)]
         self._label_to_id = label_to_id_maps(metadata_fields)
-        self._annotator = None
+        # Built now (spaCy itself loads lazily) so the tokenizer's state, hence its datasets fingerprint, never
+        # changes with use.
+        self._annotator = (
+            SpacyAnnotator(list(self._field_annotators.values()), spacy_model=spacy_model)
+            if len(self._field_annotators) == len(metadata_fields)
+            else None
+        )
 
     @classmethod
     def convert_to_native_format(cls, trust_remote_code: bool = False, **kwargs) -> dict[str, Any]:
@@ -151,23 +157,15 @@ class LimeTokenizer(TokenizersBackend):
 
     @property
     def annotator(self) -> SpacyAnnotator:
-        """The annotator (`list[str] -> list[Annotation]`) for this tokenizer's fields, loaded on first use."""
+        """The annotator (`list[str] -> list[Annotation]`) for this tokenizer's fields; spaCy loads on first use."""
         if self._annotator is None:
             missing = [name for name in self.metadata_fields if name not in self._field_annotators]
-            if missing:
-                raise ValueError(
-                    f"No annotator for the metadata fields {missing}: custom fields are not saved with the "
-                    "tokenizer; pass `field_annotators=[...]` (FieldAnnotator instances) to `from_pretrained`, "
-                    "or give precomputed annotations (`annotations=`)."
-                )
-            self._annotator = SpacyAnnotator(
-                list(self._field_annotators.values()), spacy_model=self.spacy_model
+            raise ValueError(
+                f"No annotator for the metadata fields {missing}: custom fields are not saved with the "
+                "tokenizer; pass `field_annotators=[...]` (FieldAnnotator instances) to `from_pretrained`, "
+                "or give precomputed annotations (`annotations=`)."
             )
         return self._annotator
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Workers load their own spaCy pipeline; never ship a loaded one.
-        return {**self.__dict__, "_annotator": None}
 
     def _encode_plus(
         self,

@@ -1,0 +1,224 @@
+"""Datasets pipeline: annotate once with spaCy, align many times to any tokenizer, pack for pretraining.
+
+`annotate_dataset` stores each field's character spans in an Arrow column `lime_{field}` (a struct of
+`starts`/`ends`/`labels` lists, the `Annotation` format of `annotation.py`). `align_dataset` turns those
+spans into `input_ids`/`attention_mask`/`{field}_ids` for a `LimeTokenizer` without running spaCy again.
+Both are `datasets.map(batched=True)` calls: they run with `num_proc=N` (each process loads spaCy lazily),
+show progress bars and resume from the datasets cache, as their functions hash deterministically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from datasets import Dataset, Features, List, Value
+
+from .annotation import FieldAnnotator, SpacyAnnotator
+from .configuration_lime import SPECIAL_ID
+
+ANNOTATION_PREFIX = "lime_"
+SPANS_FEATURE = {
+    "starts": List(Value("int32")),
+    "ends": List(Value("int32")),
+    "labels": List(Value("string")),
+}
+
+
+class _Annotate:
+    """Picklable `map` function: a batch of texts -> one spans column per field."""
+
+    def __init__(self, annotator: SpacyAnnotator, text_column: str):
+        self.annotator = annotator
+        self.text_column = text_column
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        annotations = self.annotator(batch[self.text_column])
+        return {
+            ANNOTATION_PREFIX + field.name: [annotation[field.name] for annotation in annotations]
+            for field in self.annotator.fields
+        }
+
+
+class _Align:
+    """Picklable `map` function: texts + stored spans -> tokenizer outputs, no spaCy."""
+
+    def __init__(self, tokenizer: Any, text_column: str, tokenizer_kwargs: dict[str, Any]):
+        self.tokenizer = tokenizer
+        self.text_column = text_column
+        self.tokenizer_kwargs = tokenizer_kwargs
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        texts = batch[self.text_column]
+        columns = {name: batch[ANNOTATION_PREFIX + name] for name in self.tokenizer.metadata_fields}
+        annotations = [{name: spans[row] for name, spans in columns.items()} for row in range(len(texts))]
+        return dict(self.tokenizer(texts, annotations=annotations, **self.tokenizer_kwargs))
+
+
+def annotate_dataset(
+    dataset: Dataset,
+    annotator: SpacyAnnotator | None = None,
+    text_column: str = "text",
+    fields: Sequence[str | FieldAnnotator] = ("pos", "ner"),
+    spacy_model: str | None = None,
+    batch_size: int = 256,
+    num_proc: int | None = None,
+    **map_kwargs,
+) -> Dataset:
+    """
+    Annotate `dataset[text_column]` once; adds a spans column `lime_{field}` per field.
+
+    Args:
+        dataset (`datasets.Dataset`): the corpus.
+        annotator (`SpacyAnnotator`, *optional*): defaults to `SpacyAnnotator(fields, spacy_model)`.
+        text_column (`str`, *optional*, defaults to `"text"`): the column holding raw text.
+        fields, spacy_model: used only when `annotator` is not given.
+        batch_size (`int`, *optional*, defaults to 256): texts per `map` batch.
+        num_proc (`int`, *optional*): worker processes; each loads its own spaCy pipeline.
+        map_kwargs: further `Dataset.map` arguments (`cache_file_name`, `load_from_cache_file`, ...).
+    """
+    annotator = annotator if annotator is not None else SpacyAnnotator(fields, spacy_model=spacy_model)
+    check_column(dataset, text_column)
+    features = Features(
+        {**dataset.features, **{ANNOTATION_PREFIX + f.name: SPANS_FEATURE for f in annotator.fields}}
+    )
+    return dataset.map(
+        _Annotate(annotator, text_column),
+        batched=True,
+        batch_size=batch_size,
+        num_proc=num_proc,
+        features=features,
+        desc="Annotating with spaCy",
+        **map_kwargs,
+    )
+
+
+def align_dataset(
+    dataset: Dataset,
+    tokenizer: Any,
+    text_column: str = "text",
+    keep_columns: bool = False,
+    batch_size: int = 1000,
+    num_proc: int | None = None,
+    map_kwargs: dict[str, Any] | None = None,
+    **tokenizer_kwargs,
+) -> Dataset:
+    """
+    Tokenize an annotated dataset with a `LimeTokenizer`, aligning the stored spans (spaCy does not run).
+
+    Args:
+        dataset (`datasets.Dataset`): output of `annotate_dataset`, with a `lime_{field}` column for each of the
+            tokenizer's metadata fields.
+        tokenizer (`LimeTokenizer`): any alignment mode, any wrapped tokenizer.
+        text_column (`str`, *optional*, defaults to `"text"`): the column holding raw text.
+        keep_columns (`bool`, *optional*, defaults to `False`): keep the input columns next to the outputs.
+        batch_size (`int`, *optional*, defaults to 1000): texts per `map` batch.
+        num_proc (`int`, *optional*): worker processes.
+        map_kwargs (`dict`, *optional*): further `Dataset.map` arguments.
+        tokenizer_kwargs: passed to the tokenizer call (`truncation`, `max_length`, `add_special_tokens`, ...).
+
+    Returns:
+        `datasets.Dataset` with `input_ids`, `attention_mask` and `{field}_ids` per row.
+    """
+    check_column(dataset, text_column)
+    for name in tokenizer.metadata_fields:
+        check_column(dataset, ANNOTATION_PREFIX + name, hint="run `annotate_dataset` with this field first")
+    return dataset.map(
+        _Align(tokenizer, text_column, tokenizer_kwargs),
+        batched=True,
+        batch_size=batch_size,
+        num_proc=num_proc,
+        remove_columns=None if keep_columns else dataset.column_names,
+        desc="Aligning metadata to tokens",
+        **(map_kwargs or {}),
+    )
+
+
+class _Pack:
+    """Picklable `map` function: concatenate documents (EOS after each) and cut `block_size` blocks."""
+
+    def __init__(self, block_size: int, eos_token_id: int, columns: list[str], drop_last: bool):
+        self.block_size = block_size
+        self.eos_token_id = eos_token_id
+        self.columns = columns
+        self.drop_last = drop_last
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        stream: dict[str, list[int]] = {column: [] for column in self.columns}
+        for row in range(len(batch["input_ids"])):
+            keep = batch["attention_mask"][row] if "attention_mask" in batch else None
+            values = {column: batch[column][row] for column in self.columns}
+            if keep is not None and 0 in keep:  # padding is not text: leave it out of the stream
+                values = {
+                    column: [v for v, m in zip(seq, keep, strict=True) if m] for column, seq in values.items()
+                }
+            for column, sequence in values.items():
+                stream[column].extend(sequence)
+            if not values["input_ids"] or values["input_ids"][-1] != self.eos_token_id:
+                for column in self.columns:
+                    stream[column].append(self.eos_token_id if column == "input_ids" else SPECIAL_ID)
+        total = len(stream["input_ids"])
+        if self.drop_last:
+            total -= total % self.block_size
+        blocks = {
+            column: [values[start : start + self.block_size] for start in range(0, total, self.block_size)]
+            for column, values in stream.items()
+        }
+        blocks["attention_mask"] = [[1] * len(block) for block in blocks["input_ids"]]
+        return blocks
+
+
+def pack_dataset(
+    dataset: Dataset,
+    block_size: int,
+    eos_token_id: int,
+    drop_last: bool = False,
+    batch_size: int = 1000,
+    num_proc: int | None = None,
+    **map_kwargs,
+) -> Dataset:
+    """
+    Pack tokenized documents into blocks of `block_size` tokens for pretraining, carrying every field along.
+
+    Documents are concatenated with `eos_token_id` after each one (unless it already ends with it); the EOS
+    gets the special tag (id 2) in every field. Positions with `attention_mask == 0` (padding) are dropped.
+
+    Args:
+        dataset (`datasets.Dataset`): rows with `input_ids` and `{field}_ids` (e.g. from `align_dataset`).
+        block_size (`int`): tokens per block.
+        eos_token_id (`int`): the document separator, e.g. `tokenizer.eos_token_id`.
+        drop_last (`bool`, *optional*, defaults to `False`): drop the shorter last block of each `map` batch
+            (by default it is kept, so no token is lost; the collator pads it).
+        batch_size (`int`, *optional*, defaults to 1000): documents per `map` batch; blocks never span batches.
+        num_proc (`int`, *optional*): worker processes.
+
+    Returns:
+        `datasets.Dataset` with `input_ids`, `attention_mask` and `{field}_ids`, each of length `block_size`
+        (the last block of a batch may be shorter unless `drop_last`).
+    """
+    if block_size < 1:
+        raise ValueError(f"`block_size` must be a positive number of tokens, got {block_size}.")
+    check_column(dataset, "input_ids")
+    columns = ["input_ids", *(c for c in dataset.column_names if c.endswith("_ids") and c != "input_ids")]
+    return dataset.map(
+        _Pack(block_size, eos_token_id, columns, drop_last),
+        batched=True,
+        batch_size=batch_size,
+        num_proc=num_proc,
+        remove_columns=dataset.column_names,
+        desc=f"Packing into blocks of {block_size}",
+        **map_kwargs,
+    )
+
+
+def check_column(dataset: Dataset, column: str, hint: str = "") -> None:
+    """Raise a clear error when `column` is missing from `dataset`."""
+    if column not in dataset.column_names:
+        raise ValueError(
+            f"The dataset has no column {column!r}"
+            + (f" ({hint})" if hint else "")
+            + f"; it has {dataset.column_names}."
+        )
+
+
+__all__ = ["align_dataset", "annotate_dataset", "pack_dataset"]
