@@ -10,8 +10,15 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
 
 from .configuration_lime import PAD_ID, UNKNOWN_ID, LimeConfig
+from .generation import MetadataTracker, parse_guidance, resolve_provider
+
+logger = logging.get_logger(__name__)
+
+# `*_ids` arguments of transformers that are not metadata fields.
+NON_METADATA_IDS = frozenset({"input_ids", "position_ids", "token_type_ids", "next_metadata_ids"})
 
 
 class LimeTagEmbedding(nn.Embedding):
@@ -151,7 +158,7 @@ class LimePreTrainedModel(PreTrainedModel):
     ) -> dict[str, torch.LongTensor]:
         """Gather the `<field>_ids` arguments (popping custom ones from `kwargs`); reject unknown fields."""
         given = {"pos": pos_ids, "ner": ner_ids}
-        for key in [key for key in kwargs if key.endswith("_ids")]:
+        for key in [key for key in kwargs if key.endswith("_ids") and key not in NON_METADATA_IDS]:
             given[key.removesuffix("_ids")] = kwargs.pop(key)
         given = {name: ids for name, ids in given.items() if ids is not None}
         unknown = sorted(set(given) - set(self.config.metadata_fields))
@@ -287,6 +294,76 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.LongTensor | None = None,
+        generation_config=None,
+        guidance: dict | None = None,
+        metadata_provider=None,
+        **kwargs,
+    ):
+        r"""
+        `GenerationMixin.generate` with metadata for the generated tokens. Every decoding setup works (greedy,
+        sampling, beam search, left-padded batches, `num_return_sequences`), with and without the KV cache.
+
+        Args:
+            inputs, generation_config, kwargs: as for `GenerationMixin.generate`. The prompt's tags come in as
+                `pos_ids`/`ner_ids`/`<field>_ids` `(batch, prompt_len)`, e.g. `model.generate(**encoding)`.
+                Pass `tokenizer=` (a `LimeTokenizer`) to let a LIME model re-annotate what it generates.
+            guidance (`dict`, *optional*): LIME+1 only. Field -> the labels of the next generated tokens: one
+                list per batch row (lengths may differ), one list for every row, or a callable
+                `(input_ids, step) -> labels` (one label or `None` per row). Where it ends, the provider
+                takes over. Example: `guidance={"pos": [["VBZ", "DT"]]}`.
+            metadata_provider (*optional*): tags of generated tokens where guidance has none: `"annotate"`
+                (re-annotate the decoded tail; default for LIME when `tokenizer` is given), `"unknown"`, or a
+                callable `(input_ids, step) -> {field: labels}` giving the tags of each row's last token (LIME)
+                or of its next token (LIME+1).
+        """
+        prompt_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if prompt_ids is None:
+            raise ValueError(
+                "LIME generation needs the prompt as `input_ids` (inputs_embeds alone carry no tags)."
+            )
+        prompt_metadata = self._collect_metadata(
+            kwargs.pop("pos_ids", None), kwargs.pop("ner_ids", None), kwargs
+        )
+        self._check_metadata(tuple(prompt_ids.shape), prompt_metadata, None)
+        if guidance and not self.config.metadata_shift:
+            raise ValueError(
+                "`guidance` gives the tags of the *next* token, which only a LIME+1 model (metadata_shift=1) "
+                "reads; this is a LIME model (metadata_shift=0). Use `metadata_provider` for its tags."
+            )
+        tokenizer = kwargs.get("tokenizer")
+        if metadata_provider is None and tokenizer is None and not guidance:
+            logger.warning_once(
+                "LIME generate: no `tokenizer`, `guidance` or `metadata_provider` given, so generated tokens get "
+                "'unknown' metadata."
+            )
+        kwargs["lime_tracker"] = MetadataTracker(
+            prompt_metadata=prompt_metadata,
+            prompt_ids=prompt_ids,
+            metadata_fields=self.config.metadata_fields,
+            metadata_shift=self.config.metadata_shift,
+            provider=resolve_provider(metadata_provider, tokenizer, self.config.metadata_shift),
+            guidance=parse_guidance(guidance, self.config.metadata_fields, prompt_ids.shape[0]),
+        )
+        return super().generate(inputs, generation_config, **kwargs)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        lime_tracker: MetadataTracker | None = None,
+        **kwargs,
+    ) -> dict:
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, **kwargs
+        )
+        if lime_tracker is not None:
+            model_inputs.update(lime_tracker.model_inputs(input_ids, model_inputs["input_ids"].shape[1]))
+        return model_inputs
 
 
 __all__ = ["LimeForCausalLM", "LimeModel", "LimePreTrainedModel"]

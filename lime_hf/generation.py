@@ -1,0 +1,217 @@
+"""Metadata for generated tokens: providers, guidance and the per-row tag bookkeeping of `generate`.
+
+A LIME model (shift 0) needs the tags of every token it is fed, generated ones included: a *provider* gives
+them (re-annotating the decoded tail, "unknown", or a user callable). A LIME+1 model (shift 1) is fed, at
+the last position, the tags of the token it is about to generate: *guidance* gives them (a schedule of
+labels per row, or a callable); where guidance ends, the provider takes over.
+
+Every generated token's tags are a pure function of its row's prompt and the tokens generated before it
+(and, for shift 0, of the token itself). `MetadataTracker` memoises them by that prefix, which keeps the
+output identical with and without the KV cache and lets beam search reorder rows freely.
+
+This file is copied next to the weights by ``save_pretrained`` (remote code), so it imports only ``torch``
+and flat siblings.
+"""
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .configuration_lime import UNKNOWN_ID
+
+# (input_ids `(rows, seq)`, step) -> field -> one label (str) or tag id (int) per row; `None` = no opinion.
+MetadataCallable = Callable[[torch.LongTensor, int], dict[str, Sequence[str | int | None]]]
+GuidanceCallable = Callable[[torch.LongTensor, int], Sequence[str | int | None]]
+
+
+def label_id(metadata_fields: dict[str, list[str]], field: str, label: str | int) -> int:
+    """The id of `label` (a label string or an id) in `field`'s inventory; ValueError listing valid labels."""
+    labels = metadata_fields[field]
+    if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(labels):
+        return label
+    if isinstance(label, str) and label in labels:
+        return labels.index(label)
+    raise ValueError(f"Unknown label {label!r} for metadata field '{field}'. Valid labels: {labels[3:]}.")
+
+
+class UnknownProvider:
+    """Every generated token's tags are "unknown" (they embed to zero)."""
+
+    def __call__(self, input_ids: torch.LongTensor, step: int) -> dict[str, list[int]]:
+        return {}
+
+
+class AnnotatingProvider:
+    """Re-annotates the decoded tail of each row (a LIME model's default) to tag its last token.
+
+    Only the last `window` tokens are decoded and annotated at each step, so the cost per token does not
+    grow with the length of the text. Used with a LIME+1 model it returns unknown: the tags of a token that
+    does not exist yet cannot be annotated.
+    """
+
+    def __init__(self, tokenizer, window: int = 32):
+        self.tokenizer = tokenizer
+        self.window = window
+
+    def __call__(self, input_ids: torch.LongTensor, step: int) -> dict[str, list[int]]:
+        rows = [self.tokenizer.metadata_for_ids(row[-self.window :].tolist()) for row in input_ids]
+        return {field: [tags[field][-1] for tags in rows] for field in self.tokenizer.metadata_fields}
+
+
+def resolve_provider(metadata_provider, tokenizer, metadata_shift: int) -> Callable:
+    """`"annotate"` (the default when a LimeTokenizer is given), `"unknown"` or a callable."""
+    if metadata_provider is None:
+        metadata_provider = "annotate" if tokenizer is not None and not metadata_shift else "unknown"
+    if callable(metadata_provider):
+        return metadata_provider
+    if metadata_provider == "unknown":
+        return UnknownProvider()
+    if metadata_provider == "annotate":
+        if metadata_shift:
+            raise ValueError(
+                "metadata_provider='annotate' tags tokens that exist; a LIME+1 model needs the tags of the token "
+                "it is about to generate. Give `guidance`, or a callable provider, or 'unknown'."
+            )
+        if not hasattr(tokenizer, "metadata_for_ids"):
+            raise ValueError(
+                "metadata_provider='annotate' re-annotates the generated text and needs the LimeTokenizer: "
+                "pass `tokenizer=` to `generate`."
+            )
+        return AnnotatingProvider(tokenizer)
+    raise ValueError(
+        f"metadata_provider must be 'annotate', 'unknown' or a callable (input_ids, step) -> tags, "
+        f"got {metadata_provider!r}."
+    )
+
+
+def parse_guidance(
+    guidance: dict[str, Sequence | GuidanceCallable] | None,
+    metadata_fields: dict[str, list[str]],
+    batch_size: int,
+) -> dict[str, list[list[int]] | GuidanceCallable]:
+    """Validate guidance: field -> one schedule of labels per batch row (or one for all rows), or a callable.
+
+    Returns field -> per-row lists of tag ids, or the callable unchanged.
+    """
+    parsed = {}
+    for field, schedule in (guidance or {}).items():
+        if field not in metadata_fields:
+            raise ValueError(
+                f"Guidance names unknown metadata field '{field}'; fields: {list(metadata_fields)}."
+            )
+        if callable(schedule):
+            parsed[field] = schedule
+            continue
+        if isinstance(schedule, str) or not isinstance(schedule, Sequence):
+            raise ValueError(
+                f"Guidance for '{field}' must be a list of labels per batch row (e.g. [['VBZ', 'DT']]), a list "
+                f"of labels for every row, or a callable (input_ids, step) -> labels; got {schedule!r}."
+            )
+        if all(isinstance(item, (str, int)) for item in schedule):
+            schedule = [schedule] * batch_size
+        if len(schedule) != batch_size:
+            raise ValueError(
+                f"Guidance for '{field}' has {len(schedule)} schedules but the batch has {batch_size} rows."
+            )
+        parsed[field] = [[label_id(metadata_fields, field, label) for label in row] for row in schedule]
+    return parsed
+
+
+class MetadataTracker:
+    """Tags of prompt and generated tokens during `generate`, memoised per row prefix.
+
+    Args:
+        prompt_metadata: field -> `(rows, prompt_len)` tags of the (expanded) prompt; missing fields are unknown.
+        prompt_ids: `(rows, prompt_len)` the expanded prompt.
+        metadata_fields: the model's inventories.
+        metadata_shift: 0 (LIME) or 1 (LIME+1).
+        provider: tags of generated tokens where guidance has none (see `resolve_provider`).
+        guidance: parsed guidance (see `parse_guidance`), indexed by *batch* row.
+
+    `generate` expands rows for beams and `num_return_sequences` (`repeat_interleave`) after this is built;
+    row `r` of the expanded batch is batch row `r // expansion`.
+    """
+
+    def __init__(
+        self,
+        prompt_metadata: dict[str, torch.LongTensor],
+        prompt_ids: torch.LongTensor,
+        metadata_fields: dict[str, list[str]],
+        metadata_shift: int,
+        provider: Callable,
+        guidance: dict[str, list[list[int]] | GuidanceCallable],
+    ):
+        self.fields = list(metadata_fields)
+        self.metadata_fields = metadata_fields
+        self.shift = metadata_shift
+        self.provider = provider
+        self.guidance = guidance
+        self.batch_size, self.prompt_len = prompt_ids.shape
+        self.prompt_metadata = {
+            field: prompt_metadata.get(field, torch.full_like(prompt_ids, UNKNOWN_ID))
+            for field in self.fields
+        }
+        self.expansion = 1
+        self.memo: dict[tuple, dict[str, int]] = {}
+
+    def model_inputs(self, input_ids: torch.LongTensor, length: int) -> dict:
+        """`<field>_ids` for the last `length` positions of `input_ids` (+ LIME+1's `next_metadata_ids`)."""
+        if input_ids.shape[0] != self.batch_size * self.expansion:
+            self.expansion = input_ids.shape[0] // self.batch_size
+            self.prompt_metadata = {
+                field: tags.repeat_interleave(self.expansion, dim=0)
+                for field, tags in self.prompt_metadata.items()
+            }
+        positions = range(input_ids.shape[1] - length, input_ids.shape[1])
+        inputs = {
+            f"{field}_ids": torch.stack(
+                [self._column(input_ids, field, position) for position in positions], 1
+            )
+            for field in self.fields
+        }
+        if self.shift:
+            next_tags = self._generated_tags(input_ids, input_ids.shape[1])
+            inputs["next_metadata_ids"] = {
+                field: torch.tensor(next_tags[field], device=input_ids.device) for field in self.fields
+            }
+        return inputs
+
+    def _column(self, input_ids: torch.LongTensor, field: str, position: int) -> torch.LongTensor:
+        if position < self.prompt_len:
+            return self.prompt_metadata[field][:, position].to(input_ids.device)
+        # LIME+1 fixed a generated token's tags before the token existed (as guidance for it).
+        tags = self._generated_tags(input_ids, position + 1 - self.shift)
+        return torch.tensor(tags[field], device=input_ids.device)
+
+    def _generated_tags(self, input_ids: torch.LongTensor, prefix_end: int) -> dict[str, list[int]]:
+        """Tags of the generated token that `input_ids[:, :prefix_end]` determines, per row."""
+        step = prefix_end - self.prompt_len - (1 - self.shift)
+        keys = [
+            (row // self.expansion, tuple(input_ids[row, self.prompt_len : prefix_end].tolist()))
+            for row in range(input_ids.shape[0])
+        ]
+        missing = [row for row, key in enumerate(keys) if key not in self.memo]
+        if missing:
+            computed = self._compute(input_ids[missing, :prefix_end], [keys[row][0] for row in missing], step)
+            for index, row in enumerate(missing):
+                self.memo[keys[row]] = {field: computed[field][index] for field in self.fields}
+        return {field: [self.memo[key][field] for key in keys] for field in self.fields}
+
+    def _compute(self, input_ids: torch.LongTensor, batch_rows: list[int], step: int) -> dict[str, list[int]]:
+        """Guidance where it covers `step`, else the provider, else unknown."""
+        guided = {field: [None] * len(batch_rows) for field in self.fields}
+        for field, schedule in self.guidance.items():
+            if callable(schedule):
+                guided[field] = list(schedule(input_ids, step))
+            else:
+                guided[field] = [schedule[b][step] if step < len(schedule[b]) else None for b in batch_rows]
+        needs_provider = any(tag is None for tags in guided.values() for tag in tags)
+        provided = self.provider(input_ids, step) if needs_provider else {}
+        result = {}
+        for field in self.fields:
+            fallback = provided.get(field, [None] * len(batch_rows))
+            result[field] = [
+                UNKNOWN_ID if tag is None else label_id(self.metadata_fields, field, tag)
+                for tag in (g if g is not None else f for g, f in zip(guided[field], fallback, strict=True))
+            ]
+        return result
