@@ -7,7 +7,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from .annotation import FieldAnnotator, NerField, PosField, SpacyAnnotator
 from .collator import DataCollatorForLime
-from .configuration_lime import DEFAULT_METADATA_FIELDS, LimeConfig, make_inventory
+from .configuration_lime import DEFAULT_METADATA_FIELDS, LimeConfig, check_inventories, make_inventory
 from .data import align_dataset, annotate_dataset, pack_dataset
 from .modeling_lime import LimeForCausalLM, LimeModel, LimePreTrainedModel
 from .tokenization_lime import LimeTokenizer
@@ -37,6 +37,7 @@ __all__ = [
     "SpacyAnnotator",
     "align_dataset",
     "annotate_dataset",
+    "check_inventories",
     "make_inventory",
     "pack_dataset",
 ]

@@ -58,6 +58,20 @@ def validate_metadata_fields(fields: dict[str, list[str]]) -> None:
             raise ValueError(f"Field {name!r}: duplicate labels {duplicates} in the inventory.")
 
 
+def check_inventories(tokenizer_fields: dict[str, list[str]], model_fields: dict[str, list[str]]) -> None:
+    """Raise ``ValueError`` unless a tokenizer emits exactly the fields and label ids a model reads."""
+    if tokenizer_fields == model_fields:
+        return
+    for name in sorted(set(tokenizer_fields) | set(model_fields)):
+        if tokenizer_fields.get(name) != model_fields.get(name):
+            raise ValueError(
+                f"The tokenizer's and the model's metadata inventories differ in field {name!r}: tokenizer "
+                f"{tokenizer_fields.get(name)}, model {model_fields.get(name)} (tokenizer fields "
+                f"{list(tokenizer_fields)}, model fields {list(model_fields)}). Build the tokenizer with the "
+                "model's fields, or the model with `metadata_fields=tokenizer.metadata_fields`."
+            )
+
+
 class LimeConfig(PreTrainedConfig):
     r"""
     Configuration of a LIME (Linguistic Metadata Embeddings) decoder: any decoder-only backbone plus one

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 
-from .configuration_lime import PAD_ID, UNKNOWN_ID, LimeConfig
+from .configuration_lime import PAD_ID, UNKNOWN_ID, LimeConfig, check_inventories
 from .generation import MetadataTracker, parse_guidance, resolve_provider
 
 logger = logging.get_logger(__name__)
@@ -336,6 +336,8 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
                 "reads; this is a LIME model (metadata_shift=0). Use `metadata_provider` for its tags."
             )
         tokenizer = kwargs.get("tokenizer")
+        if getattr(tokenizer, "metadata_fields", None) is not None:
+            check_inventories(tokenizer.metadata_fields, self.config.metadata_fields)
         if metadata_provider is None and tokenizer is None and not guidance:
             logger.warning_once(
                 "LIME generate: no `tokenizer`, `guidance` or `metadata_provider` given, so generated tokens get "

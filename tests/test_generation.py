@@ -15,11 +15,11 @@ def prompt(model, batch=2, length=5, seed=0):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), **random_tags(model, ids.shape, seed)}
 
 
-def greedy_by_hand(model, enc, steps, next_tag=None, own_tag=None):
+def greedy_by_hand(model, enc, steps, next_tag=None, own_tags=None):
     """Greedy decoding without `generate` or a cache: every step re-feeds the whole sequence and its tags.
 
     `next_tag(row, step)` -> the pos tag of the token about to be generated (LIME+1);
-    `own_tag(row, ids)` -> the pos tag of the last token of `ids` (LIME).
+    `own_tags(row, ids)` -> the (pos, ner) tags of the last token of `ids` (LIME).
     """
     ids, pos, ner = enc["input_ids"], enc["pos_ids"], enc["ner_ids"]
     for step in range(steps):
@@ -30,11 +30,11 @@ def greedy_by_hand(model, enc, steps, next_tag=None, own_tag=None):
         logits = model(input_ids=ids, pos_ids=pos, ner_ids=ner, **extra).logits[:, -1]
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
         if next_tag is not None:
-            new_pos = upcoming
+            new_pos, new_ner = upcoming, torch.full_like(upcoming, UNKNOWN_ID)
         else:
-            new_pos = torch.tensor([own_tag(row, ids[row]) for row in range(ids.shape[0])])
+            new_pos, new_ner = torch.tensor([own_tags(row, ids[row]) for row in range(ids.shape[0])]).T
         pos = torch.cat([pos, new_pos.view(-1, 1)], dim=1)
-        ner = torch.cat([ner, torch.full_like(new_pos.view(-1, 1), UNKNOWN_ID)], dim=1)
+        ner = torch.cat([ner, new_ner.view(-1, 1)], dim=1)
     return ids
 
 
@@ -80,8 +80,32 @@ def test_lime_provider_tags_each_generated_token():
         return {"pos": [VBZ if row[-1] % 2 else NN for row in ids.tolist()]}
 
     out = model.generate(**enc, max_new_tokens=6, do_sample=False, metadata_provider=tag_of_last)
-    expected = greedy_by_hand(model, enc, 6, own_tag=lambda row, ids: VBZ if ids[-1] % 2 else NN)
+    expected = greedy_by_hand(
+        model, enc, 6, own_tags=lambda row, ids: (VBZ if ids[-1] % 2 else NN, UNKNOWN_ID)
+    )
     assert torch.equal(out, expected)
+
+
+def test_lime_re_annotates_what_it_generates_given_the_tokenizer(lime_offsets):
+    model = tiny_lime("llama", text_config={"vocab_size": len(lime_offsets)})
+    enc = lime_offsets(["Emma walked to Highbury with Mr. Knightley."], return_tensors="pt")
+
+    def spacy_tags_of_last(row, ids):  # the whole text re-annotated; the provider annotates a tail window
+        tags = lime_offsets.metadata_for_ids(ids.tolist())
+        return tags["pos"][-1], tags["ner"][-1]
+
+    out = model.generate(**enc, max_new_tokens=5, do_sample=False, tokenizer=lime_offsets)
+    assert torch.equal(out, greedy_by_hand(model, enc, 5, own_tags=spacy_tags_of_last))
+    assert not torch.equal(
+        out, model.generate(**enc, max_new_tokens=5, do_sample=False, metadata_provider="unknown")
+    )
+
+
+def test_tokenizer_and_model_inventories_must_match(lime_offsets):
+    model = tiny_lime("llama", metadata_fields={"pos": ["<pad>", "<unk>", "<special>", "X"]})
+    enc = lime_offsets("Emma smiled.", return_tensors="pt")
+    with pytest.raises(ValueError, match=r"inventories differ in field 'ner'.*model None"):
+        model.generate(input_ids=enc["input_ids"], max_new_tokens=1, tokenizer=lime_offsets)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
