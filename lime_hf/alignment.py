@@ -21,8 +21,10 @@ import numpy as np
 
 from .configuration_lime import PAD_ID, SPECIAL_ID
 
-# Every code point for which `str.isspace()` holds lies below U+3001.
-_WHITESPACE = np.array([code for code in range(0x3001) if chr(code).isspace()], dtype=np.uint32)
+# Every code point for which `str.isspace()` holds is at most U+3000: a lookup table beats `np.isin`. Its last
+# entry, U+3001, is not a space and stands for every code point above it.
+_SPACE_TABLE_SIZE = 0x3002
+_IS_SPACE = np.array([chr(code).isspace() for code in range(_SPACE_TABLE_SIZE)], dtype=bool)
 
 
 def label_to_id_maps(metadata_fields: dict[str, list[str]]) -> dict[str, dict[str, int]]:
@@ -38,9 +40,14 @@ def code_points(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
 
 
+def is_whitespace_code(codes: np.ndarray) -> np.ndarray:
+    """Boolean array shaped like `codes`: whether each code point is whitespace (`str.isspace`)."""
+    return _IS_SPACE[np.minimum(codes, _SPACE_TABLE_SIZE - 1)]
+
+
 def is_whitespace(text: str) -> np.ndarray:
     """Boolean array of shape `(len(text),)`: whether each character is whitespace (`str.isspace`)."""
-    return np.isin(code_points(text), _WHITESPACE)
+    return is_whitespace_code(code_points(text))
 
 
 def first_non_whitespace(text: str, offsets: np.ndarray) -> np.ndarray:
@@ -59,7 +66,7 @@ def first_non_whitespace(text: str, offsets: np.ndarray) -> np.ndarray:
     positions[:length][is_whitespace(text)] = length
     # next_char[i] = the first non-whitespace position >= i (or `length`): a reversed running minimum.
     next_char = np.minimum.accumulate(positions[::-1])[::-1]
-    starts = np.clip(offsets[:, 0], 0, length)
+    starts = np.minimum(np.maximum(offsets[:, 0], 0), length)  # np.clip is slow on small arrays
     anchors = next_char[starts]
     return np.where(anchors < offsets[:, 1], anchors, -1)
 
@@ -86,7 +93,7 @@ def tags_at(
     ends = np.asarray(spans["ends"], dtype=np.int64)
     ids = span_label_ids(spans, label_to_id, field)
     # Spans are sorted and disjoint: the candidate is the last span starting at or before the anchor.
-    candidate = np.clip(np.searchsorted(starts, anchors, side="right") - 1, 0, None)
+    candidate = np.maximum(np.searchsorted(starts, anchors, side="right") - 1, 0)
     covered = (anchors >= starts[candidate]) & (anchors < ends[candidate]) & (anchors >= 0)
     return np.where(covered, ids[candidate], whitespace_id)
 
@@ -136,22 +143,19 @@ def segment_offsets(annotation: dict[str, dict[str, list]], text: str) -> np.nda
     for spans in annotation.values():
         cuts.append(np.asarray(spans["starts"], dtype=np.int64))
         cuts.append(np.asarray(spans["ends"], dtype=np.int64))
-    cuts = np.unique(np.clip(np.concatenate(cuts), 0, length))
+    cuts = np.unique(np.minimum(np.maximum(np.concatenate(cuts), 0), length))
     if len(cuts) > 2:
         inner, previous = cuts[1:-1], cuts[:-2]
         codes = code_points(text)
         lone_space = (inner - previous == 1) & (codes[inner - 1] == ord(" "))
-        joins = lone_space & ~np.isin(codes[inner], _WHITESPACE)
+        joins = lone_space & ~is_whitespace_code(codes[inner])
         cuts = np.delete(cuts, 1 + np.flatnonzero(joins))
     return np.stack([cuts[:-1], cuts[1:]], axis=1)
 
 
-def fill_reserved(
-    tags: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray, special_ids: np.ndarray
-) -> np.ndarray:
-    """Set padding positions (`attention_mask == 0`) to `PAD_ID` and special tokens to `SPECIAL_ID`."""
-    tags = np.where(np.isin(input_ids, special_ids), SPECIAL_ID, tags)
-    return np.where(attention_mask == 0, PAD_ID, tags)
+def fill_reserved(tags: np.ndarray, is_special: np.ndarray, is_padding: np.ndarray) -> np.ndarray:
+    """Set special-token positions to `SPECIAL_ID` and padding positions to `PAD_ID` (boolean masks)."""
+    return np.where(is_padding, PAD_ID, np.where(is_special, SPECIAL_ID, tags))
 
 
 __all__ = [

@@ -257,11 +257,9 @@ class LimeTokenizer(TokenizersBackend):
             tags = {
                 name: np.append(field_tags, PAD_ID)[word_ids] for name, field_tags in segment_tags.items()
             }
-        special_ids = np.asarray(self.all_special_ids, dtype=np.int64)
-        tags = {
-            name: fill_reserved(ids, input_ids, attention_mask, special_ids).tolist()
-            for name, ids in tags.items()
-        }
+        is_special = np.isin(input_ids, self.all_special_ids)
+        is_padding = attention_mask == 0
+        tags = {name: fill_reserved(ids, is_special, is_padding).tolist() for name, ids in tags.items()}
         return tags, [tuple(pair) for pair in offsets.tolist()]
 
     def _pad(
@@ -318,11 +316,10 @@ class LimeTokenizer(TokenizersBackend):
         text = self._tokenizer.decode(input_ids, skip_special_tokens=False)
         annotation = annotation if annotation is not None else self.annotator([text])[0]
         tags = tags_from_offsets(annotation, offsets, text, self._label_to_id, self.whitespace_labels)
-        ids = np.asarray(input_ids, dtype=np.int64)
-        special_ids = np.asarray(self.all_special_ids, dtype=np.int64)
-        ones = np.ones_like(ids)
+        is_special = np.isin(np.asarray(input_ids, dtype=np.int64), self.all_special_ids)
+        no_padding = np.zeros_like(is_special)
         return {
-            name: fill_reserved(field_tags, ids, ones, special_ids).tolist()
+            name: fill_reserved(field_tags, is_special, no_padding).tolist()
             for name, field_tags in tags.items()
         }
 

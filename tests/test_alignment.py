@@ -6,6 +6,7 @@ import pytest
 from lime_hf.alignment import (
     fill_reserved,
     first_non_whitespace,
+    is_whitespace,
     label_to_id_maps,
     segment_offsets,
     tags_from_offsets,
@@ -76,5 +77,11 @@ def test_label_outside_inventory_is_a_clear_error():
 
 def test_fill_reserved_marks_special_and_padding():
     tags = np.array([5, 6, 7, 8])
-    filled = fill_reserved(tags, np.array([9, 1, 4, 0]), np.array([1, 1, 1, 0]), np.array([1, 0]))
+    filled = fill_reserved(tags, np.array([False, True, False, True]), np.array([False, False, False, True]))
     assert filled.tolist() == [5, SPECIAL_ID, 7, PAD_ID]
+
+
+def test_whitespace_table_agrees_with_str_isspace_on_every_code_point():
+    every_character = "".join(map(chr, range(0x110000)))
+    expected = np.array([character.isspace() for character in every_character])
+    assert np.array_equal(is_whitespace(every_character), expected)

@@ -1,0 +1,175 @@
+"""Annotation throughput on the Austen corpus: raw spaCy vs LimeTokenizer, align-only, and num_proc.
+
+Three ratios, each measured side by side in one run (absolute times on shared machines are noisy):
+
+1. LimeTokenizer end to end (spaCy + alignment + tokenization) against raw spaCy `nlp.pipe` running the
+   same components (tok2vec, tagger, ner), in words/s. Target: >= 0.9x.
+2. Aligning cached annotations (`align_dataset`, no spaCy) against annotating (`annotate_dataset`).
+   Target: >= 20x faster.
+3. `annotate_dataset` with `num_proc=2` against `num_proc=1`. Target: >= 1.7x.
+
+Prints a table and writes benchmarks/results/annotation.{json,csv}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from datasets import Dataset, disable_progress_bars
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from lime_hf import LimeTokenizer, SpacyAnnotator, align_dataset, annotate_dataset
+from lime_hf.annotation import load_pipeline
+
+AUSTEN = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load_paragraphs(corpus_dir: Path, max_words: int) -> list[str]:
+    """Paragraphs (blank-line separated) of the training novels, up to about `max_words` words."""
+    paragraphs, words = [], 0
+    for path in sorted(corpus_dir.glob("*.txt")):
+        if path.name == "persuasion.txt":
+            continue
+        for paragraph in path.read_text(encoding="utf-8").split("\n\n"):
+            if paragraph.strip():
+                paragraphs.append(paragraph)
+                words += len(paragraph.split())
+                if words >= max_words:
+                    return paragraphs
+    return paragraphs
+
+
+def train_bpe(texts: list[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on the corpus in seconds (no Hub download)."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|eos|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|eos|>", pad_token="<|eos|>")
+
+
+def seconds(run: Callable[[], object]) -> float:
+    return timed(run)[0]
+
+
+def timed(run: Callable[[], object]) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = run()
+    return time.perf_counter() - start, result
+
+
+def in_batches(texts: list[str], size: int) -> list[list[str]]:
+    return [texts[start : start + size] for start in range(0, len(texts), size)]
+
+
+def spacy_vs_tokenizer(texts: list[str], tokenizer: LimeTokenizer, repeats: int, batch_size: int) -> dict:
+    """Raw `nlp.pipe` and the LimeTokenizer, alternated `repeats` times over the same texts."""
+    nlp = load_pipeline(None, tokenizer.annotator.fields)  # same components as the tokenizer's pipeline
+    tokenizer.annotator.nlp  # noqa: B018 - load outside the timed region, like `nlp` above
+    batches = in_batches(texts, batch_size)
+
+    def raw_spacy() -> None:
+        for _ in nlp.pipe(texts, batch_size=tokenizer.annotator.batch_size):
+            pass
+
+    def lime_tokenizer() -> None:
+        for batch in batches:
+            tokenizer(batch)
+
+    raw, lime = [], []
+    for _ in range(repeats):
+        raw.append(seconds(raw_spacy))
+        lime.append(seconds(lime_tokenizer))
+    return {
+        "components": nlp.pipe_names,
+        "raw_spacy_s": raw,
+        "lime_tokenizer_s": lime,
+        "tokenizer_over_spacy_throughput": statistics.median(raw) / statistics.median(lime),
+    }
+
+
+def dataset_timings(texts: list[str], tokenizer: LimeTokenizer, cache_dir: Path) -> dict:
+    """`annotate_dataset` with 1 and 2 processes, then `align_dataset` from the stored spans."""
+    dataset = Dataset.from_dict({"text": texts})
+    annotator = SpacyAnnotator()
+    one, annotated = timed(
+        lambda: annotate_dataset(dataset, annotator, cache_file_name=str(cache_dir / "one.arrow"))
+    )
+    two = seconds(
+        lambda: annotate_dataset(dataset, annotator, num_proc=2, cache_file_name=str(cache_dir / "two.arrow"))
+    )
+    align = seconds(
+        lambda: align_dataset(
+            annotated, tokenizer, map_kwargs={"cache_file_name": str(cache_dir / "al.arrow")}
+        )
+    )
+    timings = {"annotate_num_proc_1_s": one, "annotate_num_proc_2_s": two, "align_s": align}
+    timings["align_speedup_over_annotate"] = timings["annotate_num_proc_1_s"] / timings["align_s"]
+    timings["num_proc_2_speedup"] = timings["annotate_num_proc_1_s"] / timings["annotate_num_proc_2_s"]
+    return timings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", type=Path, default=AUSTEN)
+    parser.add_argument("--max-words", type=int, default=150_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=256, help="texts per tokenizer call")
+    args = parser.parse_args()
+    disable_progress_bars()
+
+    texts = load_paragraphs(args.corpus, args.max_words)
+    words = sum(len(text.split()) for text in texts)
+    tokenizer = LimeTokenizer.from_tokenizer(train_bpe(texts), alignment="pretokenized")
+    direct = spacy_vs_tokenizer(texts, tokenizer, args.repeats, args.batch_size)
+    with tempfile.TemporaryDirectory() as cache_dir:
+        datasets_map = dataset_timings(texts, tokenizer, Path(cache_dir))
+
+    rows = [
+        ("raw spaCy nlp.pipe", words / statistics.median(direct["raw_spacy_s"]), ""),
+        ("LimeTokenizer end to end", words / statistics.median(direct["lime_tokenizer_s"]),
+         f"{direct['tokenizer_over_spacy_throughput']:.2f}x raw spaCy (target >= 0.9x)"),
+        ("annotate_dataset num_proc=1", words / datasets_map["annotate_num_proc_1_s"], ""),
+        ("annotate_dataset num_proc=2", words / datasets_map["annotate_num_proc_2_s"],
+         f"{datasets_map['num_proc_2_speedup']:.2f}x num_proc=1 (target >= 1.7x)"),
+        ("align_dataset (cached spans)", words / datasets_map["align_s"],
+         f"{datasets_map['align_speedup_over_annotate']:.1f}x annotating (target >= 20x)"),
+    ]  # fmt: skip
+    print(f"{len(texts)} paragraphs, {words:,} words, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
+    print(f"{'':32s} {'words/s':>10s}  ratio")
+    for name, rate, ratio in rows:
+        print(f"{name:32s} {rate:10,.0f}  {ratio}")
+
+    RESULTS.mkdir(exist_ok=True)
+    summary = {
+        "corpus": {"paragraphs": len(texts), "words": words, "max_words": args.max_words},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_end": os.getloadavg()},
+        "spacy_vs_tokenizer": direct,
+        "datasets_map": datasets_map,
+        "words_per_s": {name: rate for name, rate, _ in rows},
+    }
+    (RESULTS / "annotation.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with open(RESULTS / "annotation.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["measure", "words_per_s", "ratio"])
+        writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
