@@ -14,8 +14,6 @@ Prints a table and writes benchmarks/results/annotation.{json,csv}.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import platform
 import statistics
@@ -24,44 +22,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from common import AUSTEN, load_paragraphs, save_results, train_bpe  # the benchmarks' shared helpers
 from datasets import Dataset, disable_progress_bars
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from lime_hf import LimeTokenizer, SpacyAnnotator, align_dataset, annotate_dataset
 from lime_hf.annotation import load_pipeline
-
-AUSTEN = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen"
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def load_paragraphs(corpus_dir: Path, max_words: int) -> list[str]:
-    """Paragraphs (blank-line separated) of the training novels, up to about `max_words` words."""
-    paragraphs, words = [], 0
-    for path in sorted(corpus_dir.glob("*.txt")):
-        if path.name == "persuasion.txt":
-            continue
-        for paragraph in path.read_text(encoding="utf-8").split("\n\n"):
-            if paragraph.strip():
-                paragraphs.append(paragraph)
-                words += len(paragraph.split())
-                if words >= max_words:
-                    return paragraphs
-    return paragraphs
-
-
-def train_bpe(texts: list[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on the corpus in seconds (no Hub download)."""
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|eos|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    backend.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|eos|>", pad_token="<|eos|>")
 
 
 def seconds(run: Callable[[], object]) -> float:
@@ -156,19 +121,13 @@ def main() -> None:
     for name, rate, ratio in rows:
         print(f"{name:32s} {rate:10,.0f}  {ratio}")
 
-    RESULTS.mkdir(exist_ok=True)
     summary = {
         "corpus": {"paragraphs": len(texts), "words": words, "max_words": args.max_words},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_end": os.getloadavg()},
         "spacy_vs_tokenizer": direct,
         "datasets_map": datasets_map,
-        "words_per_s": {name: rate for name, rate, _ in rows},
     }
-    (RESULTS / "annotation.json").write_text(json.dumps(summary, indent=2) + "\n")
-    with open(RESULTS / "annotation.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["measure", "words_per_s", "ratio"])
-        writer.writerows(rows)
+    save_results("annotation", summary, [{"measure": n, "words_per_s": r, "ratio": x} for n, r, x in rows])
 
 
 if __name__ == "__main__":

@@ -14,21 +14,17 @@ Prints tables and writes benchmarks/results/generation.{json,csv}.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-from annotation import AUSTEN, load_paragraphs, train_bpe  # the sibling benchmark: same corpus, same BPE
+from common import AUSTEN, load_paragraphs, save_results, train_bpe  # the benchmarks' shared helpers
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from lime_hf import LimeForCausalLM, LimeTokenizer
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TEXT_CONFIG = dict(
     model_type="llama", hidden_size=256, intermediate_size=768, num_hidden_layers=4,
     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
@@ -158,13 +154,8 @@ def main() -> None:
             f"{row['lime_annotating_ms_per_token']:9.2f} {row['annotation_ms_per_token']:10.2f}"
         )
 
-    RESULTS.mkdir(exist_ok=True)
     summary = {"args": vars(args), "text_config": TEXT_CONFIG, "throughput": speed, "re_annotation": cost}
-    (RESULTS / "generation.json").write_text(json.dumps(summary, indent=2) + "\n")
-    with open(RESULTS / "generation.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(cost[0]))
-        writer.writeheader()
-        writer.writerows(cost)
+    save_results("generation", summary, cost)
 
 
 if __name__ == "__main__":

@@ -5,19 +5,15 @@ Writes benchmarks/results/overhead.json and overhead.csv.
 """
 
 import argparse
-import csv
-import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from common import save_results  # the benchmarks' shared helpers
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lime_hf import LimeConfig, LimeForCausalLM
-
-RESULTS = Path(__file__).parent / "results"
 
 # Llama-architecture configs of the paper's three sizes (their Gemma-style decoders are not public).
 SIZE_CLASSES = {
@@ -110,14 +106,9 @@ def main() -> None:
         f"ratio {timing['lime_over_backbone']:.3f} (target <= 1.03)"
     )
 
-    RESULTS.mkdir(exist_ok=True)
     device = {"machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads()}
     report = {"parameters": params, "step_time": timing, "step_config": STEP_CONFIG, "device": device}
-    (RESULTS / "overhead.json").write_text(json.dumps(report, indent=2) + "\n")
-    with open(RESULTS / "overhead.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(params[0]))
-        writer.writeheader()
-        writer.writerows(params)
+    save_results("overhead", report, params)
 
 
 if __name__ == "__main__":

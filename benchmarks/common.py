@@ -1,0 +1,57 @@
+"""What the benchmark scripts share: the Austen corpus, a quickly trained BPE and the results folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+# The six public-domain novels lie in ../shared beside the checkout; LIME_AUSTEN points elsewhere.
+AUSTEN = Path(
+    os.environ.get("LIME_AUSTEN", Path(__file__).resolve().parents[2] / "shared" / "data" / "austen")
+)
+EVAL_NOVEL = "persuasion.txt"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load_paragraphs(corpus_dir: Path, max_words: int) -> list[str]:
+    """Paragraphs (blank-line separated) of the training novels (all but Persuasion), up to ~`max_words`."""
+    paragraphs, words = [], 0
+    for path in sorted(corpus_dir.glob("*.txt")):
+        if path.name == EVAL_NOVEL:
+            continue
+        for paragraph in path.read_text(encoding="utf-8").split("\n\n"):
+            if paragraph.strip():
+                paragraphs.append(paragraph)
+                words += len(paragraph.split())
+                if words >= max_words:
+                    return paragraphs
+    return paragraphs
+
+
+def train_bpe(texts: list[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2 style, no prefix space) trained on `texts` in seconds; EOS doubles as pad."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|eos|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|eos|>", pad_token="<|eos|>")
+
+
+def save_results(name: str, summary: dict, rows: list[dict]) -> None:
+    """Write `results/{name}.json` (everything) and `results/{name}.csv` (the table rows)."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with open(RESULTS / f"{name}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
