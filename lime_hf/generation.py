@@ -117,8 +117,32 @@ def parse_guidance(
     return parsed
 
 
+class _PrefixNode:
+    """A generated prefix in a trie: the tags of the token it determines, and its one-token extensions.
+
+    A trie keeps memory linear in the tokens generated; a dict keyed by whole prefixes grows quadratically.
+    """
+
+    __slots__ = ("children", "tags")
+
+    def __init__(self):
+        self.children: dict[int, _PrefixNode] = {}
+        self.tags: dict[str, int] | None = None
+
+    def descend(self, tokens: list[int]) -> "_PrefixNode":
+        """The node of this prefix extended by `tokens`, created on the way where missing."""
+        node = self
+        for token in tokens:
+            child = node.children.get(token)
+            if child is None:
+                child = node.children[token] = _PrefixNode()
+            node = child
+        return node
+
+
 class MetadataTracker:
-    """Tags of prompt and generated tokens during `generate`, memoised per row prefix.
+    """Tags of prompt and generated tokens during `generate`, memoised per row prefix (beams reorder and
+    fork rows, and without a KV cache every position is re-fed at every step).
 
     Args:
         prompt_metadata: field -> `(rows, prompt_len)` tags of the (expanded) prompt; missing fields are unknown.
@@ -152,7 +176,7 @@ class MetadataTracker:
             for field in self.fields
         }
         self.expansion = 1
-        self.memo: dict[tuple, dict[str, int]] = {}
+        self.prefixes = [_PrefixNode() for _ in range(self.batch_size)]
 
     def model_inputs(self, input_ids: torch.LongTensor, length: int) -> dict:
         """`<field>_ids` for the last `length` positions of `input_ids` (+ LIME+1's `next_metadata_ids`)."""
@@ -186,16 +210,15 @@ class MetadataTracker:
     def _generated_tags(self, input_ids: torch.LongTensor, prefix_end: int) -> dict[str, list[int]]:
         """Tags of the generated token that `input_ids[:, :prefix_end]` determines, per row."""
         step = prefix_end - self.prompt_len - (1 - self.shift)
-        keys = [
-            (row // self.expansion, tuple(input_ids[row, self.prompt_len : prefix_end].tolist()))
-            for row in range(input_ids.shape[0])
-        ]
-        missing = [row for row, key in enumerate(keys) if key not in self.memo]
+        generated = input_ids[:, self.prompt_len : prefix_end].tolist()
+        nodes = [self.prefixes[row // self.expansion].descend(tokens) for row, tokens in enumerate(generated)]
+        missing = [row for row, node in enumerate(nodes) if node.tags is None]
         if missing:
-            computed = self._compute(input_ids[missing, :prefix_end], [keys[row][0] for row in missing], step)
+            batch_rows = [row // self.expansion for row in missing]
+            computed = self._compute(input_ids[missing, :prefix_end], batch_rows, step)
             for index, row in enumerate(missing):
-                self.memo[keys[row]] = {field: computed[field][index] for field in self.fields}
-        return {field: [self.memo[key][field] for key in keys] for field in self.fields}
+                nodes[row].tags = {field: computed[field][index] for field in self.fields}
+        return {field: [node.tags[field] for node in nodes] for field in self.fields}
 
     def _compute(self, input_ids: torch.LongTensor, batch_rows: list[int], step: int) -> dict[str, list[int]]:
         """Guidance where it covers `step`, else the provider, else unknown."""
