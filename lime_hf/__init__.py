@@ -9,6 +9,7 @@ from .annotation import FieldAnnotator, NerField, PosField, SpacyAnnotator
 from .collator import DataCollatorForLime
 from .configuration_lime import DEFAULT_METADATA_FIELDS, LimeConfig, check_inventories, make_inventory
 from .data import align_dataset, annotate_dataset, pack_dataset
+from .model_card import push_to_hub, render_model_card
 from .modeling_lime import LimeForCausalLM, LimeModel, LimePreTrainedModel
 from .tokenization_lime import LimeTokenizer
 
@@ -40,4 +41,6 @@ __all__ = [
     "check_inventories",
     "make_inventory",
     "pack_dataset",
+    "push_to_hub",
+    "render_model_card",
 ]
