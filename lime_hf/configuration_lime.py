@@ -92,6 +92,7 @@ class LimeConfig(PreTrainedConfig):
     """
 
     model_type = "lime"
+    keys_to_ignore_at_inference = ["past_key_values"]  # `Trainer.evaluate` need not gather the KV cache
     sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
 
     text_config: dict | PreTrainedConfig | None = None

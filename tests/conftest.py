@@ -1,8 +1,22 @@
-"""Shared fixtures: small real tokenizers trained in seconds on the Austen corpus, one spaCy load per session."""
+"""Shared fixtures: small real tokenizers trained in seconds on the Austen corpus, one spaCy load per session,
+and a local stand-in for the Hub's HTTP API."""
 
 from pathlib import Path
 
 import pytest
+from huggingface_hub import (
+    CommitInfo,
+    CommitOperationAdd,
+    CommitOperationDelete,
+    HfApi,
+    ModelCard,
+    RepoCard,
+    RepoUrl,
+    constants,
+    repocard,
+)
+from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub.utils import validate_repo_id
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -74,3 +88,66 @@ def lime_pretokenized(bpe_tokenizer, annotator) -> LimeTokenizer:
 @pytest.fixture(scope="session")
 def lime_offsets(bpe_tokenizer, annotator) -> LimeTokenizer:
     return share_annotator(LimeTokenizer.from_tokenizer(bpe_tokenizer, alignment="offsets"), annotator)
+
+
+class FakeHub:
+    """A stand-in for the Hub's HTTP API: each repository is a folder under `root`, each commit writes into it."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.commits: list[tuple[str, str]] = []  # (repo_id, commit message)
+
+    def folder(self, repo_id: str) -> Path:
+        validate_repo_id(repo_id)
+        return self.root / repo_id
+
+    def create_repo(self, repo_id: str, *, exist_ok: bool = False, **kwargs) -> RepoUrl:
+        self.folder(repo_id).mkdir(parents=True, exist_ok=exist_ok)
+        return RepoUrl(f"{constants.ENDPOINT}/{repo_id}")
+
+    def create_commit(
+        self, repo_id: str, operations, *, commit_message: str, create_pr: bool | None = None, **kwargs
+    ) -> CommitInfo:
+        assert not create_pr, "the stand-in commits to main only"
+        folder = self.folder(repo_id)
+        assert folder.is_dir(), f"commit to {repo_id}, which was never created"
+        for operation in operations:
+            target = folder / operation.path_in_repo
+            if isinstance(operation, CommitOperationAdd):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with operation.as_file() as source:  # a path, bytes or a file object alike
+                    target.write_bytes(source.read())
+            elif isinstance(operation, CommitOperationDelete):
+                target.unlink()
+            else:
+                raise NotImplementedError(type(operation).__name__)
+        self.commits.append((repo_id, commit_message))
+        oid = f"{len(self.commits):040x}"
+        return CommitInfo(
+            commit_url=f"{constants.ENDPOINT}/{repo_id}/commit/{oid}",
+            commit_message=commit_message,
+            commit_description="",
+            oid=oid,
+        )
+
+    def validate_yaml(self, content: str, **kwargs) -> None:
+        """The Hub's card check before a commit: the metadata header must parse (else `ValueError`)."""
+        ModelCard(content)
+
+    def download(self, repo_id: str, filename: str, **kwargs) -> str:
+        path = self.folder(repo_id) / filename
+        if not path.is_file():
+            raise EntryNotFoundError(f"{filename} is not in {repo_id}")
+        return str(path)
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch) -> FakeHub:
+    fake = FakeHub(tmp_path / "hub")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(HfApi, "create_repo", fake.create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", fake.create_commit)
+    monkeypatch.setattr(repocard, "hf_hub_download", fake.download)  # `ModelCard.load(repo_id)`
+    # `ModelCard.push_to_hub` first posts the card to the Hub's `/api/validate-yaml`.
+    monkeypatch.setattr(RepoCard, "validate", lambda card, repo_type=None: fake.validate_yaml(str(card)))
+    return fake

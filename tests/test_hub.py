@@ -13,92 +13,19 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import (
-    CommitInfo,
-    CommitOperationAdd,
-    CommitOperationDelete,
-    HfApi,
     ModelCard,
-    RepoCard,
-    RepoUrl,
-    constants,
-    repocard,
 )
-from huggingface_hub.errors import EntryNotFoundError
-from huggingface_hub.utils import validate_repo_id
 from tiny_models import run_without_lime_hf, tiny_lime
 
 from lime_hf import LimeForCausalLM, LimeTokenizer, modeling_lime
 from lime_hf.model_card import push_to_hub, render_model_card
-from tests.conftest import share_annotator
+from tests.conftest import FakeHub, share_annotator
 
 REPO_ID, NATIVE_REPO_ID = "fake-user/lime-tiny", "fake-user/lime-tiny-native"
 REQUIRED_FILES = {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "README.md"}
 TEXT = "Emma Woodhouse, handsome, clever, and rich, lived in Highbury in 1815."
 TRAINING_DATA = ["austen-novels", "HuggingFaceFW/fineweb-edu"]
 METRICS = {"eval_loss": 3.2546, "eval_accuracy": 0.41237}
-
-
-class FakeHub:
-    """A stand-in for the Hub's HTTP API: each repository is a folder under `root`, each commit writes into it."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.commits: list[tuple[str, str]] = []  # (repo_id, commit message)
-
-    def folder(self, repo_id: str) -> Path:
-        validate_repo_id(repo_id)
-        return self.root / repo_id
-
-    def create_repo(self, repo_id: str, *, exist_ok: bool = False, **kwargs) -> RepoUrl:
-        self.folder(repo_id).mkdir(parents=True, exist_ok=exist_ok)
-        return RepoUrl(f"{constants.ENDPOINT}/{repo_id}")
-
-    def create_commit(
-        self, repo_id: str, operations, *, commit_message: str, create_pr: bool | None = None, **kwargs
-    ) -> CommitInfo:
-        assert not create_pr, "the stand-in commits to main only"
-        folder = self.folder(repo_id)
-        assert folder.is_dir(), f"commit to {repo_id}, which was never created"
-        for operation in operations:
-            target = folder / operation.path_in_repo
-            if isinstance(operation, CommitOperationAdd):
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with operation.as_file() as source:  # a path, bytes or a file object alike
-                    target.write_bytes(source.read())
-            elif isinstance(operation, CommitOperationDelete):
-                target.unlink()
-            else:
-                raise NotImplementedError(type(operation).__name__)
-        self.commits.append((repo_id, commit_message))
-        oid = f"{len(self.commits):040x}"
-        return CommitInfo(
-            commit_url=f"{constants.ENDPOINT}/{repo_id}/commit/{oid}",
-            commit_message=commit_message,
-            commit_description="",
-            oid=oid,
-        )
-
-    def validate_yaml(self, content: str, **kwargs) -> None:
-        """The Hub's card check before a commit: the metadata header must parse (else `ValueError`)."""
-        ModelCard(content)
-
-    def download(self, repo_id: str, filename: str, **kwargs) -> str:
-        path = self.folder(repo_id) / filename
-        if not path.is_file():
-            raise EntryNotFoundError(f"{filename} is not in {repo_id}")
-        return str(path)
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch) -> FakeHub:
-    fake = FakeHub(tmp_path / "hub")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(HfApi, "create_repo", fake.create_repo)
-    monkeypatch.setattr(HfApi, "create_commit", fake.create_commit)
-    monkeypatch.setattr(repocard, "hf_hub_download", fake.download)  # `ModelCard.load(repo_id)`
-    # `ModelCard.push_to_hub` first posts the card to the Hub's `/api/validate-yaml`.
-    monkeypatch.setattr(RepoCard, "validate", lambda card, repo_type=None: fake.validate_yaml(str(card)))
-    return fake
 
 
 @pytest.fixture(scope="module")

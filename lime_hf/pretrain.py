@@ -1,0 +1,646 @@
+"""Pretrain (or continue pretraining) a LIME decoder with `Trainer`: the whole pipeline, start to finish.
+
+    texts (.txt files or a dataset) ─► annotate with spaCy (once, cached) ─► align to the tokenizer
+        ─► pack into blocks ─► LimeForCausalLM ─► LimeTrainer ─► output dir: model + tokenizer + metrics
+
+Run it as `lime-hf train ...`, `python examples/pretrain.py ...`, or on several processes with
+`accelerate launch --multi_gpu --num_processes N examples/pretrain.py ...` / `torchrun --nproc_per_node N ...`.
+Every `TrainingArguments` option is accepted too (`--learning_rate`, `--per_device_train_batch_size`,
+`--gradient_accumulation_steps`, `--save_steps`, `--eval_strategy`, `--bf16`, `--deepspeed`, `--fsdp`, ...).
+
+Example:
+
+    lime-hf train emma.txt persuasion.txt --train-tokenizer 8000 --eval-fraction 0.05 \\
+        --output-dir lime-austen --max-steps 2000 --per-device-train-batch-size 16
+
+`LimeTrainer` and `next_token_metrics` are reusable on their own with any `Trainer` setup.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import evaluate
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from huggingface_hub import CommitInfo
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoTokenizer,
+    EvalPrediction,
+    HfArgumentParser,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import EvalLoopOutput
+from transformers.utils import logging
+
+from .annotation import SpacyAnnotator
+from .collator import DataCollatorForLime
+from .configuration_lime import LimeConfig, check_inventories
+from .data import align_dataset, annotate_dataset, check_column, pack_dataset
+from .model_card import push_to_hub
+from .modeling_lime import LimeForCausalLM
+from .tokenization_lime import ALIGNMENTS, LimeTokenizer
+
+logger = logging.get_logger(__name__)
+
+# The backbone when neither --model-config nor --from-backbone is given: a small Llama (~3 M parameters
+# without the embeddings). `vocab_size` and the special token ids always come from the tokenizer.
+DEFAULT_TEXT_CONFIG: dict[str, Any] = {
+    "model_type": "llama",
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 1024,
+}
+# Special tokens of a tokenizer trained by --train-tokenizer (GPT-2 style: one token begins and ends texts).
+EOS_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|pad|>"
+BYTE_ALPHABET_SIZE = 256
+SOURCES_HELP = (
+    ".txt files (one document per paragraph), a `save_to_disk` folder, or one `datasets` name/folder."
+)
+
+
+@dataclass
+class ScriptArguments:
+    """The pretraining options beyond `TrainingArguments`."""
+
+    sources: list[str] = field(
+        init=False,
+        default_factory=list,
+        metadata={"help": f"Positional: {SOURCES_HELP}"},
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "A saved LimeTokenizer, or any fast tokenizer (path or Hub id) to wrap in one."},
+    )
+    train_tokenizer: int | None = field(
+        default=None,
+        metadata={
+            "help": "Instead of --tokenizer: train a byte-level BPE of this vocabulary size on the corpus."
+        },
+    )
+    alignment: str | None = field(
+        default=None,
+        metadata={
+            "help": "How tags meet subwords when wrapping or training a tokenizer (default: pretokenized).",
+            "choices": list(ALIGNMENTS),
+        },
+    )
+    spacy_model: str | None = field(
+        default=None, metadata={"help": "spaCy pipeline of a new tokenizer (default: en_core_web_sm)."}
+    )
+    model_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "The backbone's config (`text_config`) as a JSON file or string; default: a tiny Llama."
+        },
+    )
+    from_backbone: str | None = field(
+        default=None,
+        metadata={"help": "Retrofit this causal-LM checkpoint (path or Hub id) instead of a new model."},
+    )
+    metadata_shift: int = field(default=0, metadata={"help": "0 = LIME, 1 = LIME+1.", "choices": [0, 1]})
+    metadata_dropout: float = field(
+        default=0.0, metadata={"help": "Probability of hiding a tag (as 'unknown') in training batches."}
+    )
+    block_size: int = field(default=512, metadata={"help": "Tokens per packed training block."})
+    eval_file: str | None = field(
+        default=None, metadata={"help": "Held-out texts (a .txt file or a dataset, like the sources)."}
+    )
+    eval_fraction: float | None = field(
+        default=None, metadata={"help": "Instead of --eval-file: hold out this fraction of the documents."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Config name of a `datasets` source."})
+    split: str = field(default="train", metadata={"help": "Split of a `datasets` source."})
+    text_column: str = field(default="text", metadata={"help": "Text column of a `datasets` source."})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "datasets cache folder (default: ~/.cache/huggingface/datasets)."}
+    )
+    num_proc: int = field(default=1, metadata={"help": "Processes for annotation, alignment and packing."})
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from the latest checkpoint in --output-dir (or use --resume-from-checkpoint)."
+        },
+    )
+
+
+def build_parser() -> HfArgumentParser:
+    """The command line: `ScriptArguments`, every `TrainingArguments` option, and the positional sources."""
+    parser = HfArgumentParser(
+        (ScriptArguments, TrainingArguments),
+        description="Pretrain a LIME decoder on raw texts: annotate, align, pack, train, evaluate, save.",
+    )
+    parser.add_argument("sources", nargs="+", help=SOURCES_HELP)
+    parser.set_defaults(output_dir="lime-pretrain")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, TrainingArguments]:
+    """Parse `argv` (default: `sys.argv[1:]`) into the script's and the Trainer's arguments."""
+    script_args, training_args, positional = build_parser().parse_args_into_dataclasses(args=argv)
+    script_args.sources = positional.sources
+    return script_args, training_args
+
+
+# ---- Texts ---------------------------------------------------------------------------------------------------
+
+
+def _has_text(text: str) -> bool:
+    """Keep documents with at least one non-whitespace character."""
+    return bool(text.strip())
+
+
+def load_texts(
+    sources: list[str],
+    dataset_config: str | None = None,
+    split: str = "train",
+    text_column: str = "text",
+    cache_dir: str | None = None,
+) -> Dataset:
+    """
+    Load raw texts as a dataset with one column, `text`, one document per row; empty documents are dropped.
+
+    Args:
+        sources (`list[str]`): either
+            - `.txt` files: every paragraph (text between blank lines, line breaks inside kept) is a document,
+              so packing puts EOS between paragraphs and annotation parallelises over them;
+            - one folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`;
+            - one `datasets` name or folder of data files, read with `load_dataset`.
+        dataset_config (`str`, *optional*): the config name of a `load_dataset` source.
+        split (`str`, *optional*, defaults to `"train"`): the split of a dataset source.
+        text_column (`str`, *optional*, defaults to `"text"`): the column holding the text in a dataset source.
+        cache_dir (`str`, *optional*): the datasets cache folder.
+
+    The result is disk-backed (in the datasets cache), so every later `map` is cached and other processes of a
+    distributed run reuse the main process's work.
+    """
+    if not sources:
+        raise ValueError("No sources given: pass .txt files, a `save_to_disk` folder or a `datasets` name.")
+    text_files = [source for source in sources if source.endswith(".txt")]
+    if text_files:
+        if len(text_files) != len(sources):
+            raise ValueError(
+                f"Mixed sources {sources}: give either .txt files only, or one dataset (name or folder)."
+            )
+        missing = [path for path in text_files if not Path(path).is_file()]
+        if missing:
+            raise ValueError(f"No such text file(s): {missing}.")
+        texts = load_dataset(
+            "text", data_files=text_files, sample_by="paragraph", split="train", cache_dir=cache_dir
+        )
+    elif len(sources) > 1:
+        raise ValueError(f"Several dataset sources {sources}: give one dataset (or .txt files only).")
+    else:
+        texts = _load_dataset_source(sources[0], dataset_config, split, cache_dir)
+    check_column(texts, text_column, hint="choose the text column with --text-column")
+    texts = texts.select_columns([text_column])
+    if text_column != "text":
+        texts = texts.rename_column(text_column, "text")
+    return texts.filter(_has_text, input_columns="text", desc="Dropping empty documents")
+
+
+def _load_dataset_source(
+    source: str, dataset_config: str | None, split: str, cache_dir: str | None
+) -> Dataset:
+    """A `save_to_disk` folder or a `load_dataset` source, as the `Dataset` of `split`."""
+    folder = Path(source)
+    if (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file():
+        loaded = load_from_disk(source)
+        if not isinstance(loaded, DatasetDict):
+            return loaded
+        if split not in loaded:
+            raise ValueError(f"The saved dataset {source} has no split {split!r}; it has {list(loaded)}.")
+        return loaded[split]
+    try:
+        return load_dataset(source, dataset_config, split=split, cache_dir=cache_dir)
+    except (FileNotFoundError, ConnectionError) as error:  # ConnectionError: not cached, Hub unreachable
+        raise ValueError(
+            f"Cannot load {source!r}: it is neither a .txt file, a `save_to_disk` folder, nor a dataset that "
+            f"`datasets.load_dataset` finds ({type(error).__name__}: {error})."
+        ) from error
+
+
+def split_texts(
+    texts: Dataset, eval_texts: Dataset | None, eval_fraction: float | None, seed: int
+) -> tuple[Dataset, Dataset | None]:
+    """Train and eval documents: the given eval set, or `eval_fraction` of the documents held out (seeded)."""
+    if eval_fraction is None:
+        return texts, eval_texts
+    if eval_texts is not None:
+        raise ValueError("Give either --eval-file or --eval-fraction, not both.")
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError(f"--eval-fraction must lie strictly between 0 and 1, got {eval_fraction}.")
+    parts = texts.train_test_split(test_size=eval_fraction, seed=seed)
+    return parts["train"], parts["test"]
+
+
+# ---- Tokenizer -----------------------------------------------------------------------------------------------
+
+
+def train_bpe(texts: Dataset, vocab_size: int) -> PreTrainedTokenizerFast:
+    """Train a GPT-2 style byte-level BPE (no prefix space, so `pretokenized` decoding is exact) on `texts`."""
+    if vocab_size <= BYTE_ALPHABET_SIZE + 2:
+        raise ValueError(
+            f"--train-tokenizer {vocab_size} is too small: a byte-level BPE needs more than "
+            f"{BYTE_ALPHABET_SIZE + 2} tokens (256 bytes + 2 special tokens) to learn any merge."
+        )
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    batches = (batch["text"] for batch in texts.iter(batch_size=1000))
+    backend.train_from_iterator(batches, trainer, length=len(texts))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN
+    )
+
+
+def cached_bpe(texts: Dataset, vocab_size: int) -> PreTrainedTokenizerFast:
+    """
+    `train_bpe`, cached next to the dataset's cache files under the dataset's fingerprint, like a datasets `map`:
+    the main process trains and saves it, the other processes (and later runs) load it.
+    """
+    if not texts.cache_files:
+        return train_bpe(texts, vocab_size)
+    # `_fingerprint` identifies the dataset's content and transforms; datasets keys its own caches on it.
+    folder = Path(texts.cache_files[0]["filename"]).parent / f"lime_bpe_{texts._fingerprint}_{vocab_size}"
+    if (folder / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    tokenizer = train_bpe(texts, vocab_size)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def build_tokenizer(args: ScriptArguments, train_texts: Dataset) -> LimeTokenizer:
+    """The `LimeTokenizer` of `--tokenizer` (loaded or wrapped) or `--train-tokenizer` (trained on the texts)."""
+    if (args.tokenizer is None) == (args.train_tokenizer is None):
+        raise ValueError(
+            "Give exactly one of --tokenizer PATH (a saved LimeTokenizer or a fast tokenizer to wrap) or "
+            "--train-tokenizer VOCAB_SIZE (train a byte-level BPE on the corpus)."
+        )
+    if args.tokenizer is not None:
+        base = AutoTokenizer.from_pretrained(args.tokenizer)
+        if isinstance(base, LimeTokenizer):
+            if args.alignment not in (None, base.alignment):
+                raise ValueError(
+                    f"--alignment {args.alignment} differs from the saved LimeTokenizer's {base.alignment!r}; "
+                    "drop --alignment, or pass the base tokenizer to wrap it anew."
+                )
+            return base
+    else:
+        base = cached_bpe(train_texts, args.train_tokenizer)
+    return LimeTokenizer.from_tokenizer(
+        base, alignment=args.alignment or "pretokenized", spacy_model=args.spacy_model
+    )
+
+
+# ---- Model ---------------------------------------------------------------------------------------------------
+
+
+def build_model(args: ScriptArguments, tokenizer: LimeTokenizer) -> LimeForCausalLM:
+    """A new LIME model (`--model-config`, default a tiny Llama) or a retrofitted `--from-backbone` checkpoint."""
+    if args.from_backbone is not None:
+        if args.model_config is not None:
+            raise ValueError(
+                "Give either --model-config (a new model) or --from-backbone (retrofit), not both."
+            )
+        model = LimeForCausalLM.from_backbone(
+            args.from_backbone, metadata_fields=tokenizer.metadata_fields, metadata_shift=args.metadata_shift
+        )
+        vocab_size = model.get_input_embeddings().num_embeddings
+        if len(tokenizer) > vocab_size:
+            raise ValueError(
+                f"The tokenizer has {len(tokenizer)} tokens but the backbone {args.from_backbone} embeds only "
+                f"{vocab_size}: pass the backbone's own tokenizer."
+            )
+        return model
+    text_config = read_text_config(args.model_config) if args.model_config else dict(DEFAULT_TEXT_CONFIG)
+    text_config.update(
+        vocab_size=max(text_config.get("vocab_size", 0), len(tokenizer)),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LimeConfig(
+        text_config=text_config, metadata_fields=tokenizer.metadata_fields, metadata_shift=args.metadata_shift
+    )
+    return LimeForCausalLM(config)
+
+
+def read_text_config(spec: str) -> dict[str, Any]:
+    """A backbone config from a JSON file or an inline JSON object; it must name its `model_type`."""
+    text = Path(spec).read_text(encoding="utf-8") if Path(spec).is_file() else spec
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"--model-config {spec!r} is neither a JSON file nor a JSON object ({error}). "
+            'Example: \'{"model_type": "llama", "hidden_size": 256, "num_hidden_layers": 4}\'.'
+        ) from error
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ValueError(
+            f"--model-config must be a JSON object with a `model_type` (llama, qwen2, gpt2, ...), got {config!r}."
+        )
+    return config
+
+
+def check_block_size(block_size: int, config: LimeConfig) -> None:
+    """A block must fit the backbone's position range."""
+    max_positions = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if block_size < 1 or (max_positions is not None and block_size > max_positions):
+        raise ValueError(
+            f"--block-size {block_size} is not allowed: it must lie between 1 and the backbone's "
+            f"max_position_embeddings ({max_positions})."
+        )
+
+
+# ---- Data ----------------------------------------------------------------------------------------------------
+
+
+def prepare_lm_dataset(
+    texts: Dataset,
+    tokenizer: LimeTokenizer,
+    block_size: int,
+    num_proc: int = 1,
+    annotator: SpacyAnnotator | None = None,
+) -> Dataset:
+    """
+    Turn documents into packed causal-LM blocks carrying every metadata field.
+
+    annotate (`annotate_dataset`, spaCy, cached) -> align (`align_dataset`) -> pack (`pack_dataset`, EOS after
+    each document). Returns `input_ids`, `attention_mask` and `{field}_ids` per block of `block_size` tokens
+    (the last block of each packing batch may be shorter; the collator pads it).
+
+    Args:
+        texts (`datasets.Dataset`): documents in a `text` column (as `load_texts` returns them).
+        tokenizer (`LimeTokenizer`): its fields decide what is annotated; it needs an EOS token.
+        block_size (`int`): tokens per block.
+        num_proc (`int`, *optional*, defaults to 1): processes for each step.
+        annotator (`SpacyAnnotator`, *optional*): defaults to `tokenizer.annotator` (the tokenizer's fields).
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("Packing separates documents with EOS, but the tokenizer has no `eos_token`.")
+    annotated = annotate_dataset(
+        texts, annotator=annotator if annotator is not None else tokenizer.annotator, num_proc=num_proc
+    )
+    aligned = align_dataset(annotated, tokenizer, num_proc=num_proc)
+    return pack_dataset(aligned, block_size, eos_token_id=tokenizer.eos_token_id, num_proc=num_proc)
+
+
+# ---- Metrics and Trainer -------------------------------------------------------------------------------------
+
+
+class NextTokenAccuracy(evaluate.Metric):
+    """
+    Next-token accuracy as an `evaluate` metric: the share of positions whose predicted token is the reference;
+    references equal to -100 (padding, unlabelled positions) are ignored. One row per sequence.
+
+    `evaluate.load("accuracy")` downloads its script from the Hugging Face Hub (and needs scikit-learn), so it
+    fails offline unless cached; this metric is defined here and instantiated directly, which needs no network.
+    """
+
+    def _info(self) -> evaluate.MetricInfo:
+        sequence = datasets.List(datasets.Value("int64"))
+        return evaluate.MetricInfo(
+            description=self.__doc__,
+            citation="",
+            inputs_description="predictions, references: per sequence, the predicted and the true next token ids.",
+            features=datasets.Features({"predictions": sequence, "references": sequence}),
+        )
+
+    def _compute(self, predictions: list[list[int]], references: list[list[int]]) -> dict[str, float]:
+        predicted = np.concatenate([np.asarray(row, dtype=np.int64) for row in predictions] or [[]])
+        expected = np.concatenate([np.asarray(row, dtype=np.int64) for row in references] or [[]])
+        scored = expected != -100
+        return {
+            "accuracy": float((predicted[scored] == expected[scored]).mean()) if scored.any() else math.nan
+        }
+
+
+def preprocess_logits_for_metrics(logits: torch.Tensor | tuple, labels: torch.Tensor) -> torch.Tensor:
+    """Keep only the argmax token per position, so evaluation stores `(batch, seq)` ids instead of logits."""
+    if isinstance(logits, tuple):  # (logits, past_key_values, ...)
+        logits = logits[0]
+    return logits.argmax(dim=-1)
+
+
+def compute_next_token_accuracy(prediction: EvalPrediction) -> dict[str, float]:
+    """`accuracy`: the prediction at position i is scored against the label at i + 1."""
+    predictions, labels = prediction.predictions, prediction.label_ids
+    return NextTokenAccuracy(keep_in_memory=True).compute(
+        predictions=predictions[:, :-1], references=labels[:, 1:]
+    )
+
+
+def next_token_metrics() -> dict[str, Callable]:
+    """`Trainer(..., **next_token_metrics())`: reports `eval_accuracy` (next-token accuracy)."""
+    return {
+        "compute_metrics": compute_next_token_accuracy,
+        "preprocess_logits_for_metrics": preprocess_logits_for_metrics,
+    }
+
+
+def perplexity(loss: float) -> float:
+    """`exp(loss)`, infinite where that overflows a float."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
+class LimeTrainer(Trainer):
+    """
+    `Trainer` for LIME models. Differences from `Trainer`:
+
+    - Custom metadata columns reach the model. `Trainer` (with `remove_unused_columns=True`, the default) keeps
+      only columns named in `model.forward`'s signature; `pos_ids`/`ner_ids` are, but custom fields travel as
+      `**kwargs` and would be dropped. `LimeTrainer` adds every `{field}_ids` of `model.config.metadata_fields`
+      to the kept columns (the extension point TRL's trainers use, `_set_signature_columns_if_needed`).
+    - Evaluation also reports `perplexity = exp(loss)` (`eval_perplexity`).
+    - A `LimeTokenizer` given as `processing_class` must have the model's metadata inventories.
+    - `push_to_hub` commits model, tokenizer and the LIME model card (fields, inventories, shift, backbone,
+      training data, the latest eval metrics) in one commit, in place of Transformers' generic card.
+    """
+
+    def __init__(self, *args, training_data: list[str] | None = None, **kwargs):
+        """`Trainer`'s arguments, plus `training_data`: names of the training data sets, for the model card."""
+        super().__init__(*args, **kwargs)
+        self.training_data = training_data
+        if isinstance(self.processing_class, LimeTokenizer):
+            check_inventories(self.processing_class.metadata_fields, self.model.config.metadata_fields)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        if self._signature_columns is None:
+            super()._set_signature_columns_if_needed()
+            fields = getattr(self.model.config, "metadata_fields", None) or {}
+            self._signature_columns += [
+                f"{name}_ids" for name in fields if f"{name}_ids" not in self._signature_columns
+            ]
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs,
+    ) -> CommitInfo | None:
+        """Push the model, its tokenizer and the LIME model card to `hub_model_id` (from the main process)."""
+        if revision is not None or kwargs:
+            raise ValueError(
+                f"LimeTrainer.push_to_hub commits to the repository's main branch with the LIME model card; "
+                f"it does not take revision={revision!r} or {sorted(kwargs)}."
+            )
+        if not self.is_world_process_zero():
+            return None
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        evaluations = [entry for entry in self.state.log_history if "eval_loss" in entry]
+        metrics = {
+            key: value for key, value in (evaluations[-1] if evaluations else {}).items() if key != "epoch"
+        }
+        return push_to_hub(
+            self.model,
+            self.processing_class if isinstance(self.processing_class, LimeTokenizer) else None,
+            self.hub_model_id,
+            training_data=self.training_data,
+            metrics=metrics,
+            token=token if token is not None else self.args.hub_token,
+            commit_message=commit_message or "End of training",
+        )
+
+    def evaluation_loop(
+        self,
+        dataloader: torch.utils.data.DataLoader,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> EvalLoopOutput:
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+        loss = output.metrics.get(f"{metric_key_prefix}_loss")
+        if loss is not None:
+            output.metrics[f"{metric_key_prefix}_perplexity"] = perplexity(loss)
+        return output
+
+
+# ---- The script ----------------------------------------------------------------------------------------------
+
+
+def load_train_and_eval_texts(args: ScriptArguments, seed: int) -> tuple[Dataset, Dataset | None]:
+    """The training documents and the held-out ones (`--eval-file` or `--eval-fraction`), if any."""
+    source_options = dict(
+        dataset_config=args.dataset_config,
+        split=args.split,
+        text_column=args.text_column,
+        cache_dir=args.cache_dir,
+    )
+    texts = load_texts(args.sources, **source_options)
+    eval_texts = load_texts([args.eval_file], **source_options) if args.eval_file else None
+    return split_texts(texts, eval_texts, args.eval_fraction, seed)
+
+
+def check_launch(training_args: TrainingArguments) -> None:
+    """Refuse to run when the launcher's processes would not train one model together."""
+    launched = os.environ.get("WORLD_SIZE")
+    if launched is not None and int(launched) != training_args.world_size:
+        raise ValueError(
+            f"The launcher started {launched} processes, but the Trainer sees a world of {training_args.world_size}, "
+            "so each process would train its own model into the same folder. On machines without GPUs, add "
+            "--use_cpu to train on CPU processes that communicate through gloo."
+        )
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    """The main process logs at `--log_level` (library default: warnings), replicas at `--log_level_replica`."""
+    log_level = training_args.get_process_log_level()
+    logging.set_verbosity(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+
+
+def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> None:
+    """
+    Run the pretraining script with `argv` (default `sys.argv[1:]`); see `--help`.
+
+    Writes to `--output-dir`: the model (safetensors + code files), the tokenizer, `train_results.json`,
+    `eval_results.json` (`eval_loss`, `eval_accuracy`, `eval_perplexity`) when there is an eval set, the
+    trainer state, and `checkpoint-*` folders every `--save-steps`. `callbacks` are passed on to the Trainer.
+    """
+    args, training_args = parse_args(argv)
+    check_launch(training_args)
+    setup_logging(training_args)
+    set_seed(training_args.seed)  # before the model is built, so its initialisation is reproducible
+    # Processes other than the main one wait here, then find every step below in the datasets cache.
+    with training_args.main_process_first(desc="loading texts and the tokenizer"):
+        train_texts, eval_texts = load_train_and_eval_texts(args, training_args.seed)
+        tokenizer = build_tokenizer(args, train_texts)
+    model = build_model(args, tokenizer)
+    check_block_size(args.block_size, model.config)
+    with training_args.main_process_first(desc="annotating, aligning and packing"):
+        train_dataset = prepare_lm_dataset(train_texts, tokenizer, args.block_size, args.num_proc)
+        eval_dataset = (
+            prepare_lm_dataset(eval_texts, tokenizer, args.block_size, args.num_proc)
+            if eval_texts is not None
+            else None
+        )
+    logger.info(
+        f"{len(train_dataset)} training blocks of {args.block_size} tokens, "
+        f"{0 if eval_dataset is None else len(eval_dataset)} eval blocks; model: {model.num_parameters():,} parameters."
+    )
+    trainer = LimeTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=DataCollatorForLime(tokenizer, metadata_dropout=args.metadata_dropout),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        training_data=[Path(source).name if Path(source).exists() else source for source in args.sources],
+        **next_token_metrics(),
+    )
+    checkpoint = training_args.resume_from_checkpoint or (True if args.resume else None)
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_state()
+    if eval_dataset is not None:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    # Model and tokenizer, on the main process; with --push_to_hub also the Hub commit with the model card.
+    trainer.save_model()
+    trainer.end()
+
+
+__all__ = [
+    "LimeTrainer",
+    "NextTokenAccuracy",
+    "build_parser",
+    "load_texts",
+    "main",
+    "next_token_metrics",
+    "prepare_lm_dataset",
+]
