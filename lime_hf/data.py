@@ -9,7 +9,7 @@ show progress bars and resume from the datasets cache, as their functions hash d
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from datasets import Dataset, Features, List, Value
@@ -123,15 +123,41 @@ def align_dataset(
     check_column(dataset, text_column)
     for name in tokenizer.metadata_fields:
         check_column(dataset, ANNOTATION_PREFIX + name, hint="run `annotate_dataset` with this field first")
+    align = _Align(tokenizer, text_column, tokenizer_kwargs)
+    map_kwargs = dict(map_kwargs or {})
+    features = map_kwargs.pop("features", None)
+    if features is None and len(dataset):
+        features = output_features(align(dataset[:1]).keys())
+    if features is not None and keep_columns:
+        features = Features({**dataset.features, **features})
     return dataset.map(
-        _Align(tokenizer, text_column, tokenizer_kwargs),
+        align,
         batched=True,
         batch_size=batch_size,
         num_proc=num_proc,
         remove_columns=None if keep_columns else dataset.column_names,
+        features=features,
         desc="Aligning metadata to tokens",
-        **(map_kwargs or {}),
+        **map_kwargs,
     )
+
+
+def output_features(columns: Iterable[str]) -> Features | None:
+    """Compact Arrow types of tokenizer outputs (declaring them also spares datasets its type inference);
+    `None` where a column is not a known tokenizer output."""
+    features = {}
+    for column in columns:
+        if column == "input_ids" or column.endswith("_ids"):
+            features[column] = List(Value("int32"))
+        elif column in ("attention_mask", "special_tokens_mask", "token_type_ids"):
+            features[column] = List(Value("int8"))
+        elif column == "offset_mapping":
+            features[column] = List(List(Value("int64")))
+        elif column in ("overflow_to_sample_mapping", "length"):
+            features[column] = Value("int64")
+        else:
+            return None
+    return Features(features)
 
 
 class _Pack:

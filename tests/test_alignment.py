@@ -7,6 +7,7 @@ from lime_hf.alignment import (
     fill_reserved,
     first_non_whitespace,
     is_whitespace,
+    join_annotations,
     label_to_id_maps,
     segment_offsets,
     tags_from_offsets,
@@ -85,3 +86,19 @@ def test_whitespace_table_agrees_with_str_isspace_on_every_code_point():
     every_character = "".join(map(chr, range(0x110000)))
     expected = np.array([character.isspace() for character in every_character])
     assert np.array_equal(is_whitespace(every_character), expected)
+
+
+def test_joined_annotations_shift_spans_and_reject_spans_beyond_their_text():
+    first = {"pos": spans((0, 4, "NNP")), "ner": spans((0, 4, "B-PERSON"))}
+    second = {"pos": spans((1, 3, "VBD")), "ner": spans()}
+    joined, bases = join_annotations([first, second], [5, 3], ["pos", "ner"])
+    assert bases.tolist() == [0, 5]
+    assert joined["pos"]["starts"].tolist() == [0, 6] and joined["pos"]["ends"].tolist() == [4, 8]
+    assert joined["pos"]["labels"] == ["NNP", "VBD"] and joined["ner"]["labels"] == ["B-PERSON"]
+    with pytest.raises(
+        ValueError,
+        match=r"Field 'pos': the span \[1, 3\) of text 1 does not lie within the text's 2 characters",
+    ):
+        join_annotations([first, second], [5, 2], ["pos", "ner"])
+    with pytest.raises(ValueError, match=r"The annotation of text 1 has no field 'ner'"):
+        join_annotations([first, {"pos": spans()}], [5, 3], ["pos", "ner"])
