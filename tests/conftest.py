@@ -1,6 +1,7 @@
 """Shared fixtures: small real tokenizers trained in seconds on the Austen corpus, one spaCy load per session,
 and a local stand-in for the Hub's HTTP API."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,10 @@ from transformers import PreTrainedTokenizerFast
 from lime_hf.annotation import SpacyAnnotator
 from lime_hf.tokenization_lime import LimeTokenizer
 
-AUSTEN = Path("/work/shared/data/austen")
+# CI clones the repo with shared/ beside it; LIME_AUSTEN points elsewhere.
+AUSTEN = Path(
+    os.environ.get("LIME_AUSTEN", Path(__file__).resolve().parents[2] / "shared" / "data" / "austen")
+)
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>"]
 
 
