@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import AUSTEN as DATA  # the benchmarks' shared helpers
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("LIME_AUSTEN", "/work/shared/data/austen"))
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_CACHE = Path(os.environ.get("LIME_REPRODUCE_CACHE", Path.home() / ".cache" / "lime_hf_reproduce"))
 TRAIN_NOVELS = ("emma", "mansfieldpark", "northangerabbey", "prideprejudice", "sensesensibility")
@@ -67,8 +67,8 @@ PRESETS = {
     "cpu": {
         "lm": _LM | dict(hidden=128, intermediate=384, layers=4, heads=4, seq_len=128, batch=8, epochs=1,
                          lr=1.5e-3, warmup_steps=40, evals=11, eval_tokens=30_000, seeds=(0, 1)),
-        "add": _ADD | dict(hidden=128, intermediate=512, layers=3, heads=4, batch=64, steps=1500, lr=2e-3,
-                           warmup_steps=100, evals=6, max_digits=3, seeds=(0, 1)),
+        "add": _ADD | dict(hidden=128, intermediate=512, layers=3, heads=4, batch=64, steps=3000, lr=2e-3,
+                           warmup_steps=100, evals=7, max_digits=3, seeds=(0, 1)),
     },
     "smoke": {
         "lm": _LM | dict(hidden=32, intermediate=64, layers=2, heads=2, seq_len=64, batch=8, epochs=1, lr=3e-3,
@@ -1333,7 +1333,7 @@ def plot(results: Path, lm: dict, add: dict, seeds: list[int], fractions: dict) 
             total = lm[f"lm-baseline-s{seeds[0]}"]["history"][-1]["tokens_seen"] / 1e6
             axes[0].axvline(fraction * total, color="tab:blue", linewidth=0.8)
             axes[0].annotate(f" LIME reaches the baseline's final\n accuracy at {fraction:.1%} of the tokens",
-                             (fraction * total, base_final), xytext=(4, -40), textcoords="offset points", fontsize=8)  # fmt: skip
+                             (fraction * total, base_final), xytext=(6, 28), textcoords="offset points", fontsize=8)  # fmt: skip
         axes[0].set(xlabel="training tokens seen (M)", ylabel="next-token accuracy on Persuasion")
         axes[0].set_ylim(bottom=max(0.0, base_final - 0.2))
         axes[1].set(xlabel="training tokens seen (M)", ylabel="perplexity on Persuasion", yscale="log")

@@ -198,11 +198,13 @@ def batch_segment_offsets(
     the next. Returns each text's segments, shape `(num_segments, 2)`, in that text's own coordinates.
     """
     boundaries = np.append(bases, len(text))
-    cuts = np.unique(
+    cuts = np.sort(
         np.concatenate(
             [boundaries, *(spans[key] for spans in annotation.values() for key in ("starts", "ends"))]
         )
     )
+    # Deduplicate the sorted array by hand: numpy 2.4's hash-based `np.unique` is ~20x slower here.
+    cuts = cuts[np.concatenate(([True], cuts[1:] != cuts[:-1]))]
     if len(cuts) > 2:
         inner, previous = cuts[1:-1], cuts[:-2]
         codes = code_points(text)
