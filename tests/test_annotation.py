@@ -1,5 +1,6 @@
 """SpacyAnnotator: character-span output, only the needed components, chunking of long texts."""
 
+import multiprocessing
 import pickle
 
 import pytest
@@ -24,6 +25,18 @@ def test_spans_per_field(annotator):
 def test_only_needed_components_run():
     assert SpacyAnnotator(["pos"]).nlp.pipe_names == ["tok2vec", "tagger"]
     assert SpacyAnnotator(["ner"]).nlp.pipe_names == ["ner"]
+
+
+def pipeline_id(annotator: SpacyAnnotator) -> int:
+    return id(annotator.nlp)
+
+
+def test_pipelines_are_shared_per_process_and_inherited_by_forked_workers(annotator):
+    assert SpacyAnnotator(["pos"]).nlp is SpacyAnnotator(["pos"], batch_size=8).nlp
+    assert SpacyAnnotator(["pos"]).nlp is not SpacyAnnotator(["ner"]).nlp
+    # The annotator pickles without its pipeline; a forked worker finds the parent's in the cache.
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply(pipeline_id, (annotator,)) == id(annotator.nlp)
 
 
 def test_unknown_field_and_bad_input_are_clear_errors(annotator):
