@@ -1209,6 +1209,11 @@ def report(cache: Path, preset: str, results: Path) -> dict:
         values = [run["history"][-1][mode] for run in add.values() if run["variant"] == variant]
         return summarise(values) if values else None
 
+    def add_curve(variant: str, mode: str) -> list[float] | None:
+        """Mean exact match over seeds at every evaluation point."""
+        values = [[p[mode] for p in run["history"]] for run in add.values() if run["variant"] == variant]
+        return np.mean(values, axis=0).tolist() if values else None
+
     spacy_block = {
         "baseline": add_final("baseline", "greedy"),
         "lime_plus1_unguided": add_final("lime_plus1_spacy", "unguided"),
@@ -1229,6 +1234,22 @@ def report(cache: Path, preset: str, results: Path) -> dict:
         headline["addition_exact_match_per_seed"] = {
             "pos_ner": {k: v["per_seed"] for k, v in spacy_block.items()},
             "digit": {k: v["per_seed"] for k, v in digit_block.items() if v},
+        }
+        # Every model ends near the ceiling; the budget at which each gets there is the real difference.
+        setups = {
+            "baseline": ("baseline", "greedy"),
+            "lime_plus1_unguided": "unguided",
+            "lime_plus1_guided": "guided",
+        }
+        headline["addition_exact_match_by_step"] = {
+            "steps": [point["step"] for point in next(iter(add.values()))["history"]],
+            **{
+                fields_label: {
+                    setup: add_curve(*(how if isinstance(how, tuple) else (variant, how)))
+                    for setup, how in setups.items()
+                }
+                for fields_label, variant in (("pos_ner", "lime_plus1_spacy"), ("digit", "lime_plus1_digit"))
+            },
         }
     lm_any = next(iter(lm.values()), None)
     add_any = next(iter(add.values()), None)

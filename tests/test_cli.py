@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import share_annotator
 from datasets import load_from_disk
 from tiny_models import TINY_TEXT_CONFIGS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lime_hf import LimeConfig, LimeForCausalLM, LimeTokenizer, pretrain
 from lime_hf.cli import main
+from tests.conftest import share_annotator
 
 LIME_HF = shutil.which("lime-hf", path=Path(sys.executable).parent) or shutil.which("lime-hf")
 
