@@ -258,9 +258,8 @@ class LimeTokenizer(TokenizersBackend):
         """
         row_bases = bases[sample_of_row]
         lengths = [len(encoding.ids) for encoding in encodings]
-        offsets = np.concatenate(
-            [np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2) for encoding in encodings]
-        )
+        offsets = np.fromiter(chain.from_iterable(flatten_rows(encodings, "offsets")), dtype=np.int64)
+        offsets = offsets.reshape(-1, 2)
         if segments is None:
             units = offsets + np.repeat(row_bases, lengths)[:, None]
             unit_of_token = np.arange(len(units))
