@@ -85,7 +85,9 @@ def cpu_scaling(iterations: int = 5_000_000) -> float:
     return serial / parallel
 
 
-def dataset_timings(texts: list[str], tokenizer: LimeTokenizer, cache_dir: Path, repeats: int) -> dict:
+def dataset_timings(
+    texts: list[str], tokenizer: LimeTokenizer, cache_dir: Path, repeats: int, align_repeats: int
+) -> dict:
     """`annotate_dataset` with 1 and 2 processes (alternated), then `align_dataset` from the stored spans."""
     dataset = Dataset.from_dict({"text": texts})
     annotator = SpacyAnnotator()
@@ -107,7 +109,7 @@ def dataset_timings(texts: list[str], tokenizer: LimeTokenizer, cache_dir: Path,
         )
     align = [
         seconds(lambda: align_dataset(annotated, tokenizer, map_kwargs={"load_from_cache_file": False}))
-        for _ in range(repeats)
+        for _ in range(align_repeats)  # cheap, so more repeats for a steadier median
     ]
     return {
         "annotate_num_proc_1_s": one,
@@ -124,7 +126,8 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, default=AUSTEN)
     parser.add_argument("--max-words", type=int, default=150_000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dataset-repeats", type=int, default=2)
+    parser.add_argument("--dataset-repeats", type=int, default=3)
+    parser.add_argument("--align-repeats", type=int, default=7)
     parser.add_argument("--batch-size", type=int, default=256, help="texts per tokenizer call")
     args = parser.parse_args()
     disable_progress_bars()
@@ -134,7 +137,9 @@ def main() -> None:
     tokenizer = LimeTokenizer.from_tokenizer(train_bpe(texts), alignment="pretokenized")
     direct = spacy_vs_tokenizer(texts, tokenizer, args.repeats, args.batch_size)
     with tempfile.TemporaryDirectory() as cache_dir:
-        datasets_map = dataset_timings(texts, tokenizer, Path(cache_dir), args.dataset_repeats)
+        datasets_map = dataset_timings(
+            texts, tokenizer, Path(cache_dir), args.dataset_repeats, args.align_repeats
+        )
 
     rows = [
         ("raw spaCy nlp.pipe", words / statistics.median(direct["raw_spacy_s"]), ""),

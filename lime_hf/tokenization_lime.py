@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from itertools import chain
+from itertools import accumulate, chain
 from typing import Any
 
 import numpy as np
@@ -224,13 +224,14 @@ class LimeTokenizer(TokenizersBackend):
             **kwargs,
         )
         sample_of_row = list(encoded.get("overflow_to_sample_mapping", range(len(texts))))
+        lengths = [len(encoding) for encoding in encoded.encodings]
         tags, offsets = self._align_batch(
-            encoded.encodings, sample_of_row, annotation, bases, joined_text, segments
+            encoded.encodings, lengths, sample_of_row, annotation, bases, joined_text, segments
         )
         data = dict(encoded)
         data.update({f"{name}_ids": field_tags for name, field_tags in tags.items()})
         if return_offsets_mapping:
-            data["offset_mapping"] = offsets
+            data["offset_mapping"] = split_rows(list(map(tuple, offsets.tolist())), lengths)
         output = BatchEncoding(data, encoded.encodings, tensor_type=return_tensors)
         if not is_batched and return_tensors is None and not return_overflowing_tokens:
             output = BatchEncoding(
@@ -242,22 +243,23 @@ class LimeTokenizer(TokenizersBackend):
     def _align_batch(
         self,
         encodings: list[Any],
+        lengths: list[int],
         sample_of_row: list[int],
         annotation: dict[str, dict],
         bases: np.ndarray,
         joined_text: str,
         segments: list[np.ndarray] | None,
-    ) -> tuple[dict[str, list[list[int]]], list[list[tuple[int, int]]]]:
+    ) -> tuple[dict[str, list[list[int]]], np.ndarray]:
         """
-        Tag ids per field and absolute character offsets of every encoded row (Rust `Encoding`s), computed in
-        one vectorised pass over the batch's texts joined end to end (`joined_text`, its `annotation`, and
+        Tag ids per field (one list per row) and absolute character offsets of every encoded row (Rust
+        `Encoding`s of `lengths` tokens; offsets of all rows concatenated, shape `(sum(lengths), 2)`), computed
+        in one vectorised pass over the batch's texts joined end to end (`joined_text`, its `annotation`, and
         `bases`, the start of each text; see `join_annotations`).
 
         A row's "units" are its tokens (offsets mode) or its sample's segments (pretokenized mode, where a
         token's word id indexes its segment and its offsets are relative to the segment).
         """
         row_bases = bases[sample_of_row]
-        lengths = [len(encoding.ids) for encoding in encodings]
         offsets = np.fromiter(chain.from_iterable(flatten_rows(encodings, "offsets")), dtype=np.int64)
         offsets = offsets.reshape(-1, 2)
         if segments is None:
@@ -281,15 +283,11 @@ class LimeTokenizer(TokenizersBackend):
         input_ids = np.array(flatten_rows(encodings, "ids"), dtype=np.int64)
         is_special = np.isin(input_ids, self.all_special_ids) | (unit_of_token < 0)
         is_padding = np.array(flatten_rows(encodings, "attention_mask"), dtype=np.int64) == 0
-        splits = np.cumsum(lengths)[:-1]
         tags = {
-            name: [
-                row.tolist()
-                for row in np.split(fill_reserved(field_tags[unit_of_token], is_special, is_padding), splits)
-            ]
+            name: split_rows(fill_reserved(field_tags[unit_of_token], is_special, is_padding), lengths)
             for name, field_tags in unit_tags.items()
         }
-        return tags, [[tuple(pair) for pair in row.tolist()] for row in np.split(offsets, splits)]
+        return tags, offsets
 
     def _pad(
         self,
@@ -351,6 +349,13 @@ class LimeTokenizer(TokenizersBackend):
             name: fill_reserved(field_tags, is_special, no_padding).tolist()
             for name, field_tags in tags.items()
         }
+
+
+def split_rows(values: np.ndarray | list, lengths: list[int]) -> list[list]:
+    """Cut the concatenated values of every row back into one Python list per row (`lengths` items each)."""
+    flat = values.tolist() if isinstance(values, np.ndarray) else values
+    ends = list(accumulate(lengths))
+    return [flat[end - length : end] for end, length in zip(ends, lengths, strict=True)]
 
 
 def flatten_rows(encodings: list[Any], attribute: str) -> list:
