@@ -210,10 +210,9 @@ class LimeTokenizer(TokenizersBackend):
         joined_text = "".join(texts)
         if self.alignment == "pretokenized":
             segments = batch_segment_offsets(annotation, bases, joined_text)
-            inputs = [
-                [text[start:end] for start, end in segment.tolist()]
-                for text, segment in zip(texts, segments, strict=True)
-            ]
+            absolute = np.concatenate([segment + base for segment, base in zip(segments, bases, strict=True)])
+            pieces = list(map(joined_text.__getitem__, map(slice, *absolute.T.tolist())))
+            inputs = split_rows(pieces, [len(segment) for segment in segments])
         else:
             segments, inputs = None, texts
         encoded = super()._encode_plus(
