@@ -93,7 +93,7 @@ def dataset_timings(
     annotator = SpacyAnnotator()
     one, two, scaling = [], [], []
 
-    def align_once() -> float:
+    def align_once(annotated: Dataset) -> float:
         return seconds(
             lambda: align_dataset(annotated, tokenizer, map_kwargs={"load_from_cache_file": False})
         )
@@ -109,7 +109,9 @@ def dataset_timings(
         if repeat == 0:
             # Before any num_proc > 1 map: datasets then leaves TOKENIZERS_PARALLELISM=false in the C environment
             # (it restores only Python's `os.environ`), so the Rust tokenizer stays on one thread afterwards.
-            align = [align_once() for _ in range(align_repeats)]  # cheap: more repeats, steadier median
+            align = [
+                align_once(annotated) for _ in range(align_repeats)
+            ]  # cheap: more repeats, steadier median
         two.append(
             seconds(
                 lambda repeat=repeat: annotate_dataset(
@@ -117,7 +119,7 @@ def dataset_timings(
                 )
             )
         )
-    align_after = [align_once() for _ in range(3)]
+    align_after = [align_once(annotated) for _ in range(3)]
     return {
         "annotate_num_proc_1_s": one,
         "annotate_num_proc_2_s": two,

@@ -33,18 +33,25 @@ def load_paragraphs(corpus_dir: Path, max_words: int) -> list[str]:
     return paragraphs
 
 
-def train_bpe(texts: list[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:
-    """A byte-level BPE (GPT-2 style, no prefix space) trained on `texts` in seconds; EOS doubles as pad."""
+def train_bpe(
+    texts: list[str], vocab_size: int = 4096, special_tokens: dict[str, str] | None = None
+) -> PreTrainedTokenizerFast:
+    """
+    A byte-level BPE (GPT-2 style, no prefix space) trained on `texts` in seconds. `special_tokens` maps
+    tokenizer roles to tokens (`{"pad_token": ..., "eos_token": ...}`), given ids 0, 1, ... in order of first
+    appearance; by default EOS doubles as pad.
+    """
+    special_tokens = special_tokens or {"eos_token": "<|eos|>", "pad_token": "<|eos|>"}
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<|eos|>"],
+        special_tokens=list(dict.fromkeys(special_tokens.values())),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     backend.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|eos|>", pad_token="<|eos|>")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **special_tokens)
 
 
 def save_results(name: str, summary: dict, rows: list[dict]) -> None:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import AUSTEN as DATA  # the benchmarks' shared helpers
+from common import AUSTEN, train_bpe  # the benchmarks' shared helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -225,38 +225,24 @@ def prepare(cache: Path, smoke: bool) -> None:
     log(f"prepare: done in {meta['prepare_wall_s']:.0f}s")
 
 
-def train_bpe(texts: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    backend.train_from_iterator((p for text in texts for p in text.split("\n\n")), trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token=SPECIAL_TOKENS[0],
-        bos_token=SPECIAL_TOKENS[1],
-        eos_token=SPECIAL_TOKENS[2],
-    )
-
-
 def prepare_lm(data_dir: Path, dcfg: dict) -> dict:
     from lime_hf import LimeTokenizer, SpacyAnnotator
     from lime_hf.annotation import NerField, PosField
 
     texts = {
-        name: cut_at_paragraph(unwrap((DATA / f"{name}.txt").read_text(encoding="utf-8")), dcfg["max_chars"])
+        name: cut_at_paragraph(
+            unwrap((AUSTEN / f"{name}.txt").read_text(encoding="utf-8")), dcfg["max_chars"]
+        )
         for name in (*TRAIN_NOVELS, EVAL_NOVEL)
     }
     started = time.time()
     tokenizer = LimeTokenizer.from_tokenizer(
-        train_bpe([texts[name] for name in TRAIN_NOVELS], dcfg["bpe_vocab"]), alignment="pretokenized"
+        train_bpe(
+            [paragraph for name in TRAIN_NOVELS for paragraph in texts[name].split("\n\n")],
+            dcfg["bpe_vocab"],
+            dict(zip(("pad_token", "bos_token", "eos_token"), SPECIAL_TOKENS, strict=True)),
+        ),
+        alignment="pretokenized",
     )
     tokenizer.save_pretrained(data_dir / "tokenizer")
     annotator = SpacyAnnotator(max_chars=100_000, batch_size=4)
@@ -554,40 +540,60 @@ def autocast(device: torch.device):
 
 
 class Checkpoint:
-    """Resumable training state of one run, written at evaluation points at most once a minute."""
+    """
+    Resumable state of one training run (model, optimizer, schedule, step, history, wall time), written at
+    evaluation points at most once a minute.
+    """
 
-    def __init__(self, path: Path, every_s: float = 60.0):
-        self.path, self.every_s, self.last = path, every_s, time.time()
+    def __init__(self, path: Path, model, optimizer, scheduler, every_s: float = 60.0):
+        self.path, self.every_s = path, every_s
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.last = self.started = time.time()
+        self.wall_before = 0.0
 
-    def load(self, model, optimizer, scheduler) -> dict | None:
+    def load(self) -> dict:
+        """The saved step and history, restoring model, optimizer and schedule; a fresh start if none."""
         if not self.path.exists():
-            return None
+            return {"step": 0, "history": []}
         state = torch.load(self.path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.wall_before, self.started = state["wall_s"], time.time()
         log(f"resuming {self.path.stem} at step {state['step']}")
         return state
 
-    def maybe_save(self, model, optimizer, scheduler, **state) -> None:
+    def wall_s(self) -> float:
+        """Training wall time of the run so far, across resumes."""
+        return self.wall_before + time.time() - self.started
+
+    def maybe_save(self, step: int, history: list[dict]) -> None:
         if time.time() - self.last < self.every_s:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                **state,
-            },
-            tmp,
-        )
+        state = {"step": step, "history": history, "wall_s": self.wall_s()}
+        for key in ("model", "optimizer", "scheduler"):
+            state[key] = getattr(self, key).state_dict()
+        torch.save(state, tmp)
         tmp.replace(self.path)
         self.last = time.time()
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def run_settings(cache: Path, preset: str, kind: str) -> tuple[dict, dict]:
+    """The preset's training settings and the prepared data's metadata for one kind of run ("lm" or "add")."""
+    return PRESETS[preset][kind], json.loads((cache / "data" / "meta.json").read_text())[kind]
+
+
+def start_run(model, cfg: dict, total_steps: int, device, cache: Path, preset: str, name: str):
+    """Model on `device`, optimizer and schedule, and the run's checkpoint: resumed from it where one exists."""
+    model.to(device).train()
+    optimizer, scheduler = make_optimizer(model, cfg, total_steps, device)
+    checkpoint = Checkpoint(cache / "checkpoints" / preset / f"{name}.pt", model, optimizer, scheduler)
+    return optimizer, scheduler, checkpoint, checkpoint.load()
 
 
 # ------------------------------------------------------------------------------------------ language models
@@ -637,8 +643,7 @@ def lm_eval_modes(shift) -> dict[str, dict[str, str]]:
 
 
 def run_lm(cache: Path, preset: str, variant: str, seed: int, device: torch.device) -> dict:
-    cfg = PRESETS[preset]["lm"]
-    meta = json.loads((cache / "data" / "meta.json").read_text())["lm"]
+    cfg, meta = run_settings(cache, preset, "lm")
     shift = LM_VARIANTS[variant]
     name = f"lm-{variant}-s{seed}"
     train_np, eval_np = (
@@ -660,13 +665,9 @@ def run_lm(cache: Path, preset: str, variant: str, seed: int, device: torch.devi
     model, text_config = build_model(
         cfg, meta["vocab_size"], special, seq_len, seed, shift, meta["metadata_fields"]
     )
-    model.to(device).train()
-    optimizer, scheduler = make_optimizer(model, cfg, total_steps, device)
-    checkpoint = Checkpoint(cache / "checkpoints" / preset / f"{name}.pt")
-    state = checkpoint.load(model, optimizer, scheduler) or {"step": 0, "history": [], "wall_s": 0.0}
-    step, history, wall_before = state["step"], state["history"], state["wall_s"]
-    started = time.time()
-    loss_sum, loss_count = state.get("loss_sum", 0.0), state.get("loss_count", 0)
+    optimizer, scheduler, checkpoint, state = start_run(model, cfg, total_steps, device, cache, preset, name)
+    step, history = state["step"], state["history"]
+    loss_sum, loss_count = 0.0, 0
     modes = lm_eval_modes(shift)
     eval_batch = 64 if device.type == "cuda" else 16
     orders: dict[int, np.ndarray] = {}
@@ -692,10 +693,7 @@ def run_lm(cache: Path, preset: str, variant: str, seed: int, device: torch.devi
                     f"{m}: acc {point[m]['accuracy']:.4f} ppl {point[m]['perplexity']:.1f}" for m in modes
                 )
             )
-            checkpoint.maybe_save(
-                model, optimizer, scheduler, step=step, history=history,
-                wall_s=wall_before + time.time() - started, loss_sum=loss_sum, loss_count=loss_count,
-            )  # fmt: skip
+            checkpoint.maybe_save(step, history)
         if step >= total_steps:
             break
         epoch, within = divmod(step, steps_per_epoch)
@@ -713,7 +711,7 @@ def run_lm(cache: Path, preset: str, variant: str, seed: int, device: torch.devi
         loss_sum += optimizer_step(model, optimizer, scheduler, loss)
         loss_count += 1
         step += 1
-    wall = wall_before + time.time() - started
+    wall = checkpoint.wall_s()
     model_dir = cache / "models" / preset / name
     model.to(torch.bfloat16).save_pretrained(model_dir)
     result = {
@@ -808,8 +806,7 @@ def small_operands(arrays: dict[str, np.ndarray], max_digits: int) -> dict[str, 
 
 
 def run_add(cache: Path, preset: str, variant: str, seed: int, device: torch.device) -> dict:
-    cfg = PRESETS[preset]["add"]
-    meta = json.loads((cache / "data" / "meta.json").read_text())["add"]
+    cfg, meta = run_settings(cache, preset, "add")
     fields = ADD_VARIANTS[variant]
     name = f"add-{variant}-s{seed}"
     train_np, test = (
@@ -840,12 +837,8 @@ def run_add(cache: Path, preset: str, variant: str, seed: int, device: torch.dev
         None if fields is None else 1,
         metadata_fields,
     )
-    model.to(device).train()
-    optimizer, scheduler = make_optimizer(model, cfg, total_steps, device)
-    checkpoint = Checkpoint(cache / "checkpoints" / preset / f"{name}.pt")
-    state = checkpoint.load(model, optimizer, scheduler) or {"step": 0, "history": [], "wall_s": 0.0}
-    step, history, wall_before = state["step"], state["history"], state["wall_s"]
-    started = time.time()
+    optimizer, scheduler, checkpoint, state = start_run(model, cfg, total_steps, device, cache, preset, name)
+    step, history = state["step"], state["history"]
     loss_sum, loss_count = 0.0, 0
     modes = add_eval_modes(fields)
     final_correct = {}
@@ -862,14 +855,7 @@ def run_add(cache: Path, preset: str, variant: str, seed: int, device: torch.dev
             history.append(point)
             loss_sum, loss_count = 0.0, 0
             log(f"{name} step {step}/{total_steps} " + " ".join(f"{m}: {point[m]:.3f}" for m in modes))
-            checkpoint.maybe_save(
-                model,
-                optimizer,
-                scheduler,
-                step=step,
-                history=history,
-                wall_s=wall_before + time.time() - started,
-            )
+            checkpoint.maybe_save(step, history)
         if step >= total_steps:
             break
         epoch, within = divmod(step, steps_per_epoch)
@@ -911,7 +897,7 @@ def run_add(cache: Path, preset: str, variant: str, seed: int, device: torch.dev
         "eval_modes": modes,
         "history": history,
         "final_correct": {mode: correct.astype(int).tolist() for mode, correct in final_correct.items()},
-        "wall_s": wall_before + time.time() - started,
+        "wall_s": checkpoint.wall_s(),
         "device": str(device),
         "environment": environment(),
     }
@@ -985,7 +971,7 @@ def train(cache: Path, preset: str, jobs: int, only: str | None, runs: list[str]
 
 def generation_prompts(count: int, words: int) -> list[tuple[str, str]]:
     """(prompt, true continuation) pairs: the first `words` words of evenly spaced long Persuasion paragraphs."""
-    paragraphs = unwrap((DATA / f"{EVAL_NOVEL}.txt").read_text(encoding="utf-8")).split("\n\n")
+    paragraphs = unwrap((AUSTEN / f"{EVAL_NOVEL}.txt").read_text(encoding="utf-8")).split("\n\n")
     long = [p.split(" ") for p in paragraphs if len(p.split(" ")) >= words + 60]
     chosen = [long[int(i)] for i in np.linspace(0, len(long) - 1, min(count, len(long)))]
     return [(" ".join(p[:words]), " " + " ".join(p[words:])) for p in chosen]

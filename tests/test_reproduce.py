@@ -7,13 +7,43 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import AUSTEN
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
+sys.path.append(str(SCRIPT.parent))  # the benchmark scripts import their shared `common` module
+
+import reproduce  # noqa: E402
 
 
-def reproduce(*args: object, env: dict) -> subprocess.CompletedProcess:
+def test_checkpoint_restores_model_optimizer_schedule_step_and_history(tmp_path):
+    def setup():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        return model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+
+    model, optimizer, scheduler = setup()
+    checkpoint = reproduce.Checkpoint(tmp_path / "run.pt", model, optimizer, scheduler, every_s=0.0)
+    assert checkpoint.load() == {"step": 0, "history": []}
+    for _ in range(3):
+        reproduce.optimizer_step(model, optimizer, scheduler, model(torch.ones(4, 3)).pow(2).sum())
+    checkpoint.maybe_save(3, [{"step": 3}])
+
+    fresh_model, fresh_optimizer, fresh_scheduler = setup()
+    resumed = reproduce.Checkpoint(tmp_path / "run.pt", fresh_model, fresh_optimizer, fresh_scheduler)
+    state = resumed.load()
+    assert (state["step"], state["history"]) == (3, [{"step": 3}])
+    assert torch.equal(fresh_model.weight, model.weight)
+    assert fresh_scheduler.get_last_lr() == scheduler.get_last_lr() == [0.1 * 0.5**3]
+    assert fresh_optimizer.state_dict()["state"][0]["step"] == 3
+    assert resumed.wall_s() >= state["wall_s"] > 0
+    resumed.remove()
+    assert not (tmp_path / "run.pt").exists()
+
+
+def run_script(*args: object, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, env=env, timeout=900
     )
@@ -22,7 +52,7 @@ def reproduce(*args: object, env: dict) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_smoke_pipeline_writes_the_headline_file_and_resumes(tmp_path):
     env = {**os.environ, "LIME_AUSTEN": str(AUSTEN)}
-    first = reproduce("all", "--smoke", "--cache", tmp_path, env=env)
+    first = run_script("all", "--smoke", "--cache", tmp_path, env=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     results = tmp_path / "smoke" / "results"
     headline = json.loads((results / "reproduce.json").read_text())
@@ -52,7 +82,7 @@ def test_smoke_pipeline_writes_the_headline_file_and_resumes(tmp_path):
         assert (results / name).stat().st_size > 0
 
     # A second run finds every stage done and rewrites the same headline.
-    second = reproduce("all", "--smoke", "--cache", tmp_path, env=env)
+    second = run_script("all", "--smoke", "--cache", tmp_path, env=env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "prepare: " in second.stdout and "exists, skipping" in second.stdout
     assert "0 of 12 runs to do" in second.stdout
