@@ -92,7 +92,8 @@ class LimeConfig(PreTrainedConfig):
     """
 
     model_type = "lime"
-    keys_to_ignore_at_inference = ["past_key_values"]  # `Trainer.evaluate` need not gather the KV cache
+    # `Trainer.evaluate` need not gather the KV cache: `cache` since transformers 5.24, `past_key_values` before.
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
     sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
 
     text_config: dict | PreTrainedConfig | None = None

@@ -1,7 +1,6 @@
-"""Shared fixtures: small real tokenizers trained in seconds on the Austen corpus, one spaCy load per session,
+"""Shared fixtures: small real tokenizers trained in seconds on the shipped Austen excerpts, one spaCy load per session,
 and a local stand-in for the Hub's HTTP API."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -24,10 +23,9 @@ from transformers import PreTrainedTokenizerFast
 from lime_hf.annotation import SpacyAnnotator
 from lime_hf.tokenization_lime import LimeTokenizer
 
-# CI clones the repo with shared/ beside it; LIME_AUSTEN points elsewhere.
-AUSTEN = Path(
-    os.environ.get("LIME_AUSTEN", Path(__file__).resolve().parents[2] / "shared" / "data" / "austen")
-)
+# Excerpts of the six public-domain Austen novels ship with the tests (see tests/data/README.md): a clone
+# needs nothing outside the repository.
+AUSTEN = Path(__file__).resolve().parent / "data" / "austen"
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>"]
 
 
