@@ -14,7 +14,7 @@ from tiny_models import TINY_TEXT_CONFIGS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lime_hf import LimeConfig, LimeForCausalLM, LimeTokenizer, pretrain
-from lime_hf.cli import main
+from lime_hf_cli import main, parse_train_arguments
 from tests.conftest import share_annotator
 
 LIME_HF = shutil.which("lime-hf", path=Path(sys.executable).parent) or shutil.which("lime-hf")
@@ -45,16 +45,25 @@ def test_help_lists_every_command(tmp_path):
     result = run_cli("--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "usage: lime-hf" in result.stdout
-    for command in ("annotate", "train", "generate", "demo"):
+    for command in ("annotate", "train", "generate", "tag", "demo", "app"):
         assert f"    {command} " in result.stdout
 
 
-@pytest.mark.parametrize("command", ["annotate", "generate", "demo"])
+@pytest.mark.parametrize("command", ["annotate", "generate", "tag", "demo", "app"])
 def test_each_command_has_its_own_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert f"usage: lime-hf {command}" in capsys.readouterr().out
+
+
+def test_help_imports_neither_torch_nor_lime_hf():
+    code = (
+        "import sys; from lime_hf_cli import main\ntry: main(['train', '--help'])\nexcept SystemExit: pass\n"
+    )
+    code += "print(sorted(name for name in ('torch', 'transformers', 'lime_hf') if name in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.splitlines()[-1] == "[]", result.stderr
 
 
 def test_annotate_saves_span_columns_for_every_paragraph(tmp_path):
@@ -86,18 +95,37 @@ def test_annotate_rejects_a_missing_file_without_traceback(tmp_path, capsys):
     assert "missing.txt" in capsys.readouterr().err
 
 
-def test_train_shows_the_pretraining_scripts_help(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--help"])
-    assert exit_info.value.code == 0
-    out = capsys.readouterr().out
-    assert "--train-tokenizer" in out and "--metadata-shift" in out and "--learning-rate" in out
+def test_train_help_shows_the_lime_options_first_and_points_to_the_trainers(tmp_path):
+    result = run_cli("train", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith("usage: lime-hf train SOURCE")
+    assert "--train-tokenizer VOCAB" in out and "--metadata-shift {0,1}" in out
+    assert "--learning-rate" not in out.split("Trainer options:")[0]  # the Trainer's come behind the pointer
+    assert "lime-hf train --help-trainer" in out
+    assert len(out.splitlines()) < 80
+    assert out.count("(default: 512)") == 1  # each default once
+
+    trainer = run_cli("train", "--help-trainer", cwd=tmp_path)
+    assert trainer.returncode == 0, trainer.stderr
+    assert "--learning_rate LEARNING_RATE, --learning-rate LEARNING_RATE" in trainer.stdout
 
 
-def test_train_hands_every_argument_to_the_pretraining_script(monkeypatch):
+def test_train_reads_sources_first_then_lime_and_trainer_options():
+    args, rest = parse_train_arguments(
+        ["a.txt", "b.txt", "--max_steps", "10", "--train-tokenizer", "400", "--bf16", "--eval-file", "e.txt"]
+    )
+    assert args.sources == ["a.txt", "b.txt"] and args.train_tokenizer == 400 and args.eval_file == "e.txt"
+    assert args.block_size == 512  # the dataclass's default
+    assert rest == ["--max-steps", "10", "--bf16"]
+
+
+def test_train_hands_every_argument_to_the_pretraining_script(monkeypatch, tmp_path):
     received = []
     monkeypatch.setattr(pretrain, "main", received.append)
-    argv = ["corpus.txt", "--max-steps", "3", "-h", "--", "--odd"]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Emma was happy.\n", encoding="utf-8")
+    argv = [str(corpus), "--train-tokenizer", "400", "--max-steps", "3", "--", "--odd"]
     assert main(["train", *argv]) == 0
     assert received == [argv]
 
@@ -152,7 +180,7 @@ def test_generate_reads_space_separated_labels_when_a_label_is_a_comma(lime_plus
     with pytest.raises(SystemExit) as exit_info:  # parsed into ["NNP", ",", "NN"], then "dep" is refused
         main(["generate", str(lime_plus_one_dir), "Emma", "--guide", "pos=NNP , NN", "--guide", "dep=x"])
     assert exit_info.value.code == 2
-    assert "Guidance names unknown metadata field 'dep'" in capsys.readouterr().err
+    assert "has no metadata field 'dep'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
