@@ -101,7 +101,7 @@ def run_generate(args: argparse.Namespace) -> None:
     for sequence in sequences:
         print(sequence["text"])
         if args.show_tags:
-            print(tags_table(sequence, model.config.metadata_fields, guidance), end="\n\n")
+            print(tags_table(sequence, tokenizer.metadata_fields), end="\n\n")
     if args.show_tags and guidance:
         for field in guidance:
             rows = [row for sequence in sequences for row in sequence["tokens"] if row["asked"].get(field)]
@@ -200,7 +200,9 @@ def generate_with_tags(
         metadata_provider=provider,
         **decoding,
     )
-    fields = model.config.metadata_fields
+    fields = (
+        tokenizer.metadata_fields
+    )  # the model's inventories (`generate` checks), in the tokenizer's order
     shift = model.config.metadata_shift
     fed_by = resolve_provider(provider, tokenizer, shift)
     sequences = []
@@ -228,11 +230,11 @@ def generate_with_tags(
     return sequences
 
 
-def tags_table(sequence: dict[str, Any], fields: dict[str, list[str]], guidance: dict[str, list[str]]) -> str:
-    """`--show-tags`: one row per generated token, the tags fed (or asked) beside spaCy's of the output."""
+def tags_table(sequence: dict[str, Any], fields: dict[str, list[str]]) -> str:
+    """`--show-tags`: one row per generated token, the tags it was fed (guidance's where asked) beside spaCy's."""
     header = ["#", "token"]
     for field in fields:
-        header += [f"{field} {'asked' if field in guidance else 'fed'}", f"{field} spaCy"]
+        header += [f"{field} fed", f"{field} spaCy"]
     rows = [
         [str(step), repr(row["token"])]
         + [tag for field in fields for tag in (row["fed"][field], row["found"][field])]

@@ -248,8 +248,8 @@ def build_tokenizer(args: ScriptArguments, train_texts: Dataset) -> LimeTokenize
         base = cached_bpe(train_texts, args.train_tokenizer)
         if len(base) < args.train_tokenizer:
             logger.warning(
-                f"--train-tokenizer {args.train_tokenizer}: the corpus yields only {len(base)} tokens (every pair "
-                f"of it is merged), so the vocabulary has {len(base)}, not {args.train_tokenizer}."
+                f"--train-tokenizer {args.train_tokenizer}: the corpus is too small for that many tokens; the BPE "
+                f"learned every merge it offers and has {len(base)} tokens, not {args.train_tokenizer}."
             )
     return LimeTokenizer.from_tokenizer(
         base, alignment=args.alignment or "pretokenized", spacy_model=args.spacy_model
