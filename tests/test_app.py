@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -15,6 +16,9 @@ from lime_hf.cli import generate_with_tags
 from lime_hf.integrations.app import AppServer, parse_request
 from tests.conftest import share_annotator
 from tests.test_cli_errors import save_tiny_lime
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from app_screenshot import drive, start_chromium  # noqa: E402 - the page is driven as the screenshot script does
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 SCHEDULE = ["NNP", "VBD", "DT"]
@@ -101,47 +105,20 @@ def test_parse_request_keeps_the_schedule_and_drops_empty_fields():
     reason="Chromium is not installed: `apt-get install -y chromium chromium-driver` (Debian) runs this test",
 )
 def test_the_page_in_headless_chromium_generates_guided_tokens_coloured_by_tag(server, tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the dev extra")
+    pytest.importorskip("selenium", reason="selenium is in the dev extra")
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.select import Select
-    from selenium.webdriver.support.wait import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1100,700",
-    ):  # fmt: skip
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    driver = start_chromium(tmp_path / "profile")
     try:
-        driver.get(url(server, "/"))
-        wait = WebDriverWait(driver, 60)
-        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+        drive(driver, url(server, "/"), "Emma was", SCHEDULE, steps=4)  # types, picks, clicks, as a user does
         assert "tiny-lime-plus-1: LIME+1 (guidable)" in driver.find_element(By.ID, "model").text
-
-        prompt = driver.find_element(By.ID, "prompt")
-        prompt.clear()
-        prompt.send_keys("Emma was")
-        steps = driver.find_element(By.ID, "steps")
-        steps.clear()
-        steps.send_keys("4")
-        driver.find_element(By.ID, "prompt").click()  # leaving the field fires `change`: 4 columns of selects
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "select[data-field=pos]")) == 4)
-        for step, label in enumerate(SCHEDULE):
-            Select(driver.find_element(By.ID, f"guide-pos-{step}")).select_by_value(label)
-        driver.find_element(By.ID, "generate").click()
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#tokens .token")) == 4)
-
         expected = generate_with_tags(
             server.model, server.tokenizer, "Emma was", {"pos": SCHEDULE}, max_new_tokens=4, do_sample=False
         )[0]
         assert driver.find_element(By.ID, "text").get_attribute("textContent") == expected["text"]
         boxes = driver.find_elements(By.CSS_SELECTOR, "#tokens .token")
         for box, token in zip(boxes, expected["tokens"], strict=True):
-            found = token["found"]["pos"]
-            asked = token["asked"].get("pos")
+            found, asked = token["found"]["pos"], token["asked"].get("pos")
             assert box.find_element(By.CLASS_NAME, "piece").get_attribute("textContent") == token["token"]
             tags = box.find_element(By.CLASS_NAME, "tags").get_attribute("textContent")
             assert tags == (f"asked {asked} · " if asked else "") + f"spaCy {found}"
@@ -150,8 +127,11 @@ def test_the_page_in_headless_chromium_generates_guided_tokens_coloured_by_tag(s
         assert len(colours) == len(
             {token["found"]["pos"] for token in expected["tokens"]}
         )  # one colour per tag
+        legend = driver.find_element(By.ID, "legend").text
+        agree = sum(token["asked"].get("pos") == token["found"]["pos"] for token in expected["tokens"][:3])
+        assert f"spaCy finds the asked tag on {agree} of 3 guided tokens" in legend
         screenshot = tmp_path / "app.png"
         assert driver.save_screenshot(str(screenshot))
-        assert Path(screenshot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         driver.quit()

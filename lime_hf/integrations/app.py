@@ -41,7 +41,7 @@ PAGE = """<!doctype html>
   button { font: inherit; padding: 4px 14px; margin-left: 8px; }
   table.guide { border-collapse: collapse; margin: 12px 0; }
   table.guide td, table.guide th { border: 1px solid #ccc; padding: 2px 6px; text-align: center; }
-  table.guide select { font: inherit; }
+  table.guide select { font: inherit; max-width: 96px; }
   #text { font-size: 18px; margin: 14px 0 6px; white-space: pre-wrap; }
   #tokens { display: flex; flex-wrap: wrap; gap: 6px; margin: 8px 0; }
   .token { border-radius: 5px; padding: 3px 6px; min-width: 34px; text-align: center; }
@@ -68,10 +68,13 @@ PAGE = """<!doctype html>
 <script>
 let model = null;
 
-function colour(tag) {  // one stable hue per tag
-  let hash = 0;
-  for (const c of tag) hash = (hash * 31 + c.charCodeAt(0)) % 360;
-  return `hsl(${hash}, 70%, 82%)`;
+function colour(field, tag) {  // the tag's place in the inventory, spread round the colour wheel
+  const index = model.fields[field].indexOf(tag);
+  return index < 0 ? "#e4e4e4" : `hsl(${(index * 137.5) % 360}, 70%, 82%)`;
+}
+
+function fieldNames() {  // pos first: the field most people guide
+  return Object.keys(model.fields).sort((a, b) => (b === "pos") - (a === "pos"));
 }
 
 function guideTable() {
@@ -87,7 +90,8 @@ function guideTable() {
   let head = "<tr><th>step</th>";
   for (let i = 0; i < steps; i++) head += `<th>${i + 1}</th>`;
   table.innerHTML = head + "</tr>";
-  for (const [field, labels] of Object.entries(model.fields)) {
+  for (const field of fieldNames()) {
+    const labels = model.fields[field];
     const row = document.createElement("tr");
     row.innerHTML = `<th>${field}</th>`;
     for (let i = 0; i < steps; i++) {
@@ -131,14 +135,14 @@ async function generate() {
   document.getElementById("text").textContent = answer.text;
   const tokens = document.getElementById("tokens");
   tokens.innerHTML = "";
-  const field = "pos" in model.fields ? "pos" : Object.keys(model.fields)[0];
+  const field = fieldNames()[0];
   answer.tokens.forEach((token, step) => {
     const box = document.createElement("div");
     const asked = token.asked[field];
     box.className = "token" + (asked && asked !== token.found[field] ? " miss" : "");
     box.id = `token-${step}`;
-    box.style.background = colour(token.found[field]);
-    box.title = Object.keys(model.fields).map(f => `${f}: fed ${token.fed[f]}, spaCy ${token.found[f]}`).join("\\n");
+    box.style.background = colour(field, token.found[field]);
+    box.title = fieldNames().map(f => `${f}: fed ${token.fed[f]}, spaCy ${token.found[f]}`).join("\\n");
     const piece = document.createElement("span");
     piece.className = "piece";
     piece.textContent = token.token;
@@ -158,7 +162,7 @@ async function generate() {
 async function start() {
   model = await (await fetch("/api/model")).json();
   const kind = model.metadata_shift ? "LIME+1 (guidable)" : "LIME";
-  document.getElementById("model").textContent = `${model.name}: ${kind}, fields ${Object.keys(model.fields).join(", ")}`;
+  document.getElementById("model").textContent = `${model.name}: ${kind}, fields ${fieldNames().join(", ")}`;
   document.getElementById("prompt").value = model.prompt;
   guideTable();
   document.getElementById("steps").addEventListener("change", guideTable);
