@@ -60,7 +60,6 @@ class ScriptArguments:
     alignment: str | None = field(
         default=None,
         metadata={
-            "metavar": "MODE",
             "help": "how tags meet subwords in a new tokenizer (default: pretokenized)",
             "choices": ALIGNMENTS,
         },
@@ -564,6 +563,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_guidance(check_model_folder(args.model), args.guidance, args.provider, args.model)
             if not args.prompt.strip():
                 raise ValueError("the prompt is empty: give the text to continue")
+            sampling = args.do_sample or any(
+                v is not None for v in (args.temperature, args.top_k, args.top_p)
+            )
+            if args.num_return_sequences > args.num_beams and not sampling:
+                raise ValueError(
+                    f"--num-return-sequences {args.num_return_sequences} needs sampling (--do-sample, --top-k, ...) "
+                    f"or at least as many beams (--num-beams {args.num_return_sequences}): greedy decoding gives one"
+                )
         elif args.command == "app":
             check_model_folder(args.model)
         elif args.command == "tag":

@@ -121,6 +121,10 @@ CASES = {
         ["generate", "lime", "Emma", "--temperature", "0"],
         "invalid positive float value: '0'",
     ),
+    "more sequences than greedy decoding gives": (
+        ["generate", "lime", "Emma", "--num-return-sequences", "2"],
+        "--num-return-sequences 2 needs sampling (--do-sample, --top-k, ...) or at least as many beams",
+    ),
     "tag with a missing tokenizer": (["tag", "Emma", "--tokenizer", "nowhere"], "no such folder 'nowhere'"),
     "tag an empty text": (["tag", "", "--tokenizer", "lime"], "the text is empty"),
 }
