@@ -223,6 +223,16 @@ def check_train_arguments(args: ScriptArguments) -> None:
     check_sources(args.sources)
     if args.eval_file is not None:
         check_sources([args.eval_file])
+    backbone_config = Path(args.from_backbone or "") / "config.json"
+    if args.from_backbone and backbone_config.is_file():
+        config = json.loads(backbone_config.read_text(encoding="utf-8"))
+        if config.get("model_type") == "lime":
+            kind = "LIME+1" if config.get("metadata_shift") else "LIME"
+            raise ValueError(
+                f"--from-backbone {args.from_backbone!r} is already a {kind} model (metadata shift "
+                f"{config.get('metadata_shift', 0)}): --from-backbone retrofits a plain causal LM; continue "
+                "a LIME run from one of its checkpoint-N folders with --resume-from-checkpoint"
+            )
 
 
 def check_sources(sources: Sequence[str]) -> bool:

@@ -115,6 +115,10 @@ CASES = {
         ["generate", "lime-plus-1", "Emma", "--provider", "annotate"],
         "'lime-plus-1' is a LIME+1 model (metadata shift 1): it reads the tags of the token it is about to write",
     ),
+    "a LIME+1 checkpoint used as a backbone": (
+        ["train", "corpus.txt", "--tokenizer", "lime-plus-1", "--from-backbone", "lime-plus-1"],
+        "--from-backbone 'lime-plus-1' is already a LIME+1 model (metadata shift 1)",
+    ),
     "a LIME config without weights": (["generate", "config-only", "Emma"], "'config-only' holds no weights"),
     "an empty prompt": (["generate", "lime", "  "], "the prompt is empty"),
     "a zero temperature": (
