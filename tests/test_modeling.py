@@ -247,7 +247,11 @@ def test_custom_field_works_without_model_code_changes():
             lambda ids: {"pos_ids": ids[:, :5]},
             r"`pos_ids` has shape \(2, 5\) but the input has shape \(2, 9\)",
         ),
-        (lambda ids: {"dep_ids": ids}, r"Unknown metadata field\(s\) \['dep'\].*\['pos_ids', 'ner_ids'\]"),
+        (
+            lambda ids: {"dep_ids": ids},
+            r"`dep_ids` is neither a metadata field of this model \(its fields are \['pos_ids', 'ner_ids'\]\) "
+            r"nor an argument of its LlamaForCausalLM backbone",
+        ),
         (
             lambda ids: {"pos_ids": ids.float()},
             r"`pos_ids` must hold integer tag ids, got dtype torch.float32",
