@@ -34,6 +34,12 @@ def cache_argument_name(parameters: frozenset[str]) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
+# How `GenerationMixin` of the installed transformers carries the cache in its model kwargs.
+GENERATION_CACHE_NAME = cache_argument_name(
+    frozenset(inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters)
+)
+
+
 class LimeTagEmbedding(nn.Embedding):
     """A field's table: row = tag id. The padding and unknown rows are zero and never trained."""
 
@@ -425,14 +431,29 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
                 "LIME generate: no `tokenizer`, `guidance` or `metadata_provider` given, so generated tokens get "
                 "'unknown' metadata."
             )
-        tracker = MetadataTracker(
-            prompt_metadata=prompt_metadata,
-            prompt_ids=prompt_ids,
-            metadata_fields=self.config.metadata_fields,
-            metadata_shift=self.config.metadata_shift,
-            provider=resolve_provider(metadata_provider, tokenizer, self.config.metadata_shift),
-            guidance=parse_guidance(guidance, self.config.metadata_fields, prompt_ids.shape[0]),
-        )
+        tracker = kwargs.pop("lime_tracker", None)  # set when a LIME model assists another one's generation
+        if tracker is None:
+            tracker = MetadataTracker(
+                prompt_metadata=prompt_metadata,
+                prompt_ids=prompt_ids,
+                metadata_fields=self.config.metadata_fields,
+                metadata_shift=self.config.metadata_shift,
+                provider=resolve_provider(metadata_provider, tokenizer, self.config.metadata_shift),
+                guidance=parse_guidance(guidance, self.config.metadata_fields, prompt_ids.shape[0]),
+            )
+        elif (tracker.metadata_fields, tracker.shift) != (
+            self.config.metadata_fields,
+            self.config.metadata_shift,
+        ):
+            raise ValueError(
+                "An assistant model must read the same metadata as the model it assists: same fields and "
+                f"metadata_shift (assisted model: shift {tracker.shift}, fields {list(tracker.metadata_fields)}; "
+                f"assistant: shift {self.config.metadata_shift}, fields {list(self.config.metadata_fields)})."
+            )
+        if GENERATION_CACHE_NAME == "past_key_values" and "cache" in kwargs:
+            kwargs["past_key_values"] = merge_cache_arguments(
+                kwargs.pop("cache"), kwargs.get("past_key_values")
+            )
         output = super().generate(inputs, generation_config, lime_tracker=tracker, **kwargs)
         if isinstance(output, torch.Tensor):
             return output
