@@ -9,8 +9,8 @@ import pytest
 import torch
 from tiny_models import VOCAB_SIZE, random_tags, tiny_lime
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
 from transformers.generation.stopping_criteria import MaxLengthCriteria
+from transformers.generation.streamers import BaseStreamer
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging as hf_logging
 
