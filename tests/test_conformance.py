@@ -333,3 +333,18 @@ def test_config_top_level_attributes_write_through_and_round_trip(tmp_path):
     loaded = LimeConfig.from_pretrained(tmp_path)
     assert loaded.vocab_size == loaded.text_config.vocab_size == 64
     assert loaded.hidden_size == 16 and loaded.num_hidden_layers == 1
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_returned_tags_follow_beams_and_returned_sequences(shift):
+    model = make_model("llama", shift)
+    enc = prompt(model)
+    out = model.generate(
+        **enc, max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False,
+        return_dict_in_generate=True, metadata_provider=parity_provider,
+    )  # fmt: skip
+    assert out.metadata_ids["pos_ids"].shape == out.sequences.shape == (4, 9)
+    assert torch.equal(out.metadata_ids["pos_ids"][:, :5], enc["pos_ids"].repeat_interleave(2, dim=0))
+    for position in range(5, 9):  # a pure function of each returned row's own prefix
+        prefix = out.sequences[:, : position + (1 - shift)]
+        assert out.metadata_ids["ner_ids"][:, position].tolist() == parity_provider(prefix, 0)["ner"]
