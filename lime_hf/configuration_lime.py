@@ -72,6 +72,19 @@ def check_inventories(tokenizer_fields: dict[str, list[str]], model_fields: dict
             )
 
 
+class TextConfigAttribute:
+    """An attribute of the backbone's config, read and written through from the LIME config."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, config: "LimeConfig | None", owner: type | None = None):
+        return self if config is None else getattr(config.text_config, self.name)
+
+    def __set__(self, config: "LimeConfig", value) -> None:
+        setattr(config.text_config, self.name, value)
+
+
 class LimeConfig(PreTrainedConfig):
     r"""
     Configuration of a LIME (Linguistic Metadata Embeddings) decoder: any decoder-only backbone plus one
@@ -124,6 +137,13 @@ class LimeConfig(PreTrainedConfig):
             }
         if self.metadata_shift not in (0, 1):
             raise ValueError(f"`metadata_shift` must be 0 (LIME) or 1 (LIME+1), got {self.metadata_shift!r}.")
+
+    # Trainer and `generate` read these on a model's config; they live in `text_config` only, so the saved
+    # config holds each value once.
+    vocab_size = TextConfigAttribute()
+    hidden_size = TextConfigAttribute()
+    num_hidden_layers = TextConfigAttribute()
+    use_cache = TextConfigAttribute()
 
 
 __all__ = ["LimeConfig"]

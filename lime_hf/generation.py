@@ -171,34 +171,50 @@ class MetadataTracker:
         self.provider = provider
         self.guidance = guidance
         self.batch_size, self.prompt_len = prompt_ids.shape
-        self.prompt_metadata = {
+        self.batch_prompt_metadata = {
             field: prompt_metadata.get(field, torch.full_like(prompt_ids, UNKNOWN_ID))
             for field in self.fields
         }
         self.expansion = 1
+        self.prompt_metadata = self.batch_prompt_metadata
         self.prefixes = [_PrefixNode() for _ in range(self.batch_size)]
 
     def model_inputs(self, input_ids: torch.LongTensor, length: int) -> dict:
         """`<field>_ids` for the last `length` positions of `input_ids` (+ LIME+1's `next_metadata_ids`)."""
-        if input_ids.shape[0] != self.batch_size * self.expansion:
-            self.expansion = input_ids.shape[0] // self.batch_size
-            self.prompt_metadata = {
-                field: tags.repeat_interleave(self.expansion, dim=0)
-                for field, tags in self.prompt_metadata.items()
-            }
-        positions = range(input_ids.shape[1] - length, input_ids.shape[1])
-        inputs = {
-            f"{field}_ids": torch.stack(
-                [self._column(input_ids, field, position) for position in positions], 1
-            )
-            for field in self.fields
-        }
+        inputs = self._tags(input_ids, range(input_ids.shape[1] - length, input_ids.shape[1]))
         if self.shift:
             next_tags = self._generated_tags(input_ids, input_ids.shape[1])
             inputs["next_metadata_ids"] = {
                 field: torch.tensor(next_tags[field], device=input_ids.device) for field in self.fields
             }
         return inputs
+
+    def metadata_ids(self, sequences: torch.LongTensor) -> dict[str, torch.LongTensor]:
+        """`<field>_ids` `(rows, seq)` of every position of `generate`'s output `sequences`.
+
+        A LIME model never fed its last generated token; its tags are computed here as the next step would
+        have, so that continuing from `sequences` with them feeds what one longer call would have fed.
+        """
+        return self._tags(sequences, range(sequences.shape[1]))
+
+    def _tags(self, input_ids: torch.LongTensor, positions: range) -> dict[str, torch.LongTensor]:
+        """`<field>_ids` `(rows, len(positions))` of `input_ids` at `positions`."""
+        self._expand_to(input_ids.shape[0])
+        return {
+            f"{field}_ids": torch.stack(
+                [self._column(input_ids, field, position) for position in positions], 1
+            )
+            for field in self.fields
+        }
+
+    def _expand_to(self, rows: int) -> None:
+        """Beams and `num_return_sequences` repeat each batch row; prompt tags follow (`repeat_interleave`)."""
+        if rows != self.batch_size * self.expansion:
+            self.expansion = rows // self.batch_size
+            self.prompt_metadata = {
+                field: tags.repeat_interleave(self.expansion, dim=0)
+                for field, tags in self.batch_prompt_metadata.items()
+            }
 
     def _column(self, input_ids: torch.LongTensor, field: str, position: int) -> torch.LongTensor:
         if position < self.prompt_len:
