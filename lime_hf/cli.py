@@ -12,14 +12,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from transformers.utils import logging as hf_logging
 
 from lime_hf_cli import check_model_folder
 
-from .configuration_lime import UNKNOWN_ID
-from .generation import label_id, resolve_provider
+from .generation import label_id
 from .modeling_lime import LimeForCausalLM
 from .tokenization_lime import LimeTokenizer
 
@@ -198,32 +196,29 @@ def generate_with_tags(
         tokenizer=tokenizer,
         guidance={field: [labels] for field, labels in guidance.items()} or None,
         metadata_provider=provider,
+        return_dict_in_generate=True,
         **decoding,
     )
     fields = (
         tokenizer.metadata_fields
-    )  # the model's inventories (`generate` checks), in the tokenizer's order
-    shift = model.config.metadata_shift
-    fed_by = resolve_provider(provider, tokenizer, shift)
+    )  # the model's inventories (`generate` checks them), in the tokenizer's order
     sequences = []
-    for ids in output.tolist():
+    for row, ids in enumerate(output.sequences.tolist()):
+        # The tags generate fed for each position (guidance or provider); padding after an early EOS is dropped.
+        fed_ids = {field: output.metadata_ids[f"{field}_ids"][row].tolist() for field in fields}
         ids = [token for index, token in enumerate(ids) if index < start or token != tokenizer.pad_token_id]
         found = tokenizer.metadata_for_ids(ids)
         rows = []
         for step, token in enumerate(ids[start:]):
-            asked = {field: labels[step] for field, labels in guidance.items() if step < len(labels)}
-            # Provider tags as generate computed them: of the token (LIME) or of the next one (LIME+1), per prefix.
-            provided = fed_by(torch.tensor([ids[: start + step + 1 - shift]]), step)
-            fed = {
-                field: asked.get(field) or inventory[provided.get(field, [UNKNOWN_ID])[0]]
-                for field, inventory in fields.items()
-            }
+            position = start + step
             rows.append(
                 {
                     "token": tokenizer.decode([token]),
-                    "fed": fed,
-                    "asked": asked,
-                    "found": {field: fields[field][found[field][start + step]] for field in fields},
+                    "fed": {field: fields[field][fed_ids[field][position]] for field in fields},
+                    "asked": {
+                        field: labels[step] for field, labels in guidance.items() if step < len(labels)
+                    },
+                    "found": {field: fields[field][found[field][position]] for field in fields},
                 }
             )
         sequences.append({"text": tokenizer.decode(ids, skip_special_tokens=True), "tokens": rows})
