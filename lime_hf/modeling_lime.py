@@ -14,6 +14,7 @@ from transformers.utils import logging
 
 from .configuration_lime import PAD_ID, UNKNOWN_ID, LimeConfig, check_inventories
 from .generation import MetadataTracker, parse_guidance, resolve_provider
+from .tag_heads import LimeTagHeads, forward_with_tag_heads
 
 logger = logging.get_logger(__name__)
 
@@ -97,6 +98,7 @@ class LimePreTrainedModel(PreTrainedModel):
         super().__init__(config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.metadata_embeddings = LimeMetadataEmbeddings(config)
+        self.tag_heads = LimeTagHeads(config) if config.tag_head_fields else None
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -105,6 +107,9 @@ class LimePreTrainedModel(PreTrainedModel):
         if isinstance(module, LimeTagEmbedding) and not getattr(module.weight, "_is_hf_initialized", False):
             with torch.no_grad():
                 module.weight[UNKNOWN_ID].zero_()
+        if isinstance(module, LimeTagHeads) and not getattr(module.start_state, "_is_hf_initialized", False):
+            with torch.no_grad():
+                module.start_state.zero_()
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -120,7 +125,8 @@ class LimePreTrainedModel(PreTrainedModel):
 
         Args:
             model_or_path: a loaded causal LM, or a path/Hub id for `AutoModelForCausalLM.from_pretrained`.
-            config_kwargs: `LimeConfig` arguments (`metadata_fields`, `metadata_weights`, `metadata_shift`).
+            config_kwargs: `LimeConfig` arguments (`metadata_fields`, `metadata_weights`, `metadata_shift`,
+                `tag_head_fields`, ...). Tag heads start random: they never change the logits.
         """
         backbone = model_or_path
         if not isinstance(backbone, PreTrainedModel):
@@ -134,6 +140,10 @@ class LimePreTrainedModel(PreTrainedModel):
         with torch.no_grad():
             for table in model.metadata_embeddings.tables.values():
                 table.weight.zero_()
+        if model.tag_heads is not None:
+            model.tag_heads.to_empty(device=backbone.device)
+            model.tag_heads.to(backbone.dtype)
+            model.tag_heads.reset_parameters(getattr(backbone.config, "initializer_range", 0.02))
         return model
 
     def embed_inputs(
@@ -283,6 +293,21 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
             kwargs: the backbone's extra arguments (`num_items_in_batch`, `output_hidden_states`, ...).
         """
         metadata_ids = self._collect_metadata(pos_ids, ner_ids, kwargs)
+        if self.tag_heads is not None:  # tag_heads.py: the heads read the token embeddings and hidden states
+            token_embeds = self.embed_inputs(input_ids, inputs_embeds, {}, None)
+            return forward_with_tag_heads(
+                self,
+                self.embed_inputs(None, token_embeds, metadata_ids, next_metadata_ids),
+                token_embeds,
+                metadata_ids,
+                attention_mask,
+                labels,
+                logits_to_keep,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
         inputs_embeds = self.embed_inputs(input_ids, inputs_embeds, metadata_ids, next_metadata_ids)
         return self.language_model(
             inputs_embeds=inputs_embeds,
