@@ -1,7 +1,7 @@
 """Metadata for generated tokens: providers, guidance and the per-row tag bookkeeping of `generate`.
 
 A LIME model (shift 0) needs the tags of every token it is fed, generated ones included: a *provider* gives
-them (re-annotating the decoded tail, "unknown", or a user callable). A LIME+1 model (shift 1) is fed, at
+them (re-annotating the decoded tail, "unknown", the model's own tag heads, or a user callable). A LIME+1 model (shift 1) is fed, at
 the last position, the tags of the token it is about to generate: *guidance* gives them (a schedule of
 labels per row, or a callable); where guidance ends, the provider takes over.
 
@@ -79,8 +79,8 @@ def resolve_provider(metadata_provider, tokenizer, metadata_shift: int) -> Calla
             )
         return AnnotatingProvider(tokenizer)
     raise ValueError(
-        f"metadata_provider must be 'annotate', 'unknown' or a callable (input_ids, step) -> tags, "
-        f"got {metadata_provider!r}."
+        f"metadata_provider must be 'annotate', 'unknown', 'model' (the model's tag heads) or a callable "
+        f"(input_ids, step) -> tags, got {metadata_provider!r}."
     )
 
 
@@ -123,11 +123,13 @@ class _PrefixNode:
     A trie keeps memory linear in the tokens generated; a dict keyed by whole prefixes grows quadratically.
     """
 
-    __slots__ = ("children", "tags")
+    __slots__ = ("children", "hidden", "parent", "tags")
 
-    def __init__(self):
+    def __init__(self, parent: "_PrefixNode | None" = None):
         self.children: dict[int, _PrefixNode] = {}
         self.tags: dict[str, int] | None = None
+        self.parent = parent
+        self.hidden: torch.Tensor | None = None  # final hidden state at the prefix's last token (tag heads)
 
     def descend(self, tokens: list[int]) -> "_PrefixNode":
         """The node of this prefix extended by `tokens`, created on the way where missing."""
@@ -135,7 +137,7 @@ class _PrefixNode:
         for token in tokens:
             child = node.children.get(token)
             if child is None:
-                child = node.children[token] = _PrefixNode()
+                child = node.children[token] = _PrefixNode(node)
             node = child
         return node
 
@@ -177,6 +179,9 @@ class MetadataTracker:
         }
         self.expansion = 1
         self.prefixes = [_PrefixNode() for _ in range(self.batch_size)]
+        # A provider reading hidden states (the tag heads) needs each prefix's last state: `record_hidden`.
+        self.uses_hidden_states = getattr(provider, "uses_hidden_states", False)
+        self._fed_nodes: list[_PrefixNode] = []
 
     def model_inputs(self, input_ids: torch.LongTensor, length: int) -> dict:
         """`<field>_ids` for the last `length` positions of `input_ids` (+ LIME+1's `next_metadata_ids`)."""
@@ -198,7 +203,18 @@ class MetadataTracker:
             inputs["next_metadata_ids"] = {
                 field: torch.tensor(next_tags[field], device=input_ids.device) for field in self.fields
             }
+        if self.uses_hidden_states:
+            self._fed_nodes = self._nodes(input_ids, input_ids.shape[1])
         return inputs
+
+    def record_hidden(self, last_hidden: torch.Tensor) -> None:
+        """Keep `(rows, hidden)`, the final states of the forward just run, for the prefixes it was fed."""
+        for node, state in zip(self._fed_nodes, last_hidden, strict=True):
+            node.hidden = state
+
+    def _nodes(self, input_ids: torch.LongTensor, prefix_end: int) -> list[_PrefixNode]:
+        generated = input_ids[:, self.prompt_len : prefix_end].tolist()
+        return [self.prefixes[row // self.expansion].descend(tokens) for row, tokens in enumerate(generated)]
 
     def _column(self, input_ids: torch.LongTensor, field: str, position: int) -> torch.LongTensor:
         if position < self.prompt_len:
@@ -210,18 +226,24 @@ class MetadataTracker:
     def _generated_tags(self, input_ids: torch.LongTensor, prefix_end: int) -> dict[str, list[int]]:
         """Tags of the generated token that `input_ids[:, :prefix_end]` determines, per row."""
         step = prefix_end - self.prompt_len - (1 - self.shift)
-        generated = input_ids[:, self.prompt_len : prefix_end].tolist()
-        nodes = [self.prefixes[row // self.expansion].descend(tokens) for row, tokens in enumerate(generated)]
+        nodes = self._nodes(input_ids, prefix_end)
         missing = [row for row, node in enumerate(nodes) if node.tags is None]
         if missing:
             batch_rows = [row // self.expansion for row in missing]
-            computed = self._compute(input_ids[missing, :prefix_end], batch_rows, step)
+            computed = self._compute(input_ids[missing, :prefix_end], batch_rows, step, missing, nodes)
             for index, row in enumerate(missing):
                 nodes[row].tags = {field: computed[field][index] for field in self.fields}
         return {field: [node.tags[field] for node in nodes] for field in self.fields}
 
-    def _compute(self, input_ids: torch.LongTensor, batch_rows: list[int], step: int) -> dict[str, list[int]]:
-        """Guidance where it covers `step`, else the provider, else unknown."""
+    def _compute(
+        self,
+        input_ids: torch.LongTensor,
+        batch_rows: list[int],
+        step: int,
+        rows: list[int],
+        nodes: list[_PrefixNode],
+    ) -> dict[str, list[int]]:
+        """Guidance where it covers `step`, else the provider, else unknown (`rows`: the expanded rows)."""
         guided = {field: [None] * len(batch_rows) for field in self.fields}
         for field, schedule in self.guidance.items():
             if callable(schedule):
@@ -229,7 +251,11 @@ class MetadataTracker:
             else:
                 guided[field] = [schedule[b][step] if step < len(schedule[b]) else None for b in batch_rows]
         needs_provider = any(tag is None for tags in guided.values() for tag in tags)
-        provided = self.provider(input_ids, step) if needs_provider else {}
+        provided = {}
+        if needs_provider and self.uses_hidden_states:
+            provided = self.provider(self._previous_hidden(input_ids, rows, nodes), input_ids[:, -1])
+        elif needs_provider:
+            provided = self.provider(input_ids, step)
         result = {}
         for field in self.fields:
             fallback = provided.get(field, [None] * len(batch_rows))
@@ -238,3 +264,23 @@ class MetadataTracker:
                 for tag in (g if g is not None else f for g, f in zip(guided[field], fallback, strict=True))
             ]
         return result
+
+    def _previous_hidden(
+        self, input_ids: torch.LongTensor, rows: list[int], nodes: list[_PrefixNode]
+    ) -> torch.Tensor:
+        """`(len(rows), hidden)`: the state before each prefix's last token, as recorded for its parent prefix.
+
+        The prompt's own last token (LIME+1's first self-guided tag) has no recorded parent: the provider
+        computes the state from the prompt once.
+        """
+        parents = [nodes[row].parent for row in rows]
+        if all(parent is not None for parent in parents):
+            return torch.stack([parent.hidden for parent in parents])
+        prompt_rows = [index for index, parent in enumerate(parents) if parent is None]
+        prompt_states = self.provider.prompt_states(
+            input_ids[prompt_rows, : self.prompt_len],
+            {field: tags[[rows[i] for i in prompt_rows]] for field, tags in self.prompt_metadata.items()},
+            [rows[i] // self.expansion for i in prompt_rows],
+        )
+        states = iter(prompt_states)
+        return torch.stack([next(states) if parent is None else parent.hidden for parent in parents])

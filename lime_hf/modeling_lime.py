@@ -14,7 +14,7 @@ from transformers.utils import logging
 
 from .configuration_lime import PAD_ID, UNKNOWN_ID, LimeConfig, check_inventories
 from .generation import MetadataTracker, parse_guidance, resolve_provider
-from .tag_heads import LimeTagHeads, forward_with_tag_heads
+from .tag_heads import LimeTagHeads, ModelTagProvider, forward_with_tag_heads
 
 logger = logging.get_logger(__name__)
 
@@ -341,10 +341,11 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
                 list per batch row (lengths may differ), one list for every row, or a callable
                 `(input_ids, step) -> labels` (one label or `None` per row). Where it ends, the provider
                 takes over. Example: `guidance={"pos": [["VBZ", "DT"]]}`.
-            metadata_provider (*optional*): tags of generated tokens where guidance has none: `"annotate"`
-                (re-annotate the decoded tail; default for LIME when `tokenizer` is given), `"unknown"`, or a
-                callable `(input_ids, step) -> {field: labels}` giving the tags of each row's last token (LIME)
-                or of its next token (LIME+1).
+            metadata_provider (*optional*): tags of generated tokens where guidance has none: `"model"` (the
+                tag heads, on device: the default for a model that has them; LIME+1 guides itself by
+                `config.self_guidance`), `"annotate"` (re-annotate the decoded tail; default for LIME when
+                `tokenizer` is given), `"unknown"`, or a callable `(input_ids, step) -> {field: labels}` giving
+                the tags of each row's last token (LIME) or of its next token (LIME+1).
         """
         prompt_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if prompt_ids is None:
@@ -360,6 +361,8 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
                 "`guidance` gives the tags of the *next* token, which only a LIME+1 model (metadata_shift=1) "
                 "reads; this is a LIME model (metadata_shift=0). Use `metadata_provider` for its tags."
             )
+        if metadata_provider == "model" or (metadata_provider is None and self.tag_heads is not None):
+            metadata_provider = ModelTagProvider(self, kwargs.get("attention_mask"))
         tokenizer = kwargs.get("tokenizer")
         if getattr(tokenizer, "metadata_fields", None) is not None:
             check_inventories(tokenizer.metadata_fields, self.config.metadata_fields)
@@ -377,6 +380,12 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
             guidance=parse_guidance(guidance, self.config.metadata_fields, prompt_ids.shape[0]),
         )
         return super().generate(inputs, generation_config, **kwargs)
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs: dict, *args, **kwargs) -> dict:
+        tracker = model_kwargs.get("lime_tracker")
+        if tracker is not None and tracker.uses_hidden_states:  # the tag heads read these states next step
+            tracker.record_hidden(outputs.last_hidden_state[:, -1])
+        return super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
 
     def prepare_inputs_for_generation(
         self,
