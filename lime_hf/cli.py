@@ -118,10 +118,10 @@ def add_generate_parser(commands: Any) -> None:
     )
     parser.add_argument(
         "--provider",
-        choices=["annotate", "unknown"],
+        choices=["annotate", "unknown", "model"],
         help=(
-            "tags of generated tokens that guidance does not cover: re-annotate the text (LIME's default) "
-            "or unknown (LIME+1's default)"
+            "tags of generated tokens that guidance does not cover: the model's tag heads (the default for a "
+            "model with heads), re-annotate the text (LIME's default otherwise) or unknown"
         ),
     )
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")

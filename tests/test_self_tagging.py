@@ -5,6 +5,8 @@ import torch
 from test_generation import prompt
 from tiny_models import tiny_lime
 
+from lime_hf import LimeTokenizer
+from lime_hf.cli import main
 from lime_hf.tag_heads import self_tagged_forward
 
 HEADS = {"tag_head_fields": ["pos", "ner"]}
@@ -116,3 +118,23 @@ def test_model_provider_needs_heads():
         ValueError, match=r"'annotate', 'unknown', 'model' \(the model's tag heads\) or a callable"
     ):
         model.generate(**prompt(model), max_new_tokens=2, metadata_provider="spacy")
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_cli_generate_tags_with_the_heads_and_never_re_annotates(
+    shift, bpe_tokenizer, tmp_path, capsys, monkeypatch
+):
+    tokenizer = LimeTokenizer.from_tokenizer(bpe_tokenizer)
+    model = tiny_lime("llama", metadata_shift=shift, text_config={"vocab_size": len(tokenizer)}, **HEADS)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    prompt_text = "Emma was"
+    encoding = tokenizer(prompt_text, return_tensors="pt")
+    expected = model.generate(**encoding, max_new_tokens=5, do_sample=False, metadata_provider="model")
+
+    def no_re_annotation(self, ids):
+        raise AssertionError("generated tokens were re-annotated")
+
+    monkeypatch.setattr(LimeTokenizer, "metadata_for_ids", no_re_annotation)
+    main(["generate", str(tmp_path), prompt_text, "--max-new-tokens", "5"])
+    assert capsys.readouterr().out == tokenizer.decode(expected[0], skip_special_tokens=True) + "\n"
