@@ -14,7 +14,7 @@ from tests.conftest import AUSTEN
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
 sys.path.append(str(SCRIPT.parent))  # the benchmark scripts import their shared `common` module
 
-import reproduce  # noqa: E402
+from reproduction.harness import Checkpoint, optimizer_step  # noqa: E402
 
 
 def test_checkpoint_restores_model_optimizer_schedule_step_and_history(tmp_path):
@@ -25,14 +25,14 @@ def test_checkpoint_restores_model_optimizer_schedule_step_and_history(tmp_path)
         return model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
 
     model, optimizer, scheduler = setup()
-    checkpoint = reproduce.Checkpoint(tmp_path / "run.pt", model, optimizer, scheduler, every_s=0.0)
+    checkpoint = Checkpoint(tmp_path / "run.pt", model, optimizer, scheduler, every_s=0.0)
     assert checkpoint.load() == {"step": 0, "history": []}
     for _ in range(3):
-        reproduce.optimizer_step(model, optimizer, scheduler, model(torch.ones(4, 3)).pow(2).sum())
+        optimizer_step(model, optimizer, scheduler, model(torch.ones(4, 3)).pow(2).sum())
     checkpoint.maybe_save(3, [{"step": 3}])
 
     fresh_model, fresh_optimizer, fresh_scheduler = setup()
-    resumed = reproduce.Checkpoint(tmp_path / "run.pt", fresh_model, fresh_optimizer, fresh_scheduler)
+    resumed = Checkpoint(tmp_path / "run.pt", fresh_model, fresh_optimizer, fresh_scheduler)
     state = resumed.load()
     assert (state["step"], state["history"]) == (3, [{"step": 3}])
     assert torch.equal(fresh_model.weight, model.weight)
