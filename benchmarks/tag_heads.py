@@ -13,6 +13,9 @@ Each is scored teacher-forced (spaCy's tags fed before the position) and self-ta
 `self_tagged_forward`: only the model's own predictions are ever fed, as in free generation; top-1 only). Held-out
 next-token accuracy and perplexity are reported in three modes: spaCy's tags, self-tagged, and no tags.
 
+`--models LIME_DIR LIME_PLUS1_DIR --tokenizer DIR` scores trained checkpoints instead (e.g. the reproduction's
+`lm-lime_heads-s0` and `lm-lime_plus1_heads-s0` with its tokenizer), skipping the training.
+
 Prints a table and writes benchmarks/results/tag_heads.{json,csv}.
 """
 
@@ -157,25 +160,35 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="a tiny setting that checks the script end to end"
     )
+    parser.add_argument(
+        "--models", nargs=2, metavar=("LIME_DIR", "LIME_PLUS1_DIR"), help="score these instead"
+    )
+    parser.add_argument("--tokenizer", help="the saved LimeTokenizer of --models")
     args = parser.parse_args()
     if args.quick:
         args.train_words, args.eval_words, args.steps, args.batch_size = 20_000, 2_000, 20, 4
 
     started = time.time()
-    paragraphs = load_paragraphs(AUSTEN, args.train_words)
-    tokenizer = LimeTokenizer.from_tokenizer(train_bpe(paragraphs), alignment="pretokenized")
-    train_blocks = prepare_lm_dataset(Dataset.from_dict({"text": paragraphs}), tokenizer, args.block_size)
+    if args.models:
+        tokenizer = LimeTokenizer.from_pretrained(args.tokenizer)
+    else:
+        paragraphs = load_paragraphs(AUSTEN, args.train_words)
+        tokenizer = LimeTokenizer.from_tokenizer(train_bpe(paragraphs), alignment="pretokenized")
+        train_blocks = prepare_lm_dataset(Dataset.from_dict({"text": paragraphs}), tokenizer, args.block_size)
+        print(f"{len(train_blocks)} training blocks")
     eval_set = prepare_lm_dataset(
         Dataset.from_dict({"text": eval_paragraphs(args.eval_words)}), tokenizer, args.block_size
     )
     blocks = full_blocks(eval_set, args.block_size)
-    print(
-        f"{len(train_blocks)} training blocks, {blocks['input_ids'].shape[0]} held-out blocks of {args.block_size}"
-    )
+    print(f"{blocks['input_ids'].shape[0]} held-out blocks of {args.block_size}")
 
     results = {}
-    for name, shift in (("lime", 0), ("lime_plus1", 1)):
-        model = train(shift, tokenizer, train_blocks, args)
+    for index, (name, shift) in enumerate((("lime", 0), ("lime_plus1", 1))):
+        if args.models:
+            model = LimeForCausalLM.from_pretrained(args.models[index], dtype=torch.float32).eval()
+            model.training_log = f"trained elsewhere: {args.models[index]}"
+        else:
+            model = train(shift, tokenizer, train_blocks, args)
         results[name] = score(model, blocks, args.batch_size) | {"training_log": model.training_log}
 
     rows = []

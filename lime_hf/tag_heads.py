@@ -84,10 +84,15 @@ class LimeTagHeads(nn.Module):
     def previous_states(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """`(batch, seq, hidden)` -> `h_{i-1}` for every position i: the start state at 0 and after padding."""
+        """`(batch, seq, hidden)` -> `h_{i-1}` for every position i: the start state at 0 and after padding.
+
+        The input is taken to start its sequence: after a KV cache, the first position's true `h_{i-1}` is in
+        the previous call (generation and `self_tagged_forward` keep it themselves).
+        """
         start = self.start_state.to(hidden_states.dtype).expand(hidden_states.shape[0], 1, -1)
         previous = torch.cat([start, hidden_states[:, :-1]], dim=1)
         if attention_mask is not None and attention_mask.dim() == 2:
+            attention_mask = attention_mask[:, -hidden_states.shape[1] :]  # a cached call's mask covers the cache
             after_padding = torch.cat(
                 [torch.ones_like(attention_mask[:, :1], dtype=torch.bool), attention_mask[:, :-1] == 0], dim=1
             )

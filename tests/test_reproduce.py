@@ -66,12 +66,53 @@ def test_smoke_pipeline_writes_the_headline_file_and_resumes(tmp_path):
     config = headline["config"]
     assert config["preset"] == "smoke" and config["seeds"] == {"lm": [0, 1], "add": [0, 1]}
     assert config["lm_train_config"]["seeds"] == [0, 1]
-    assert set(headline["generation"]["summary"]) >= {"true_text", "baseline", "lime_reannotated"}
+    assert set(headline["generation"]["summary"]) >= {
+        "true_text", "baseline", "lime_reannotated", "lime_heads_model_provider", "lime_plus1_heads_self_guided"
+    }  # fmt: skip
+    # The self-tagging experiment: honest evaluation, tag noise, the plain-BPE baseline.
+    assert (
+        headline["data_fraction_lime_self_tags"] is None
+        or 0.0 <= headline["data_fraction_lime_self_tags"] <= 1.0
+    )
+    final = headline["self_tagging_final_eval_metrics"]["lm-lime_heads-s0"]
+    assert {
+        "full_doc_tags",
+        "prefix_tags",
+        "no_tags",
+        "self_tags",
+        "noise_10",
+        "noise_30",
+        "noise_50",
+    } <= set(final)
+    assert 0.0 <= final["self_tags"]["pos_tag_accuracy"] <= 1.0
+    assert set(headline["tag_noise_accuracy_lime_heads"]["lm-lime_heads-s1"]) == {
+        "0",
+        "10",
+        "30",
+        "50",
+        "no_tags",
+    }
+    plain = headline["plain_bpe_baseline"]
+    assert (
+        plain["plain_bpe"]["s0"]["nats_per_char"] > 0
+        and plain["lime_tokenization"]["s0"]["nats_per_char"] > 0
+    )
 
     # Every run recorded its configuration, seed and curve; LIME and the baseline saw the same tokens.
     runs = json.loads((results / "reproduce_runs.json").read_text())["runs"]
     assert sorted(runs) == sorted(
-        [f"lm-{v}-s{s}" for v in ("baseline", "lime", "lime_plus1") for s in (0, 1)]
+        [
+            f"lm-{v}-s{s}"
+            for v in (
+                "baseline",
+                "lime",
+                "lime_plus1",
+                "lime_heads",
+                "lime_plus1_heads",
+                "baseline_plain_bpe",
+            )
+            for s in (0, 1)
+        ]
         + [f"add-{v}-s{s}" for v in ("baseline", "lime_plus1_spacy", "lime_plus1_digit") for s in (0, 1)]
     )
     seen = {
@@ -85,5 +126,5 @@ def test_smoke_pipeline_writes_the_headline_file_and_resumes(tmp_path):
     second = run_script("all", "--smoke", "--cache", tmp_path, env=env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "prepare: " in second.stdout and "exists, skipping" in second.stdout
-    assert "0 of 12 runs to do" in second.stdout
+    assert "0 of 18 runs to do" in second.stdout
     assert json.loads((results / "reproduce.json").read_text()) == headline

@@ -55,6 +55,10 @@ def generate_stage(cache: Path, preset: str) -> None:
         "lime_reannotated": ("lime", {"tokenizer": tokenizer, "metadata_provider": "annotate"}),
         "lime_unknown_tags": ("lime", {"metadata_provider": "unknown"}),
         "lime_plus1_unguided": ("lime_plus1", {"metadata_provider": "unknown"}),
+        # self_tagging.py's models: tags from the model's own heads, no spaCy in the loop.
+        "lime_heads_reannotated": ("lime_heads", {"tokenizer": tokenizer, "metadata_provider": "annotate"}),
+        "lime_heads_model_provider": ("lime_heads", {"metadata_provider": "model"}),
+        "lime_plus1_heads_self_guided": ("lime_plus1_heads", {}),
     }
 
     def judge_nll(prompt_ids: torch.Tensor, continuation: torch.Tensor) -> tuple[float, int]:

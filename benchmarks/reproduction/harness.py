@@ -143,9 +143,12 @@ def load_arrays(path: Path) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------------- models
 
 
-def build_model(cfg: dict, vocab_size: int, special: dict, max_positions: int, seed: int, shift, fields):
+def build_model(
+    cfg: dict, vocab_size: int, special: dict, max_positions: int, seed: int, shift, fields, tag_heads=None
+):
     """
-    A tiny Llama: the bare backbone for `shift=None`, else LIME (0) / LIME+1 (1) on that same backbone.
+    A tiny Llama: the bare backbone for `shift=None`, else LIME (0) / LIME+1 (1) on that same backbone, with
+    tag heads on the fields `tag_heads` if given.
 
     For one seed every variant starts from identical backbone weights (the LIME model loads the baseline's),
     so runs of a seed differ only by the metadata.
@@ -171,7 +174,10 @@ def build_model(cfg: dict, vocab_size: int, special: dict, max_positions: int, s
         return backbone, {"model_type": "llama", **text_config}
     torch.manual_seed(seed)
     config = LimeConfig(
-        text_config={"model_type": "llama", **text_config}, metadata_fields=fields, metadata_shift=shift
+        text_config={"model_type": "llama", **text_config},
+        metadata_fields=fields,
+        metadata_shift=shift,
+        tag_head_fields=tag_heads or None,
     )
     model = LimeForCausalLM(config)
     model.language_model.load_state_dict(backbone.state_dict())
@@ -182,7 +188,14 @@ def count_parameters(model) -> dict:
     total = sum(p.numel() for p in model.parameters())
     tables = getattr(model, "metadata_embeddings", None)
     metadata = sum(p.numel() for p in tables.parameters()) if tables is not None else 0
-    return {"total": total, "metadata": metadata, "backbone": total - metadata}
+    heads = getattr(model, "tag_heads", None)
+    head_params = sum(p.numel() for p in heads.parameters()) if heads is not None else 0
+    return {
+        "total": total,
+        "metadata": metadata,
+        "tag_heads": head_params,
+        "backbone": total - metadata - head_params,
+    }
 
 
 def make_optimizer(model, cfg: dict, total_steps: int, device: torch.device):

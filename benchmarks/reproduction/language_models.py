@@ -4,6 +4,8 @@ Persuasion with full-document, prefix-only and no tags."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,27 @@ from .harness import (
 )
 
 LM_VARIANTS = {"baseline": None, "lime": 0, "lime_plus1": 1}  # variant -> metadata_shift (None: no metadata)
+
+# A mode evaluates a model on the evaluation blocks: (model, blocks) -> metrics.
+EvalMode = Callable[[torch.nn.Module, dict[str, torch.Tensor]], dict]
+
+
+@dataclass(frozen=True)
+class LmSpec:
+    """What sets a language-model run apart: metadata shift, tag heads, token stream and extra evaluations.
+
+    `arrays`: the prepared data `data/{arrays}_train.npz` / `_eval.npz`, made by `prepare(cache)` when missing;
+    `cut_eval`: evaluate the first `eval_tokens` of the stream (else all of it: a stream prepared to cover the
+    same text); `extra_modes(device, batch)`: evaluations beyond `lm_eval_modes`.
+    """
+
+    shift: int | None
+    tag_heads: tuple[str, ...] = ()
+    arrays: str = "lm"
+    cut_eval: bool = True
+    prepare: Callable[[Path, dict], None] | None = None
+    extra_modes: Callable[[torch.device, int], dict[str, EvalMode]] | None = None
+
 
 # ------------------------------------------------------------------------------------------ language models
 
@@ -57,7 +80,12 @@ def evaluate_lm(model, blocks: dict[str, torch.Tensor], tags: dict[str, str], de
         correct += (logits.argmax(-1) == target)[keep].sum().item()
         count += keep.sum().item()
     model.train()
-    return {"accuracy": correct / count, "perplexity": math.exp(nll / count), "loss": nll / count}
+    return {
+        "accuracy": correct / count,
+        "perplexity": math.exp(nll / count),
+        "loss": nll / count,
+        "tokens": count,
+    }
 
 
 def lm_eval_modes(shift) -> dict[str, dict[str, str]]:
@@ -70,18 +98,24 @@ def lm_eval_modes(shift) -> dict[str, dict[str, str]]:
     }
 
 
-def run_lm(cache: Path, preset: str, variant: str, seed: int, device: torch.device) -> dict:
+def run_lm(
+    cache: Path, preset: str, variant: str, seed: int, device: torch.device, spec: LmSpec | None = None
+) -> dict:
     cfg, meta = run_settings(cache, preset, "lm")
-    shift = LM_VARIANTS[variant]
+    spec = spec or LmSpec(LM_VARIANTS[variant])
+    shift = spec.shift
     name = f"lm-{variant}-s{seed}"
+    if spec.prepare is not None:
+        spec.prepare(cache, cfg)
     train_np, eval_np = (
-        load_arrays(cache / "data" / "lm_train.npz"),
-        load_arrays(cache / "data" / "lm_eval.npz"),
+        load_arrays(cache / "data" / f"{spec.arrays}_train.npz"),
+        load_arrays(cache / "data" / f"{spec.arrays}_eval.npz"),
     )
     seq_len, batch = cfg["seq_len"], cfg["batch"]
-    train = {key: lm_blocks(train_np[key], seq_len) for key in ("input_ids", "pos", "ner")}
+    train = {key: lm_blocks(train_np[key], seq_len) for key in ("input_ids", "pos", "ner") if key in train_np}
     pad = meta["pad_token_id"]
-    eval_arrays = {key: eval_np[key][: cfg["eval_tokens"]] for key in eval_np}
+    limit = cfg["eval_tokens"] if spec.cut_eval else None
+    eval_arrays = {key: eval_np[key][:limit] for key in eval_np}
     evaluation = {key: eval_blocks(values, seq_len, PAD_ID) for key, values in eval_arrays.items()}
     evaluation["input_ids"] = eval_blocks(eval_arrays["input_ids"], seq_len, pad)
     evaluation["mask"] = eval_blocks(np.ones(len(eval_arrays["input_ids"]), dtype=np.int64), seq_len, 0)
@@ -91,13 +125,17 @@ def run_lm(cache: Path, preset: str, variant: str, seed: int, device: torch.devi
     eval_steps = sorted({int(round(x)) for x in np.linspace(0, total_steps, cfg["evals"])})
     special = {k: meta[k] for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
     model, text_config = build_model(
-        cfg, meta["vocab_size"], special, seq_len, seed, shift, meta["metadata_fields"]
+        cfg, meta["vocab_size"], special, seq_len, seed, shift, meta["metadata_fields"], list(spec.tag_heads)
     )
     optimizer, scheduler, checkpoint, state = start_run(model, cfg, total_steps, device, cache, preset, name)
     step, history = state["step"], state["history"]
     loss_sum, loss_count = 0.0, 0
-    modes = lm_eval_modes(shift)
     eval_batch = 64 if device.type == "cuda" else 16
+    modes: dict[str, EvalMode] = {
+        mode: lambda model, blocks, tags=tags: evaluate_lm(model, blocks, tags, device, eval_batch)
+        for mode, tags in lm_eval_modes(shift).items()
+    }
+    modes.update(spec.extra_modes(device, eval_batch) if spec.extra_modes else {})
     orders: dict[int, np.ndarray] = {}
     while True:
         if step in eval_steps and (not history or history[-1]["step"] != step):
@@ -107,12 +145,7 @@ def run_lm(cache: Path, preset: str, variant: str, seed: int, device: torch.devi
                 "train_loss": loss_sum / loss_count if loss_count else None,
                 "lr": scheduler.get_last_lr()[0],
             }
-            point.update(
-                {
-                    mode: evaluate_lm(model, evaluation, tags, device, eval_batch)
-                    for mode, tags in modes.items()
-                }
-            )
+            point.update({mode: evaluate(model, evaluation) for mode, evaluate in modes.items()})
             history.append(point)
             loss_sum, loss_count = 0.0, 0
             log(
@@ -149,6 +182,8 @@ def run_lm(cache: Path, preset: str, variant: str, seed: int, device: torch.devi
         "seed": seed,
         "preset": preset,
         "metadata_shift": shift,
+        "tag_heads": list(spec.tag_heads),
+        "token_stream": spec.arrays,
         "train_config": cfg,
         "model_config": text_config,
         "parameters": count_parameters(model),
@@ -162,7 +197,10 @@ def run_lm(cache: Path, preset: str, variant: str, seed: int, device: torch.devi
             "eval_tokens": int(len(eval_arrays["input_ids"])),
             "order": "blocks permuted per epoch with numpy default_rng(epoch): identical for every run",
         },
-        "eval_modes": {mode: tags or "no metadata" for mode, tags in modes.items()},
+        "eval_modes": {
+            **{mode: tags or "no metadata" for mode, tags in lm_eval_modes(shift).items()},
+            **{mode: "see the experiment's module" for mode in modes if mode not in lm_eval_modes(shift)},
+        },
         "history": history,
         "wall_s": wall,
         "device": str(device),

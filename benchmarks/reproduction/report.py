@@ -10,6 +10,7 @@ import numpy as np
 
 from .harness import GENERATION, PRESETS, RESULTS, log, write_json
 from .language_models import LM_VARIANTS, lm_eval_modes
+from .self_tagging import report_self_tagging
 
 # --------------------------------------------------------------------------------------------------- report
 
@@ -108,6 +109,7 @@ def report(cache: Path, preset: str, results: Path) -> dict:
             if full_gain["loss_gain_nats"] > 0 else None,
             "prefix_tags": meta["lm"]["prefix_tags"],
         }  # fmt: skip
+    headline.update(report_self_tagging(lm, cache, crossing, mean_or_none))
     if generation:
         headline["generation"] = {"config": generation["config"], "summary": generation["summary"]}
 
@@ -205,7 +207,7 @@ def write_csvs(results: Path, lm: dict, add: dict, generation: dict | None) -> N
         )
         for name, run in lm.items():
             for point in run["history"]:
-                for mode in lm_eval_modes(run["metadata_shift"]):
+                for mode in run["eval_modes"]:
                     m = point[mode]
                     writer.writerow([name, run["variant"], run["seed"], point["step"], point["tokens_seen"], mode,
                                      f"{m['accuracy']:.6f}", f"{m['perplexity']:.4f}", f"{m['loss']:.6f}"])  # fmt: skip

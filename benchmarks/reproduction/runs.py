@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -14,6 +15,7 @@ import torch
 from .addition import ADD_VARIANTS, run_add
 from .harness import PRESETS, log, write_json
 from .language_models import LM_VARIANTS, run_lm
+from .self_tagging import SELF_TAGGING_VARIANTS, self_tagging_specs
 
 # ------------------------------------------------------------------------------------------------- train
 
@@ -25,7 +27,8 @@ SCRIPT = str(Path(__file__).resolve().parents[1] / "reproduce.py")
 def run_names(preset: str, only: str | None = None) -> list[str]:
     names = []
     if only in (None, "lm"):
-        names += [f"lm-{v}-s{s}" for s in PRESETS[preset]["lm"]["seeds"] for v in LM_VARIANTS]
+        variants = (*LM_VARIANTS, *SELF_TAGGING_VARIANTS)
+        names += [f"lm-{v}-s{s}" for s in PRESETS[preset]["lm"]["seeds"] for v in variants]
     if only in (None, "add"):
         names += [f"add-{v}-s{s}" for s in PRESETS[preset]["add"]["seeds"] for v in ADD_VARIANTS]
     return names
@@ -41,8 +44,12 @@ def run_one(cache: Path, preset: str, name: str, threads: int | None = None) -> 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     kind, variant, seed = re.fullmatch(r"(lm|add)-(\w+)-s(\d+)", name).groups()
-    runner = run_lm if kind == "lm" else run_add
-    result = runner(cache, preset, variant, int(seed), device)
+    if variant in SELF_TAGGING_VARIANTS:
+        fields = json.loads((cache / "data" / "meta.json").read_text())["lm"]["metadata_fields"]
+        result = run_lm(cache, preset, variant, int(seed), device, self_tagging_specs(fields)[variant])
+    else:
+        runner = run_lm if kind == "lm" else run_add
+        result = runner(cache, preset, variant, int(seed), device)
     write_json(path, result)
     log(f"{name}: finished in {result['wall_s']:.0f}s -> {path}")
 
