@@ -92,7 +92,9 @@ class LimeTagHeads(nn.Module):
         start = self.start_state.to(hidden_states.dtype).expand(hidden_states.shape[0], 1, -1)
         previous = torch.cat([start, hidden_states[:, :-1]], dim=1)
         if attention_mask is not None and attention_mask.dim() == 2:
-            attention_mask = attention_mask[:, -hidden_states.shape[1] :]  # a cached call's mask covers the cache
+            attention_mask = attention_mask[
+                :, -hidden_states.shape[1] :
+            ]  # a cached call's mask covers the cache
             after_padding = torch.cat(
                 [torch.ones_like(attention_mask[:, :1], dtype=torch.bool), attention_mask[:, :-1] == 0], dim=1
             )
