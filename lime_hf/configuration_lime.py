@@ -87,6 +87,19 @@ def check_inventories(tokenizer_fields: dict[str, list[str]], model_fields: dict
             )
 
 
+class TextConfigAttribute:
+    """An attribute of the backbone's config, read and written through from the LIME config."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, config: "LimeConfig | None", owner: type | None = None):
+        return self if config is None else getattr(config.text_config, self.name)
+
+    def __set__(self, config: "LimeConfig", value) -> None:
+        setattr(config.text_config, self.name, value)
+
+
 class LimeConfig(PreTrainedConfig):
     r"""
     Configuration of a LIME (Linguistic Metadata Embeddings) decoder: any decoder-only backbone plus one
@@ -160,6 +173,13 @@ class LimeConfig(PreTrainedConfig):
         validate_tag_heads(
             self.tag_head_fields, self.metadata_fields, self.tag_loss_weight, self.self_guidance
         )
+
+    # Trainer and `generate` read these on a model's config; they live in `text_config` only, so the saved
+    # config holds each value once.
+    vocab_size = TextConfigAttribute()
+    hidden_size = TextConfigAttribute()
+    num_hidden_layers = TextConfigAttribute()
+    use_cache = TextConfigAttribute()
 
 
 __all__ = ["LimeConfig"]

@@ -173,11 +173,12 @@ class MetadataTracker:
         self.provider = provider
         self.guidance = guidance
         self.batch_size, self.prompt_len = prompt_ids.shape
-        self.prompt_metadata = {
+        self.batch_prompt_metadata = {
             field: prompt_metadata.get(field, torch.full_like(prompt_ids, UNKNOWN_ID))
             for field in self.fields
         }
         self.expansion = 1
+        self.prompt_metadata = self.batch_prompt_metadata
         self.prefixes = [_PrefixNode() for _ in range(self.batch_size)]
         # A provider reading hidden states (the tag heads) needs each prefix's last state: `record_hidden`.
         self.uses_hidden_states = getattr(provider, "uses_hidden_states", False)
@@ -185,19 +186,7 @@ class MetadataTracker:
 
     def model_inputs(self, input_ids: torch.LongTensor, length: int) -> dict:
         """`<field>_ids` for the last `length` positions of `input_ids` (+ LIME+1's `next_metadata_ids`)."""
-        if input_ids.shape[0] != self.batch_size * self.expansion:
-            self.expansion = input_ids.shape[0] // self.batch_size
-            self.prompt_metadata = {
-                field: tags.repeat_interleave(self.expansion, dim=0)
-                for field, tags in self.prompt_metadata.items()
-            }
-        positions = range(input_ids.shape[1] - length, input_ids.shape[1])
-        inputs = {
-            f"{field}_ids": torch.stack(
-                [self._column(input_ids, field, position) for position in positions], 1
-            )
-            for field in self.fields
-        }
+        inputs = self._tags(input_ids, range(input_ids.shape[1] - length, input_ids.shape[1]))
         if self.shift:
             next_tags = self._generated_tags(input_ids, input_ids.shape[1])
             inputs["next_metadata_ids"] = {
@@ -208,13 +197,48 @@ class MetadataTracker:
         return inputs
 
     def record_hidden(self, last_hidden: torch.Tensor) -> None:
-        """Keep `(rows, hidden)`, the final states of the forward just run, for the prefixes it was fed."""
-        for node, state in zip(self._fed_nodes, last_hidden, strict=True):
-            node.hidden = state
+        """Keep the final states `(rows, new positions, hidden)` of the forward just run, for the prefixes fed.
+
+        Each prefix ending at a new position keeps its state; walking up from the longest stops at the first
+        prefix that has one already (without a KV cache every position is re-fed).
+        """
+        for row, node in enumerate(self._fed_nodes):
+            for position in range(last_hidden.shape[1] - 1, -1, -1):
+                if node is None or node.hidden is not None:
+                    break
+                node.hidden = last_hidden[row, position]
+                node = node.parent
 
     def _nodes(self, input_ids: torch.LongTensor, prefix_end: int) -> list[_PrefixNode]:
         generated = input_ids[:, self.prompt_len : prefix_end].tolist()
         return [self.prefixes[row // self.expansion].descend(tokens) for row, tokens in enumerate(generated)]
+
+    def metadata_ids(self, sequences: torch.LongTensor) -> dict[str, torch.LongTensor]:
+        """`<field>_ids` `(rows, seq)` of every position of `generate`'s output `sequences`.
+
+        A LIME model never fed its last generated token; its tags are computed here as the next step would
+        have, so that continuing from `sequences` with them feeds what one longer call would have fed.
+        """
+        return self._tags(sequences, range(sequences.shape[1]))
+
+    def _tags(self, input_ids: torch.LongTensor, positions: range) -> dict[str, torch.LongTensor]:
+        """`<field>_ids` `(rows, len(positions))` of `input_ids` at `positions`."""
+        self._expand_to(input_ids.shape[0])
+        return {
+            f"{field}_ids": torch.stack(
+                [self._column(input_ids, field, position) for position in positions], 1
+            )
+            for field in self.fields
+        }
+
+    def _expand_to(self, rows: int) -> None:
+        """Beams and `num_return_sequences` repeat each batch row; prompt tags follow (`repeat_interleave`)."""
+        if rows != self.batch_size * self.expansion:
+            self.expansion = rows // self.batch_size
+            self.prompt_metadata = {
+                field: tags.repeat_interleave(self.expansion, dim=0)
+                for field, tags in self.batch_prompt_metadata.items()
+            }
 
     def _column(self, input_ids: torch.LongTensor, field: str, position: int) -> torch.LongTensor:
         if position < self.prompt_len:
@@ -274,6 +298,12 @@ class MetadataTracker:
         computes the state from the prompt once.
         """
         parents = [nodes[row].parent for row in rows]
+        if any(parent is not None and parent.hidden is None for parent in parents):
+            raise ValueError(
+                "metadata_provider='model' tags a token from the state the model computed one position before it, "
+                "so it feeds one new token per forward: it cannot check several candidate tokens at once "
+                "(assisted or prompt-lookup decoding). Use another provider there."
+            )
         if all(parent is not None for parent in parents):
             return torch.stack([parent.hidden for parent in parents])
         prompt_rows = [index for index, parent in enumerate(parents) if parent is None]

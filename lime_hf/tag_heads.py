@@ -201,8 +201,9 @@ def forward_with_tag_heads(
         )
         result.lm_loss = outputs.loss
         result.tag_losses = losses
-        if losses:
-            result.loss = outputs.loss + heads.loss_weight * sum(losses.values())
+        # A head whose field has no tags in this batch still joins the graph (DDP needs every parameter used).
+        unused = sum(logits.sum() * 0.0 for name, logits in tag_logits.items() if name not in losses)
+        result.loss = outputs.loss + heads.loss_weight * sum(losses.values()) + unused
     return result
 
 

@@ -138,3 +138,26 @@ def test_cli_generate_tags_with_the_heads_and_never_re_annotates(
     monkeypatch.setattr(LimeTokenizer, "metadata_for_ids", no_re_annotation)
     main(["generate", str(tmp_path), prompt_text, "--max-new-tokens", "5"])
     assert capsys.readouterr().out == tokenizer.decode(expected[0], skip_special_tokens=True) + "\n"
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_returned_metadata_ids_are_the_self_tagged_tags(shift):
+    model = tiny_lime("qwen2", metadata_shift=shift, **HEADS)
+    enc = prompt(model)
+    out = model.generate(**enc, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    _, fed = self_tagged_forward(model, out.sequences, prompt_metadata=prompt_tags(enc), prompt_length=5)
+    for name in ("pos", "ner"):
+        returned = out.metadata_ids[f"{name}_ids"]  # the tags of the tokens themselves
+        own = fed[name] if not shift else fed[name][:, :-1]  # LIME+1 fed token i's tag at position i - 1
+        assert torch.equal(returned[:, 5:], own[:, 5:] if not shift else own[:, 4:])
+
+
+def test_model_provider_refuses_to_check_several_candidates_at_once():
+    model = tiny_lime("llama", **HEADS)
+    with pytest.raises(ValueError, match=r"feeds one new token per forward"):
+        model.generate(
+            **prompt(model, batch=1),
+            max_new_tokens=6,
+            do_sample=False,
+            assistant_model=tiny_lime("llama", seed=1),
+        )
