@@ -15,6 +15,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
 sys.path.append(str(SCRIPT.parent))  # the benchmark scripts import their shared `common` module
 
 from reproduction.harness import Checkpoint, optimizer_step  # noqa: E402
+from reproduction.self_tagging import noisy  # noqa: E402
 
 
 def test_checkpoint_restores_model_optimizer_schedule_step_and_history(tmp_path):
@@ -41,6 +42,17 @@ def test_checkpoint_restores_model_optimizer_schedule_step_and_history(tmp_path)
     assert resumed.wall_s() >= state["wall_s"] > 0
     resumed.remove()
     assert not (tmp_path / "run.pt").exists()
+
+
+def test_tag_noise_replaces_the_given_share_of_real_tags_by_real_labels():
+    tags = torch.randint(3, 20, (200, 100))
+    tags[:, :10] = 2  # special tokens keep their tag
+    changed = noisy(tags, 0.3, num_labels=53, seed=0)
+    assert torch.equal(changed[:, :10], tags[:, :10])
+    replaced = changed[:, 10:] != tags[:, 10:]
+    assert 0.27 < replaced.float().mean() < 0.3  # a few draws hit the label they replace
+    assert changed[:, 10:].min() >= 3 and changed.max() < 53
+    assert torch.equal(noisy(tags, 0.3, 53, seed=0), changed)
 
 
 def run_script(*args: object, env: dict) -> subprocess.CompletedProcess:
