@@ -183,6 +183,7 @@ class MetadataTracker:
         # A provider reading hidden states (the tag heads) needs each prefix's last state: `record_hidden`.
         self.uses_hidden_states = getattr(provider, "uses_hidden_states", False)
         self._fed_nodes: list[_PrefixNode] = []
+        self._last_nodes: tuple[int, list[_PrefixNode]] = (-1, [])  # (prefix end, nodes) of the last lookup
 
     def model_inputs(self, input_ids: torch.LongTensor, length: int) -> dict:
         """`<field>_ids` for the last `length` positions of `input_ids` (+ LIME+1's `next_metadata_ids`)."""
@@ -192,8 +193,11 @@ class MetadataTracker:
             inputs["next_metadata_ids"] = {
                 field: torch.tensor(next_tags[field], device=input_ids.device) for field in self.fields
             }
-        if self.uses_hidden_states:
-            self._fed_nodes = self._nodes(input_ids, input_ids.shape[1])
+        if self.uses_hidden_states:  # usually `_generated_tags` just found these nodes
+            full = input_ids.shape[1]
+            self._fed_nodes = (
+                self._last_nodes[1] if self._last_nodes[0] == full else self._nodes(input_ids, full)
+            )
         return inputs
 
     def record_hidden(self, last_hidden: torch.Tensor) -> None:
@@ -251,6 +255,7 @@ class MetadataTracker:
         """Tags of the generated token that `input_ids[:, :prefix_end]` determines, per row."""
         step = prefix_end - self.prompt_len - (1 - self.shift)
         nodes = self._nodes(input_ids, prefix_end)
+        self._last_nodes = (prefix_end, nodes)
         missing = [row for row, node in enumerate(nodes) if node.tags is None]
         if missing:
             batch_rows = [row // self.expansion for row in missing]

@@ -150,14 +150,14 @@ class LimeTagHeads(nn.Module):
         Padding and unknown are never predicted: the heads are not trained on them.
         """
         predicted = {}
+        first = UNKNOWN_ID + 1  # ids 0 (padding) and 1 (unknown) precede every label
         for name, logits in tag_logits.items():
-            logits = logits.float().clone()
-            logits[..., PAD_ID] = logits[..., UNKNOWN_ID] = float("-inf")
+            logits = logits[..., first:].float()
             if sample:
-                flat = torch.multinomial(logits.flatten(0, -2).softmax(-1), 1)
-                predicted[name] = flat.view(logits.shape[:-1])
+                ids = torch.multinomial(logits.flatten(0, -2).softmax(-1), 1).view(logits.shape[:-1])
             else:
-                predicted[name] = logits.argmax(-1)
+                ids = logits.argmax(-1)
+            predicted[name] = ids + first
         return predicted
 
 
