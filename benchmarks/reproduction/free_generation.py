@@ -33,15 +33,21 @@ def generate_stage(cache: Path, preset: str) -> None:
     from lime_hf import LimeTokenizer
 
     path = cache / "runs" / preset / "generation.json"
-    if path.exists():
-        log(f"generate: {path} exists, skipping")
-        return
+    # Resumable per generator and seed: what an earlier call scored is kept, only the rest is generated.
+    previous = (
+        json.loads(path.read_text()) if path.exists() else {"records": [], "samples": {}, "wall_s": 0.0}
+    )
     models = cache / "models" / preset
-    seeds = sorted(int(p.name.split("-s")[-1]) for p in models.glob("lm-baseline-s*"))
-    if not seeds:
-        log(f"generate: no trained models under {models}, skipping")
+    baselines = sorted(int(p.name.split("-s")[-1]) for p in models.glob("lm-baseline-s*"))
+    if not baselines:
+        log(f"generate: no trained baseline under {models} to judge with, skipping")
         return
-    judge_seed = 1 if 1 in seeds else seeds[0]
+    judge_seed = 1 if 1 in baselines else baselines[0]
+    seeds = sorted({int(p.name.split("-s")[-1]) for p in models.glob("lm-*-s*")} | {judge_seed})
+    if previous["records"] and previous["config"]["judge"] != f"lm-baseline-s{judge_seed}":
+        raise SystemExit(
+            f"generate: {path} was judged by {previous['config']['judge']}; remove it to start over"
+        )
     started = time.time()
     tokenizer = LimeTokenizer.from_pretrained(cache / "data" / "tokenizer")
     tokenizer.annotator.nlp  # noqa: B018 - load spaCy once
@@ -71,9 +77,22 @@ def generate_stage(cache: Path, preset: str) -> None:
         eos = (tokens[0] == tokenizer.eos_token_id).nonzero()
         return tokens[:, : int(eos[0]) + 1] if len(eos) else tokens
 
-    records, samples = [], {}
+    records, samples = previous["records"], previous["samples"]
+    done = {(record["generator"], record["seed"]) for record in records}
+    todo = [
+        (seed, label)
+        for seed in seeds
+        if seed != judge_seed
+        for label, (variant, _) in generators.items()
+        if (label, seed) not in done and (models / f"lm-{variant}-s{seed}").exists()
+    ]
+    if ("true_text", None) in done and not todo:
+        log(f"generate: every generator in {path} already, skipping")
+        return
     # The true continuation, as reference.
     for index, ((prompt, continuation), enc) in enumerate(zip(prompts, encoded, strict=True)):
+        if ("true_text", None) in done:
+            break
         full = tokenizer(prompt + continuation, return_tensors="pt")["input_ids"]
         n = enc["input_ids"].shape[1]
         if torch.equal(full[:, :n], enc["input_ids"]):
@@ -83,7 +102,7 @@ def generate_stage(cache: Path, preset: str) -> None:
             )
     for seed in [s for s in seeds if s != judge_seed]:
         for label, (variant, extra) in generators.items():
-            if not (models / f"lm-{variant}-s{seed}").exists():
+            if (seed, label) not in todo:
                 continue
             model = load(f"lm-{variant}-s{seed}")
             texts = []
@@ -128,13 +147,13 @@ def generate_stage(cache: Path, preset: str) -> None:
         "config": {
             **g,
             "judge": f"lm-baseline-s{judge_seed}",
-            "generator_seeds": [s for s in seeds if s != judge_seed],
+            "generator_seeds": sorted({r["seed"] for r in records if r["seed"] is not None}),
         },
         "prompts": [prompt for prompt, _ in prompts],
         "summary": summary,
         "records": records,
         "samples": samples,
-        "wall_s": time.time() - started,
+        "wall_s": previous["wall_s"] + time.time() - started,
         "environment": environment(),
     }
     write_json(path, result)
