@@ -228,11 +228,10 @@ class MetadataTracker:
     def _tags(self, input_ids: torch.LongTensor, positions: range) -> dict[str, torch.LongTensor]:
         """`<field>_ids` `(rows, len(positions))` of `input_ids` at `positions`."""
         self._expand_to(input_ids.shape[0])
+        columns = [self._columns(input_ids, position) for position in positions]  # one trie walk per position
         return {
-            f"{field}_ids": torch.stack(
-                [self._column(input_ids, field, position) for position in positions], 1
-            )
-            for field in self.fields
+            f"{field}_ids": torch.stack([column[index] for column in columns], 1)
+            for index, field in enumerate(self.fields)
         }
 
     def _expand_to(self, rows: int) -> None:
@@ -244,12 +243,15 @@ class MetadataTracker:
                 for field, tags in self.batch_prompt_metadata.items()
             }
 
-    def _column(self, input_ids: torch.LongTensor, field: str, position: int) -> torch.LongTensor:
+    def _columns(self, input_ids: torch.LongTensor, position: int) -> torch.LongTensor:
+        """`(fields, rows)`: every field's tags at `position`."""
         if position < self.prompt_len:
-            return self.prompt_metadata[field][:, position].to(input_ids.device)
+            return torch.stack([self.prompt_metadata[field][:, position] for field in self.fields]).to(
+                input_ids.device
+            )
         # LIME+1 fixed a generated token's tags before the token existed (as guidance for it).
         tags = self._generated_tags(input_ids, position + 1 - self.shift)
-        return torch.tensor(tags[field], device=input_ids.device)
+        return torch.tensor([tags[field] for field in self.fields], device=input_ids.device)
 
     def _generated_tags(self, input_ids: torch.LongTensor, prefix_end: int) -> dict[str, list[int]]:
         """Tags of the generated token that `input_ids[:, :prefix_end]` determines, per row."""

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.modeling_utils import slice_logits_to_keep
 
 from .configuration_lime import PAD_ID, UNKNOWN_ID
 
@@ -38,8 +37,8 @@ class LimeCausalLMOutputWithPast(CausalLMOutputWithPast):
     lm_loss (`torch.FloatTensor` of shape `()`, *optional*): the next-token loss alone (when `labels` are given).
     tag_losses (`dict[str, torch.FloatTensor]`, *optional*): field -> the head's cross-entropy against the fed tags
         (when `labels` and the field's tags are given).
-    tag_logits (`dict[str, torch.FloatTensor]`): field -> `(batch, kept positions, labels)` head logits, at the
-        positions `logits_to_keep` keeps.
+    tag_logits (`dict[str, torch.FloatTensor]`, *optional*): field -> `(batch, seq, labels)` head logits, when
+        every position's logits are kept (`logits_to_keep=0`, as in training and evaluation).
     last_hidden_state (`torch.FloatTensor` of shape `(batch, seq, hidden)`): the backbone's final hidden states,
         which the heads read at the next position (generation keeps the last one per prefix).
     """
@@ -187,15 +186,17 @@ def forward_with_tag_heads(
     )
     hidden = outputs.hidden_states[-1]
     heads = model.tag_heads
-    previous = slice_logits_to_keep(heads.previous_states(hidden, attention_mask), logits_to_keep)
-    tag_logits = heads(previous, slice_logits_to_keep(token_embeds, logits_to_keep))
+    # Generation keeps only the last position's logits and tags tokens itself (`ModelTagProvider`): no heads here.
+    tag_logits = None
+    if isinstance(logits_to_keep, int) and logits_to_keep == 0:
+        tag_logits = heads(heads.previous_states(hidden, attention_mask), token_embeds)
     result = LimeCausalLMOutputWithPast(
         **{key: value for key, value in outputs.items() if key != "hidden_states"},
         hidden_states=outputs.hidden_states if asked_hidden else None,
         tag_logits=tag_logits,
         last_hidden_state=hidden,
     )
-    if labels is not None and outputs.loss is not None:
+    if labels is not None and outputs.loss is not None and tag_logits is not None:
         losses = heads.losses(
             tag_logits, metadata_ids, attention_mask, backbone_kwargs.get("num_items_in_batch")
         )
