@@ -88,6 +88,14 @@ class ScriptArguments:
             "choices": (0, 1),
         },
     )
+    tag_heads: str | None = field(
+        default=None,
+        metadata={
+            "metavar": "FIELDS",
+            "help": "comma-separated fields that get tag heads (e.g. pos,ner): the model learns to predict its own "
+            "metadata, so generation needs neither spaCy (LIME) nor oracle guidance (LIME+1)",
+        },
+    )
     metadata_dropout: float = field(
         default=0.0,
         metadata={
@@ -463,10 +471,10 @@ def add_generate_parser(commands: Any) -> None:
     )
     parser.add_argument(
         "--provider",
-        choices=["annotate", "unknown"],
+        choices=["annotate", "unknown", "model"],
         help=(
-            "tags of generated tokens that guidance does not cover: re-annotate the text (LIME's default) "
-            "or unknown (LIME+1's default)"
+            "tags of generated tokens that guidance does not cover: the model's tag heads (the default for a "
+            "model with heads), re-annotate the text (LIME's default otherwise) or unknown"
         ),
     )
     decoding = parser.add_argument_group("decoding (greedy unless sampling is asked for)")

@@ -63,7 +63,7 @@ def run_generate(args: argparse.Namespace) -> None:
                 label_id(model.config.metadata_fields, field, label)
     except (ValueError, OSError) as error:
         parser.error(one_line(error))
-    if model.config.metadata_shift and not guidance:
+    if model.config.metadata_shift and not guidance and not model.config.tag_head_fields:
         example = ",".join(
             label for label in ("DT", "NN", "VBD") if label in model.config.metadata_fields.get("pos", ())
         )

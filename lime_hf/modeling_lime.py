@@ -16,6 +16,7 @@ from transformers.utils import TransformersKwargs, logging
 
 from .configuration_lime import PAD_ID, SPECIAL_ID, UNKNOWN_ID, LimeConfig, check_inventories
 from .generation import MetadataTracker, parse_guidance, resolve_provider
+from .tag_heads import LimeTagHeads, ModelTagProvider, forward_with_tag_heads
 
 logger = logging.get_logger(__name__)
 
@@ -121,6 +122,7 @@ class LimePreTrainedModel(PreTrainedModel):
         super().__init__(config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.metadata_embeddings = LimeMetadataEmbeddings(config)
+        self.tag_heads = LimeTagHeads(config) if config.tag_head_fields else None
         self.post_init()
 
     @property
@@ -138,6 +140,9 @@ class LimePreTrainedModel(PreTrainedModel):
         if isinstance(module, LimeTagEmbedding) and not getattr(module.weight, "_is_hf_initialized", False):
             with torch.no_grad():
                 module.weight[UNKNOWN_ID].zero_()
+        if isinstance(module, LimeTagHeads) and not getattr(module.start_state, "_is_hf_initialized", False):
+            with torch.no_grad():
+                module.start_state.zero_()
 
     @property
     def _can_compile_fullgraph(self) -> bool:
@@ -158,7 +163,8 @@ class LimePreTrainedModel(PreTrainedModel):
 
         Args:
             model_or_path: a loaded causal LM, or a path/Hub id for `AutoModelForCausalLM.from_pretrained`.
-            config_kwargs: `LimeConfig` arguments (`metadata_fields`, `metadata_weights`, `metadata_shift`).
+            config_kwargs: `LimeConfig` arguments (`metadata_fields`, `metadata_weights`, `metadata_shift`,
+                `tag_head_fields`, ...). Tag heads start random: they never change the logits.
         """
         backbone = model_or_path
         if not isinstance(backbone, PreTrainedModel):
@@ -172,6 +178,10 @@ class LimePreTrainedModel(PreTrainedModel):
         with torch.no_grad():
             for table in model.metadata_embeddings.tables.values():
                 table.weight.zero_()
+        if model.tag_heads is not None:
+            model.tag_heads.to_empty(device=backbone.device)
+            model.tag_heads.to(backbone.dtype)
+            model.tag_heads.reset_parameters(getattr(backbone.config, "initializer_range", 0.02))
         return model
 
     def prepare_backbone_inputs(
@@ -357,6 +367,28 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
             past_key_values: the KV cache under its name before transformers 5.24; give `cache` or this.
             kwargs: the backbone's extra arguments (`num_items_in_batch`, `output_hidden_states`, ...).
         """
+        if self.tag_heads is not None:  # tag_heads.py: the heads read the token embeddings and hidden states
+            kwargs = dict(kwargs)
+            metadata_ids = self._collect_metadata(pos_ids, ner_ids, kwargs)
+            self._check_backbone_kwargs(kwargs)
+            if (input_ids is None) == (inputs_embeds is None):
+                raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+            token_embeds = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
+            kwargs[cache_argument_name(self._backbone_parameters)] = merge_cache_arguments(
+                cache, past_key_values
+            )
+            return forward_with_tag_heads(
+                self,
+                self.embed_inputs(None, token_embeds, metadata_ids, next_metadata_ids),
+                token_embeds,
+                metadata_ids,
+                attention_mask,
+                labels,
+                logits_to_keep,
+                position_ids=position_ids,
+                use_cache=use_cache,
+                **kwargs,
+            )
         inputs_embeds, kwargs = self.prepare_backbone_inputs(
             input_ids, inputs_embeds, pos_ids, ner_ids, next_metadata_ids, kwargs
         )
@@ -399,10 +431,11 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
                 list per batch row (lengths may differ), one list for every row, or a callable
                 `(input_ids, step) -> labels` (one label or `None` per row). Where it ends, the provider
                 takes over. Example: `guidance={"pos": [["VBZ", "DT"]]}`.
-            metadata_provider (*optional*): tags of generated tokens where guidance has none: `"annotate"`
-                (re-annotate the decoded tail; default for LIME when `tokenizer` is given), `"unknown"`, or a
-                callable `(input_ids, step) -> {field: labels}` giving the tags of each row's last token (LIME)
-                or of its next token (LIME+1).
+            metadata_provider (*optional*): tags of generated tokens where guidance has none: `"model"` (the
+                tag heads, on device: the default for a model that has them; LIME+1 guides itself by
+                `config.self_guidance`), `"annotate"` (re-annotate the decoded tail; default for LIME when
+                `tokenizer` is given), `"unknown"`, or a callable `(input_ids, step) -> {field: labels}` giving
+                the tags of each row's last token (LIME) or of its next token (LIME+1).
         """
         prompt_ids = inputs if inputs is not None else kwargs.get("input_ids")
         prompt_metadata = self._collect_metadata(
@@ -423,6 +456,8 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
                 "`guidance` gives the tags of the *next* token, which only a LIME+1 model (metadata_shift=1) "
                 "reads; this is a LIME model (metadata_shift=0). Use `metadata_provider` for its tags."
             )
+        if metadata_provider == "model" or (metadata_provider is None and self.tag_heads is not None):
+            metadata_provider = ModelTagProvider(self, kwargs.get("attention_mask"))
         tokenizer = kwargs.get("tokenizer")
         if getattr(tokenizer, "metadata_fields", None) is not None:
             check_inventories(tokenizer.metadata_fields, self.config.metadata_fields)
@@ -473,6 +508,13 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
                 "`input_ids` (with their `<field>_ids` tags) or set `generation_config.bos_token_id`."
             )
         return torch.full((1, 1), bos_token_id, dtype=torch.long, device=self.device)
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs: dict, *args, **kwargs) -> dict:
+        tracker = model_kwargs.get("lime_tracker")
+        # The tag heads read these states at the next step (not an assistant's: it has its own states).
+        if tracker is not None and getattr(tracker.provider, "model", None) is self:
+            tracker.record_hidden(outputs.last_hidden_state)
+        return super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
 
     def prepare_inputs_for_generation(
         self,

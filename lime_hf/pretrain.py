@@ -43,6 +43,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import EvalLoopOutput
 from transformers.utils import logging
 
@@ -267,7 +268,10 @@ def build_model(args: ScriptArguments, tokenizer: LimeTokenizer) -> LimeForCausa
                 "Give either --model-config (a new model) or --from-backbone (retrofit), not both."
             )
         model = LimeForCausalLM.from_backbone(
-            args.from_backbone, metadata_fields=tokenizer.metadata_fields, metadata_shift=args.metadata_shift
+            args.from_backbone,
+            metadata_fields=tokenizer.metadata_fields,
+            metadata_shift=args.metadata_shift,
+            tag_head_fields=tag_head_fields(args),
         )
         vocab_size = model.get_input_embeddings().num_embeddings
         if len(tokenizer) > vocab_size:
@@ -284,9 +288,17 @@ def build_model(args: ScriptArguments, tokenizer: LimeTokenizer) -> LimeForCausa
         pad_token_id=tokenizer.pad_token_id,
     )
     config = LimeConfig(
-        text_config=text_config, metadata_fields=tokenizer.metadata_fields, metadata_shift=args.metadata_shift
+        text_config=text_config,
+        metadata_fields=tokenizer.metadata_fields,
+        metadata_shift=args.metadata_shift,
+        tag_head_fields=tag_head_fields(args),
     )
     return LimeForCausalLM(config)
+
+
+def tag_head_fields(args: ScriptArguments) -> list[str]:
+    """The fields named by `--tag-heads` (empty: no heads)."""
+    return [name.strip() for name in (args.tag_heads or "").split(",") if name.strip()]
 
 
 def read_text_config(spec: str) -> dict[str, Any]:
@@ -419,6 +431,8 @@ class LimeTrainer(Trainer):
       `**kwargs` and would be dropped. `LimeTrainer` adds every `{field}_ids` of `model.config.metadata_fields`
       to the kept columns (the extension point TRL's trainers use, `_set_signature_columns_if_needed`).
     - Evaluation also reports `perplexity = exp(loss)` (`eval_perplexity`).
+    - A model with tag heads logs its loss parts next to `loss`: `lm_loss` and `{field}_tag_loss` per field
+      (training: averaged per optimizer step like `loss`; evaluation: `eval_lm_loss`, `eval_{field}_tag_loss`).
     - A `LimeTokenizer` given as `processing_class` must have the model's metadata inventories.
     - `push_to_hub` commits model, tokenizer and the LIME model card (fields, inventories, shift, backbone,
       training data, the latest eval metrics) in one commit, in place of Transformers' generic card.
@@ -428,6 +442,9 @@ class LimeTrainer(Trainer):
         """`Trainer`'s arguments, plus `training_data`: names of the training data sets, for the model card."""
         super().__init__(*args, **kwargs)
         self.training_data = training_data
+        # Loss parts of models with tag heads, summed on device since the last log (train) or per evaluation.
+        self._loss_parts: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
+        self._loss_parts_step, self._eval_batches = 0, 0
         if isinstance(self.processing_class, LimeTokenizer):
             check_inventories(self.processing_class.metadata_fields, self.model.config.metadata_fields)
 
@@ -438,6 +455,32 @@ class LimeTrainer(Trainer):
             self._signature_columns += [
                 f"{name}_ids" for name in fields if f"{name}_ids" not in self._signature_columns
             ]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        if isinstance(outputs, dict) and outputs.get("lm_loss") is not None:
+            parts = {"lm_loss": outputs["lm_loss"]}
+            parts.update(
+                {f"{name}_tag_loss": value for name, value in (outputs.get("tag_losses") or {}).items()}
+            )
+            sums = self._loss_parts["train" if model.training else "eval"]
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0) + value.detach()
+            self._eval_batches += not model.training
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        sums = self._loss_parts["train"]
+        if "loss" in logs and sums:
+            # Like `loss`: micro-batch losses normalised over the accumulated batch, summed, per optimizer step.
+            steps = max(self.state.global_step - self._loss_parts_step, 1)
+            for key, value in sums.items():
+                logs[key] = nested_gather(value, self.args.parallel_mode).mean().item() / steps
+            sums.clear()
+            self._loss_parts_step = self.state.global_step
+        super().log(logs, start_time)
 
     def push_to_hub(
         self,
@@ -480,9 +523,14 @@ class LimeTrainer(Trainer):
         ignore_keys: list[str] | None = None,
         metric_key_prefix: str = "eval",
     ) -> EvalLoopOutput:
+        self._loss_parts["eval"].clear()
+        self._eval_batches = 0
         output = super().evaluation_loop(
             dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
         )
+        for key, value in self._loss_parts["eval"].items():
+            mean = nested_gather(value, self.args.parallel_mode).mean().item() / max(self._eval_batches, 1)
+            output.metrics[f"{metric_key_prefix}_{key}"] = mean
         loss = output.metrics.get(f"{metric_key_prefix}_loss")
         if loss is not None:
             output.metrics[f"{metric_key_prefix}_perplexity"] = perplexity(loss)
