@@ -93,7 +93,9 @@ def run_generate(args: argparse.Namespace) -> None:
     )
     set_seed(args.seed)
     try:
-        sequences = generate_with_tags(model, tokenizer, args.prompt, guidance, args.provider, **decoding)
+        sequences = generate_with_tags(
+            model, tokenizer, args.prompt, guidance, args.provider, spacy_tags=args.show_tags, **decoding
+        )
     except ValueError as error:  # e.g. more return sequences than beams without sampling
         parser.error(one_line(error))
     for sequence in sequences:
@@ -182,12 +184,13 @@ def generate_with_tags(
     prompt: str,
     guidance: dict[str, list[str]],
     provider: str | None = None,
+    spacy_tags: bool = True,
     **decoding: Any,
 ) -> list[dict[str, Any]]:
     """
     Generate from one prompt; per returned sequence its `text` and, per generated token, the `token` text, the
-    tags it was `fed` (guidance or provider, by field), the tags it was `asked` (guidance) and the tags spaCy
-    `found` in the output.
+    tags it was `fed` (guidance or provider, by field), the tags it was `asked` (guidance) and, with
+    `spacy_tags`, the tags spaCy `found` in the output (otherwise spaCy never runs on it).
     """
     encoding = tokenizer(prompt, return_tensors="pt").to(model.device)
     start = encoding["input_ids"].shape[1]
@@ -207,7 +210,7 @@ def generate_with_tags(
         # The tags generate fed for each position (guidance or provider); padding after an early EOS is dropped.
         fed_ids = {field: output.metadata_ids[f"{field}_ids"][row].tolist() for field in fields}
         ids = [token for index, token in enumerate(ids) if index < start or token != tokenizer.pad_token_id]
-        found = tokenizer.metadata_for_ids(ids)
+        found = tokenizer.metadata_for_ids(ids) if spacy_tags else None
         rows = []
         for step, token in enumerate(ids[start:]):
             position = start + step
@@ -218,7 +221,9 @@ def generate_with_tags(
                     "asked": {
                         field: labels[step] for field, labels in guidance.items() if step < len(labels)
                     },
-                    "found": {field: fields[field][found[field][position]] for field in fields},
+                    "found": {field: fields[field][found[field][position]] for field in fields}
+                    if found
+                    else {},
                 }
             )
         sequences.append({"text": tokenizer.decode(ids, skip_special_tokens=True), "tokens": rows})
