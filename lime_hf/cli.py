@@ -4,6 +4,7 @@
     lime-hf train --help                                   # pretraining script (lime_hf.pretrain)
     lime-hf generate MODEL_DIR "The king" --guide pos=VBD,DT,NN
     lime-hf demo                                           # baseline vs LIME vs LIME+1 in a few minutes
+    lime-hf eval --model lime --model_args pretrained=DIR --tasks T   # lm-eval's CLI, arguments unchanged
 
 `train` and `demo` import their modules (and the optional packages the demo needs) only when they run.
 """
@@ -230,7 +231,13 @@ def run_demo(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `lime-hf` console script; returns the exit code."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"]:  # lm-eval's own command line, with the `lime` model registered
+        from .integrations.lm_eval import main as eval_main
+
+        eval_main(argv[1:])
+        return 0
+    args = build_parser().parse_args(argv)
     return args.run(args) or 0
 
 

@@ -1,0 +1,1 @@
+"""Integrations that only some users need; the core never imports them."""
