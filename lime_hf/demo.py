@@ -449,6 +449,7 @@ def main(
     print(guided_generation(models, tokenizer, settings.prompt, settings.guidance))
     print(
         f"\nTry it: lime-hf generate {shlex.quote(str(model_dir))} {shlex.quote(settings.prompt)} "
-        f"--guide {guide_option(settings.guidance)} --max-new-tokens {len(settings.guidance)}"
+        f"--guide {guide_option(settings.guidance)} --max-new-tokens {len(settings.guidance)} --show-tags\n"
+        f"Or on a web page: lime-hf app {shlex.quote(str(model_dir))}"
     )
     return curves

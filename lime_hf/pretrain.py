@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +46,20 @@ from transformers import (
 from transformers.trainer_utils import EvalLoopOutput
 from transformers.utils import logging
 
+from lime_hf_cli import (
+    ScriptArguments,
+    check_sources,
+    check_train_arguments,
+    parse_train_arguments,
+)
+
 from .annotation import SpacyAnnotator
 from .collator import DataCollatorForLime
 from .configuration_lime import LimeConfig, check_inventories
 from .data import align_dataset, annotate_dataset, check_column, pack_dataset
 from .model_card import push_to_hub
 from .modeling_lime import LimeForCausalLM
-from .tokenization_lime import ALIGNMENTS, LimeTokenizer
+from .tokenization_lime import LimeTokenizer
 
 logger = logging.get_logger(__name__)
 
@@ -70,92 +77,35 @@ DEFAULT_TEXT_CONFIG: dict[str, Any] = {
 # Special tokens of a tokenizer trained by --train-tokenizer (GPT-2 style: one token begins and ends texts).
 EOS_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|pad|>"
 BYTE_ALPHABET_SIZE = 256
-SOURCES_HELP = (
-    ".txt files (one document per paragraph), a `save_to_disk` folder, or one `datasets` name/folder."
-)
 
 
-@dataclass
-class ScriptArguments:
-    """The pretraining options beyond `TrainingArguments`."""
-
-    sources: list[str] = field(
-        init=False,
-        default_factory=list,
-        metadata={"help": f"Positional: {SOURCES_HELP}"},
-    )
-    tokenizer: str | None = field(
-        default=None,
-        metadata={"help": "A saved LimeTokenizer, or any fast tokenizer (path or Hub id) to wrap in one."},
-    )
-    train_tokenizer: int | None = field(
-        default=None,
-        metadata={
-            "help": "Instead of --tokenizer: train a byte-level BPE of this vocabulary size on the corpus."
-        },
-    )
-    alignment: str | None = field(
-        default=None,
-        metadata={
-            "help": "How tags meet subwords when wrapping or training a tokenizer (default: pretokenized).",
-            "choices": list(ALIGNMENTS),
-        },
-    )
-    spacy_model: str | None = field(
-        default=None, metadata={"help": "spaCy pipeline of a new tokenizer (default: en_core_web_sm)."}
-    )
-    model_config: str | None = field(
-        default=None,
-        metadata={
-            "help": "The backbone's config (`text_config`) as a JSON file or string; default: a tiny Llama."
-        },
-    )
-    from_backbone: str | None = field(
-        default=None,
-        metadata={"help": "Retrofit this causal-LM checkpoint (path or Hub id) instead of a new model."},
-    )
-    metadata_shift: int = field(default=0, metadata={"help": "0 = LIME, 1 = LIME+1.", "choices": [0, 1]})
-    metadata_dropout: float = field(
-        default=0.0, metadata={"help": "Probability of hiding a tag (as 'unknown') in training batches."}
-    )
-    block_size: int = field(default=512, metadata={"help": "Tokens per packed training block."})
-    eval_file: str | None = field(
-        default=None, metadata={"help": "Held-out texts (a .txt file or a dataset, like the sources)."}
-    )
-    eval_fraction: float | None = field(
-        default=None, metadata={"help": "Instead of --eval-file: hold out this fraction of the documents."}
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "Config name of a `datasets` source."})
-    split: str = field(default="train", metadata={"help": "Split of a `datasets` source."})
-    text_column: str = field(default="text", metadata={"help": "Text column of a `datasets` source."})
-    cache_dir: str | None = field(
-        default=None, metadata={"help": "datasets cache folder (default: ~/.cache/huggingface/datasets)."}
-    )
-    num_proc: int = field(default=1, metadata={"help": "Processes for annotation, alignment and packing."})
-    resume: bool = field(
-        default=False,
-        metadata={
-            "help": "Resume from the latest checkpoint in --output-dir (or use --resume-from-checkpoint)."
-        },
-    )
-
-
-def build_parser() -> HfArgumentParser:
-    """The command line: `ScriptArguments`, every `TrainingArguments` option, and the positional sources."""
-    parser = HfArgumentParser(
-        (ScriptArguments, TrainingArguments),
-        description="Pretrain a LIME decoder on raw texts: annotate, align, pack, train, evaluate, save.",
-    )
-    parser.add_argument("sources", nargs="+", help=SOURCES_HELP)
-    parser.set_defaults(output_dir="lime-pretrain")
+def trainer_parser(prog: str) -> HfArgumentParser:
+    """The `TrainingArguments` options, with this script's defaults: output folder, 20 logs per run."""
+    parser = HfArgumentParser(TrainingArguments, prog=prog, usage=f"{prog} SOURCE ... [options]")
+    parser.set_defaults(output_dir="lime-pretrain", logging_steps=0.05, logging_first_step=True)
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, TrainingArguments]:
-    """Parse `argv` (default: `sys.argv[1:]`) into the script's and the Trainer's arguments."""
-    script_args, training_args, positional = build_parser().parse_args_into_dataclasses(args=argv)
-    script_args.sources = positional.sources
-    return script_args, training_args
+def parse_args(
+    argv: list[str] | None = None, prog: str = "lime-hf train"
+) -> tuple[ScriptArguments, TrainingArguments]:
+    """
+    Parse `argv` (default: `sys.argv[1:]`): the sources and LIME options (`lime_hf_cli.parse_train_arguments`),
+    then every `TrainingArguments` option from what is left. `ValueError` for a bad combination or an unknown option.
+    """
+    args, rest = parse_train_arguments(sys.argv[1:] if argv is None else argv, prog)
+    check_train_arguments(args)
+    training_args, unknown = trainer_parser(prog).parse_args_into_dataclasses(
+        args=rest, return_remaining_strings=True
+    )
+    if unknown:
+        raise ValueError(
+            f"Unrecognized arguments {unknown}: `{prog} --help` lists the LIME options, "
+            f"`{prog} --help-trainer` the Trainer's."
+        )
+    if training_args.device.type == "cpu":  # pinned memory only speeds copies to an accelerator
+        training_args.dataloader_pin_memory = False
+    return args, training_args
 
 
 # ---- Texts ---------------------------------------------------------------------------------------------------
@@ -190,29 +140,21 @@ def load_texts(
     The result is disk-backed (in the datasets cache), so every later `map` is cached and other processes of a
     distributed run reuse the main process's work.
     """
-    if not sources:
-        raise ValueError("No sources given: pass .txt files, a `save_to_disk` folder or a `datasets` name.")
-    text_files = [source for source in sources if source.endswith(".txt")]
+    text_files = sources if check_sources(sources) else []
     if text_files:
-        if len(text_files) != len(sources):
-            raise ValueError(
-                f"Mixed sources {sources}: give either .txt files only, or one dataset (name or folder)."
-            )
-        missing = [path for path in text_files if not Path(path).is_file()]
-        if missing:
-            raise ValueError(f"No such text file(s): {missing}.")
         texts = load_dataset(
             "text", data_files=text_files, sample_by="paragraph", split="train", cache_dir=cache_dir
         )
-    elif len(sources) > 1:
-        raise ValueError(f"Several dataset sources {sources}: give one dataset (or .txt files only).")
     else:
         texts = _load_dataset_source(sources[0], dataset_config, split, cache_dir)
     check_column(texts, text_column, hint="choose the text column with --text-column")
     texts = texts.select_columns([text_column])
     if text_column != "text":
         texts = texts.rename_column(text_column, "text")
-    return texts.filter(_has_text, input_columns="text", desc="Dropping empty documents")
+    texts = texts.filter(_has_text, input_columns="text", desc="Dropping empty documents")
+    if len(texts) == 0:
+        raise ValueError(f"No documents: {sources} hold no text (only empty or whitespace-only paragraphs).")
+    return texts
 
 
 def _load_dataset_source(
@@ -293,11 +235,6 @@ def cached_bpe(texts: Dataset, vocab_size: int) -> PreTrainedTokenizerFast:
 
 def build_tokenizer(args: ScriptArguments, train_texts: Dataset) -> LimeTokenizer:
     """The `LimeTokenizer` of `--tokenizer` (loaded or wrapped) or `--train-tokenizer` (trained on the texts)."""
-    if (args.tokenizer is None) == (args.train_tokenizer is None):
-        raise ValueError(
-            "Give exactly one of --tokenizer PATH (a saved LimeTokenizer or a fast tokenizer to wrap) or "
-            "--train-tokenizer VOCAB_SIZE (train a byte-level BPE on the corpus)."
-        )
     if args.tokenizer is not None:
         base = AutoTokenizer.from_pretrained(args.tokenizer)
         if isinstance(base, LimeTokenizer):
@@ -309,6 +246,11 @@ def build_tokenizer(args: ScriptArguments, train_texts: Dataset) -> LimeTokenize
             return base
     else:
         base = cached_bpe(train_texts, args.train_tokenizer)
+        if len(base) < args.train_tokenizer:
+            logger.warning(
+                f"--train-tokenizer {args.train_tokenizer}: the corpus is too small for that many tokens; the BPE "
+                f"learned every merge it offers and has {len(base)} tokens, not {args.train_tokenizer}."
+            )
     return LimeTokenizer.from_tokenizer(
         base, alignment=args.alignment or "pretokenized", spacy_model=args.spacy_model
     )
@@ -581,15 +523,20 @@ def setup_logging(training_args: TrainingArguments) -> None:
     datasets.utils.logging.set_verbosity(log_level)
 
 
-def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> None:
+def main(
+    argv: list[str] | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+    prog: str = "lime-hf train",
+) -> None:
     """
     Run the pretraining script with `argv` (default `sys.argv[1:]`); see `--help`.
 
     Writes to `--output-dir`: the model (safetensors + code files), the tokenizer, `train_results.json`,
     `eval_results.json` (`eval_loss`, `eval_accuracy`, `eval_perplexity`) when there is an eval set, the
-    trainer state, and `checkpoint-*` folders every `--save-steps`. `callbacks` are passed on to the Trainer.
+    trainer state, and `checkpoint-*` folders every `--save-steps`. `callbacks` are passed on to the Trainer;
+    `prog` names the command in usage and error lines.
     """
-    args, training_args = parse_args(argv)
+    args, training_args = parse_args(argv, prog)
     check_launch(training_args)
     setup_logging(training_args)
     set_seed(training_args.seed)  # before the model is built, so its initialisation is reproducible
@@ -633,12 +580,14 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     # Model and tokenizer, on the main process; with --push_to_hub also the Hub commit with the model card.
     trainer.save_model()
     trainer.end()
+    if trainer.is_world_process_zero():
+        print(f"Saved the model, its tokenizer and the metrics to {training_args.output_dir}")
 
 
 __all__ = [
     "LimeTrainer",
     "NextTokenAccuracy",
-    "build_parser",
+    "parse_args",
     "load_texts",
     "main",
     "next_token_metrics",
