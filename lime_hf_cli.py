@@ -563,7 +563,8 @@ def add_app_parser(commands: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `lime-hf` console script; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["eval"]:  # lm-eval's own command line, arguments unchanged, with the `lime` model registered
+    # lm-eval's own command line, arguments unchanged, with the `lime` model registered
+    if argv[:1] == ["eval"]:
         from lime_hf.integrations.lm_eval import main as eval_main
 
         eval_main(argv[1:])
