@@ -570,7 +570,14 @@ def add_app_parser(commands: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `lime-hf` console script; returns the exit code."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # lm-eval's own command line, arguments unchanged, with the `lime` model registered
+    if argv[:1] == ["eval"]:
+        from lime_hf.integrations.lm_eval import main as eval_main
+
+        eval_main(argv[1:])
+        return 0
+    args = build_parser().parse_args(argv)
     try:  # refuse what can be refused before anything heavy is imported
         if args.command == "train":
             check_train_arguments(parse_train_arguments(args.script_args)[0])
