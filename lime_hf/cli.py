@@ -77,6 +77,21 @@ def add_annotate_parser(commands: Any) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=256, help="texts per map batch (default: %(default)s)"
     )
+    scale = parser.add_argument_group(
+        "datatrove executors",
+        "annotate a folder of .parquet or .jsonl[.gz] shards into Parquet shards with datatrove (needs "
+        '`pip install "lime_hf[datatrove]"`); rerunning with the same --logging-dir resumes unfinished tasks',
+    )
+    scale.add_argument(
+        "--executor", choices=["local", "slurm", "ray"], help="default: no datatrove, one machine"
+    )
+    scale.add_argument(
+        "--tasks", type=int, default=1, help="output shards (<= input files) (default: %(default)s)"
+    )
+    scale.add_argument("--workers", type=int, default=-1, help="tasks at once (default: all)")
+    scale.add_argument("--logging-dir", help="logs, stats and completions (default: OUTPUT/../logs-OUTPUT)")
+    scale.add_argument("--slurm-partition", help="Slurm partition")
+    scale.add_argument("--slurm-time", help="Slurm time limit per task, e.g. 24:00:00")
     parser.set_defaults(run=run_annotate, parser=parser)
 
 
@@ -155,6 +170,8 @@ def run_annotate(args: argparse.Namespace) -> None:
     """Load the texts, annotate them (`annotate_dataset`: progress bar, `num_proc`) and `save_to_disk`."""
     from .pretrain import load_texts
 
+    if args.executor is not None:
+        return run_annotate_datatrove(args)
     try:
         texts = load_texts(args.sources, args.dataset_config, args.split, args.text_column)
         annotated = annotate_dataset(
@@ -168,6 +185,31 @@ def run_annotate(args: argparse.Namespace) -> None:
         args.parser.error(str(error))
     annotated.save_to_disk(str(args.output))
     print(f"Annotated {len(annotated)} texts with {', '.join(args.fields)}; saved to {args.output}")
+
+
+def run_annotate_datatrove(args: argparse.Namespace) -> None:
+    """`annotate --executor ...`: `lime_hf.integrations.datatrove.annotate_corpus`."""
+    try:
+        from .integrations.datatrove import annotate_corpus
+
+        if len(args.sources) != 1:
+            raise ValueError(f"--executor takes one input folder of shards, got {args.sources}")
+        slurm = (
+            {"partition": args.slurm_partition, "time": args.slurm_time} if args.executor == "slurm" else {}
+        )
+        logging_dir = args.logging_dir or str(args.output.parent / f"logs-{args.output.name}")
+        annotate_corpus(
+            args.sources[0], str(args.output), logging_dir, args.executor, args.tasks, args.workers,
+            args.fields, args.spacy_model, args.text_column, args.batch_size, **slurm,
+        )  # fmt: skip
+    except ImportError as error:
+        args.parser.error(f'{error}; the executors need `pip install "lime_hf[datatrove]"`')
+    except (ValueError, OSError, RuntimeError) as error:
+        args.parser.error(str(error))
+    done = "Submitted the Slurm job array for" if args.executor == "slurm" else "Annotated"
+    print(
+        f"{done} {args.sources[0]} ({', '.join(args.fields)}): Parquet shards in {args.output}, logs in {logging_dir}"
+    )
 
 
 def run_train(args: argparse.Namespace) -> int:
