@@ -21,6 +21,7 @@ Needs `pip install "lime_hf[datatrove]"` (datatrove, and ray for the Ray executo
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -94,6 +95,11 @@ class LimeAnnotate(PipelineStep):
                 yield document
 
 
+def _folder(folder: Any) -> Any:
+    """datatrove takes str paths, fsspec URLs and `DataFolder`s; a `pathlib.Path` becomes its str."""
+    return os.fspath(folder) if isinstance(folder, os.PathLike) else folder
+
+
 def annotation_features(fields: Sequence[str]) -> Features:
     """The output columns: `id`, `text` and `lime_{field}` per field, typed as `annotate_dataset` types them."""
     return Features(
@@ -113,7 +119,7 @@ def _annotation_row(writer: ParquetWriter, document: Document) -> dict[str, Any]
 def annotation_writer(output_folder: Any, fields: Sequence[str], batch_size: int = 1000) -> ParquetWriter:
     """A `ParquetWriter` of `annotation_features(fields)` rows, one file per task; `batch_size` rows per write."""
     return ParquetWriter(
-        output_folder,
+        _folder(output_folder),
         adapter=_annotation_row,
         schema=annotation_features(fields).arrow_schema,
         batch_size=batch_size,
@@ -126,7 +132,7 @@ def detect_reader(input_folder: Any, text_key: str = "text") -> PipelineStep:
     the endings of the files in it: `.parquet`, or `.jsonl` / `.jsonl.gz` / `.jsonl.zst`. The folder must hold one
     format only (one file ending). Documents without text are skipped by the reader (with a warning), as `load_texts` drops them.
     """
-    folder = get_datafolder(input_folder)
+    folder = get_datafolder(_folder(input_folder))
     by_length = sorted(READERS, key=len, reverse=True)  # `.jsonl.gz` before `.jsonl`
     found = {
         next((e for e in by_length if path.endswith(e)), None) for path in folder.list_files(recursive=True)
@@ -200,7 +206,7 @@ def build_executor(
                 f"The Slurm executor needs {' and '.join(missing)} (e.g. partition='cpu', time='24:00:00')."
             )
     return EXECUTORS[executor](
-        pipeline, tasks=tasks, workers=workers, logging_dir=logging_dir, **executor_kwargs
+        pipeline, tasks=tasks, workers=workers, logging_dir=_folder(logging_dir), **executor_kwargs
     )
 
 
