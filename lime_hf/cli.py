@@ -1,11 +1,8 @@
-"""`lime-hf`: annotate a corpus, pretrain, generate with guidance, or run the demo, from the command line.
+"""The work of each `lime-hf` command; the parsers are in `lime_hf_cli` (`lime-hf --help` imports only them).
 
-    lime-hf annotate book.txt --output annotated/          # spaCy once -> Arrow dataset of char-span tags
-    lime-hf train --help                                   # pretraining script (lime_hf.pretrain)
-    lime-hf generate MODEL_DIR "The king" --guide pos=VBD,DT,NN
-    lime-hf demo                                           # baseline vs LIME vs LIME+1 in a few minutes
-
-`train` and `demo` import their modules (and the optional packages the demo needs) only when they run.
+Every mistake in the user's input (a missing or empty file, a folder that holds no LIME model, guidance the model
+cannot take, ...) ends the command with one line on stderr and exit code 2 (`argparse`'s `parser.error`).
+`load_model` and `generate_with_tags` also serve the web page (`lime_hf.integrations.app`).
 """
 
 from __future__ import annotations
@@ -13,161 +10,21 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from transformers.utils import logging as hf_logging
 
-from .annotation import BUILTIN_FIELDS
-from .data import annotate_dataset
+from lime_hf_cli import check_model_folder
 
-
-def build_parser() -> argparse.ArgumentParser:
-    """The `lime-hf` parser with its four subcommands; each subparser stores its handler as `run`."""
-    parser = argparse.ArgumentParser(
-        prog="lime-hf",
-        description="LIME (Linguistic Metadata Embeddings) for Hugging Face Transformers.",
-        epilog="Run `lime-hf COMMAND --help` for the options of a command.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_annotate_parser(commands)
-    add_train_parser(commands)
-    add_generate_parser(commands)
-    add_demo_parser(commands)
-    return parser
-
-
-def add_annotate_parser(commands: Any) -> None:
-    """`annotate`: text files or a `datasets` dataset -> annotated Arrow dataset on disk."""
-    parser = commands.add_parser(
-        "annotate",
-        help="annotate text with spaCy and save the tag spans as an Arrow dataset",
-        description=(
-            "Run spaCy once over a corpus and save it with one column of character-span tags per field "
-            "(`lime_pos`, `lime_ner`, ...), ready for `lime_hf.align_dataset` with any LimeTokenizer."
-        ),
-    )
-    parser.add_argument(
-        "sources",
-        nargs="+",
-        metavar="SOURCE",
-        help=(
-            ".txt files (every blank-line separated paragraph is one text), or one `save_to_disk` folder or "
-            "`datasets` name"
-        ),
-    )
-    parser.add_argument("--dataset-config", metavar="CONFIG", help="config name of a `datasets` source")
-    parser.add_argument(
-        "--split", default="train", help="split of a `datasets` source (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--text-column", default="text", help="text column of a `datasets` source (default: %(default)s)"
-    )
-    parser.add_argument("--output", "-o", required=True, type=Path, help="folder for `save_to_disk`")
-    parser.add_argument(
-        "--fields",
-        nargs="+",
-        default=["pos", "ner"],
-        choices=sorted(BUILTIN_FIELDS),
-        help="fields to annotate",
-    )
-    parser.add_argument("--spacy-model", help="spaCy pipeline name (default: en_core_web_sm)")
-    parser.add_argument("--num-proc", type=int, help="worker processes, each with its own spaCy pipeline")
-    parser.add_argument(
-        "--batch-size", type=int, default=256, help="texts per map batch (default: %(default)s)"
-    )
-    scale = parser.add_argument_group(
-        "datatrove executors",
-        "annotate a folder of .parquet or .jsonl[.gz] shards into Parquet shards with datatrove (needs "
-        '`pip install "lime_hf[datatrove]"`); rerunning with the same --logging-dir resumes unfinished tasks',
-    )
-    scale.add_argument(
-        "--executor", choices=["local", "slurm", "ray"], help="default: no datatrove, one machine"
-    )
-    scale.add_argument(
-        "--tasks", type=int, default=1, help="output shards (<= input files) (default: %(default)s)"
-    )
-    scale.add_argument("--workers", type=int, default=-1, help="tasks at once (default: all)")
-    scale.add_argument("--logging-dir", help="logs, stats and completions (default: OUTPUT/../logs-OUTPUT)")
-    scale.add_argument("--slurm-partition", help="Slurm partition")
-    scale.add_argument("--slurm-time", help="Slurm time limit per task, e.g. 24:00:00")
-    parser.set_defaults(run=run_annotate, parser=parser)
-
-
-def add_train_parser(commands: Any) -> None:
-    """`train`: every argument goes to `lime_hf.pretrain.main`, `--help` included."""
-    parser = commands.add_parser(
-        "train",
-        help="pretrain a LIME model (all arguments go to the training script; see `lime-hf train --help`)",
-        add_help=False,
-        prefix_chars="\0",  # no option is ours: `--help` and the rest reach the script untouched
-    )
-    parser.add_argument("script_args", nargs=argparse.REMAINDER)
-    parser.set_defaults(run=run_train, parser=parser)
-
-
-def add_generate_parser(commands: Any) -> None:
-    """`generate`: a saved model folder + prompt -> generated text, optionally guided."""
-    parser = commands.add_parser(
-        "generate",
-        help="generate text with a saved LIME / LIME+1 model, optionally guided by tags",
-        description=(
-            "Load a saved LIME model and its LimeTokenizer, tag the prompt with spaCy and generate. A LIME+1 "
-            "model can be guided: `--guide pos=NNP,VBD` asks for a proper noun, then a past-tense verb, one "
-            "label per generated token; after the schedule the provider takes over."
-        ),
-    )
-    parser.add_argument("model", help="folder written by `save_pretrained` (model and LimeTokenizer)")
-    parser.add_argument("prompt", help="the text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=20, help="(default: %(default)s)")
-    parser.add_argument(
-        "--guide",
-        action="append",
-        default=[],
-        metavar="FIELD=LABELS",
-        help=(
-            "LIME+1 guidance: the labels of the next generated tokens, comma-separated (space-separated "
-            "when a label is a comma: 'pos=NNP , VBD'); repeat the option for other fields"
-        ),
-    )
-    parser.add_argument(
-        "--provider",
-        choices=["annotate", "unknown"],
-        help=(
-            "tags of generated tokens that guidance does not cover: re-annotate the text (LIME's default) "
-            "or unknown (LIME+1's default)"
-        ),
-    )
-    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: %(default)s)")
-    parser.add_argument("--num-return-sequences", type=int, default=1, help="(default: %(default)s)")
-    parser.set_defaults(run=run_generate, parser=parser)
-
-
-def add_demo_parser(commands: Any) -> None:
-    """`demo`: see `lime_hf.demo`."""
-    parser = commands.add_parser(
-        "demo",
-        help="train baseline, LIME and LIME+1 tiny models on the World English Bible and compare them",
-        description=(
-            "Train a byte-level BPE, annotate a public-domain corpus (World English Bible) with spaCy, train "
-            "three tiny Llama models on the same token stream (baseline without metadata, LIME, LIME+1), "
-            "print and plot their held-out next-token accuracy, save the LIME+1 model and show guided "
-            "generation. About five minutes on two CPU cores."
-        ),
-    )
-    parser.add_argument(
-        "--output-dir", type=Path, default=Path("lime-demo"), help="where results go (default: %(default)s)"
-    )
-    parser.add_argument("--max-steps", type=int, help="training steps per model (default: the setting's)")
-    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="a seconds-long setting, for tests")
-    parser.set_defaults(run=run_demo, parser=parser)
+from .generation import label_id
+from .modeling_lime import LimeForCausalLM
+from .tokenization_lime import LimeTokenizer
 
 
 def run_annotate(args: argparse.Namespace) -> None:
     """Load the texts, annotate them (`annotate_dataset`: progress bar, `num_proc`) and `save_to_disk`."""
+    from .data import annotate_dataset
     from .pretrain import load_texts
 
     if args.executor is not None:
@@ -181,8 +38,8 @@ def run_annotate(args: argparse.Namespace) -> None:
             batch_size=args.batch_size,
             num_proc=args.num_proc,
         )
-    except (ValueError, OSError) as error:  # missing file or column, unknown dataset or spaCy pipeline
-        args.parser.error(str(error))
+    except (ValueError, OSError) as error:  # unknown dataset or column, no documents, unknown spaCy pipeline
+        args.parser.error(one_line(error))
     annotated.save_to_disk(str(args.output))
     print(f"Annotated {len(annotated)} texts with {', '.join(args.fields)}; saved to {args.output}")
 
@@ -203,64 +60,101 @@ def run_annotate_datatrove(args: argparse.Namespace) -> None:
             args.fields, args.spacy_model, args.text_column, args.batch_size, **slurm,
         )  # fmt: skip
     except ImportError as error:
-        args.parser.error(f'{error}; the executors need `pip install "lime_hf[datatrove]"`')
+        args.parser.error(f'{one_line(error)}; the executors need `pip install "lime_hf[datatrove]"`')
     except (ValueError, OSError, RuntimeError) as error:
-        args.parser.error(str(error))
+        args.parser.error(one_line(error))
     done = "Submitted the Slurm job array for" if args.executor == "slurm" else "Annotated"
     print(
         f"{done} {args.sources[0]} ({', '.join(args.fields)}): Parquet shards in {args.output}, logs in {logging_dir}"
     )
 
 
-def run_train(args: argparse.Namespace) -> int:
-    """Hand every argument to the pretraining script."""
+def run_train(args: argparse.Namespace) -> None:
+    """The pretraining script on every argument (`lime_hf_cli.main` has checked the LIME options)."""
     from .pretrain import main as pretrain_main
 
-    return pretrain_main(args.script_args) or 0
+    try:
+        pretrain_main(args.script_args)
+    except (ValueError, OSError) as error:  # no documents, a tokenizer or backbone that does not load, ...
+        args.parser.error(one_line(error))
 
 
 def run_generate(args: argparse.Namespace) -> None:
     """Load model and tokenizer, tag the prompt, generate (guided when asked) and print each sequence."""
-    # The Auto classes know the "lime" model type: importing this module imported `lime_hf`.
     hf_logging.disable_progress_bar()  # print the generated text only
-    guidance = parse_guide_options(args.guide, args.parser)
+    parser, guidance = args.parser, args.guidance  # checked against the config by `lime_hf_cli.main`
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    except (OSError, ValueError) as error:
-        args.parser.error(f"could not load a model and tokenizer from {args.model!r}: {error}")
-    set_seed(args.seed)
-    encoding = tokenizer(args.prompt, return_tensors="pt")
-    try:
-        output = model.generate(
-            **encoding,
-            tokenizer=tokenizer,
-            guidance=guidance or None,
-            metadata_provider=args.provider,
-            max_new_tokens=args.max_new_tokens,
-            do_sample=args.do_sample,
-            num_return_sequences=args.num_return_sequences,
+        model, tokenizer = load_model(args.model)
+        for field, labels in guidance.items():
+            for label in labels:
+                label_id(model.config.metadata_fields, field, label)
+    except (ValueError, OSError) as error:
+        parser.error(one_line(error))
+    if model.config.metadata_shift and not guidance and not model.config.tag_head_fields:
+        example = ",".join(
+            label for label in ("DT", "NN", "VBD") if label in model.config.metadata_fields.get("pos", ())
         )
-    except ValueError as error:  # unknown field or label, guidance for a LIME model, ...
-        args.parser.error(str(error))
-    for text in tokenizer.batch_decode(output, skip_special_tokens=True):
-        print(text)
-
-
-def parse_guide_options(options: Sequence[str], parser: argparse.ArgumentParser) -> dict[str, list[str]]:
-    """`["pos=NNP,VBD", "ner=O"]` -> `{"pos": ["NNP", "VBD"], "ner": ["O"]}`; bad syntax -> usage error."""
-    guidance: dict[str, list[str]] = {}
-    for option in options:
-        field, equals, value = option.partition("=")
-        labels = value.split() if any(c.isspace() for c in value) else value.split(",")
-        if not equals or not field or not all(labels):
-            parser.error(
-                f"--guide {option!r}: expected FIELD=LABEL,LABEL,... (e.g. pos=NNP,VBD), with no empty label"
+        print(
+            f"note: {args.model} is a LIME+1 model: it reads the tags of the token it is about to write, and without "
+            f"--guide they are unknown.\n  Guide it one label per token, e.g. --guide pos={example or 'LABEL,LABEL'} "
+            f"(`lime-hf tag TEXT --tokenizer {args.model}` shows its labels in context).",
+            file=sys.stderr,
+        )
+    sampling = args.do_sample or any(
+        value is not None for value in (args.temperature, args.top_k, args.top_p)
+    )
+    decoding = dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=sampling,
+        num_beams=args.num_beams,
+        num_return_sequences=args.num_return_sequences,
+        **{
+            name: value
+            for name, value in (
+                ("temperature", args.temperature),
+                ("top_k", args.top_k),
+                ("top_p", args.top_p),
             )
-        if field in guidance:
-            parser.error(f"--guide gives field {field!r} twice")
-        guidance[field] = labels
-    return guidance
+            if value is not None
+        },
+    )
+    set_seed(args.seed)
+    try:
+        sequences = generate_with_tags(
+            model, tokenizer, args.prompt, guidance, args.provider, spacy_tags=args.show_tags, **decoding
+        )
+    except ValueError as error:  # e.g. more return sequences than beams without sampling
+        parser.error(one_line(error))
+    for sequence in sequences:
+        print(sequence["text"])
+        if args.show_tags:
+            print(tags_table(sequence, tokenizer.metadata_fields), end="\n\n")
+    if args.show_tags and guidance:
+        for field in guidance:
+            rows = [row for sequence in sequences for row in sequence["tokens"] if row["asked"].get(field)]
+            agree = sum(row["asked"][field] == row["found"][field] for row in rows)
+            print(f"spaCy finds the asked {field} tag on {agree} of {len(rows)} guided tokens.")
+
+
+def run_tag(args: argparse.Namespace) -> None:
+    """Print the text's tokens with their tags, as the model receives them."""
+    try:
+        tokenizer = load_lime_tokenizer(args.tokenizer, args.alignment)
+        encoding = tokenizer(args.text, return_offsets_mapping=True)
+    except (ValueError, OSError) as error:
+        args.parser.error(one_line(error))
+    header = ["#", "token", "id", "chars", *tokenizer.metadata_fields]
+    rows = []
+    for index, (token, (start, end)) in enumerate(
+        zip(encoding["input_ids"], encoding["offset_mapping"], strict=True)
+    ):
+        tags = [
+            tokenizer.metadata_fields[name][encoding[f"{name}_ids"][index]]
+            for name in tokenizer.metadata_fields
+        ]
+        rows.append([str(index), repr(tokenizer.decode([token])), str(token), f"{start}-{end}", *tags])
+    print(f"{len(rows)} tokens, alignment {tokenizer.alignment!r}:")
+    print(format_table(header, rows))
 
 
 def run_demo(args: argparse.Namespace) -> None:
@@ -270,11 +164,117 @@ def run_demo(args: argparse.Namespace) -> None:
     demo_main(output_dir=args.output_dir, max_steps=args.max_steps, seed=args.seed, quick=args.quick)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `lime-hf` console script; returns the exit code."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    return args.run(args) or 0
+def run_app(args: argparse.Namespace) -> None:
+    """Serve the guided-generation page (`lime_hf.integrations.app`) until interrupted."""
+    from .integrations.app import serve
+
+    try:
+        model, tokenizer = load_model(args.model)
+    except (ValueError, OSError) as error:
+        args.parser.error(one_line(error))
+    serve(model, tokenizer, host=args.host, port=args.port, name=args.model)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+# ---- Shared by the commands and the web page ------------------------------------------------------------------
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (some libraries' messages span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def load_model(path: str) -> tuple[LimeForCausalLM, LimeTokenizer]:
+    """The LIME model and LimeTokenizer saved in folder `path`, in eval mode; `ValueError` if it holds others."""
+    check_model_folder(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not isinstance(tokenizer, LimeTokenizer):
+        raise ValueError(
+            f"{path!r} holds a {type(tokenizer).__name__}, not a LimeTokenizer: save the model's one there"
+        )
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    return model, tokenizer
+
+
+def load_lime_tokenizer(path: str, alignment: str | None) -> LimeTokenizer:
+    """A saved LimeTokenizer (re-wrapped for another `alignment`), or a fast tokenizer wrapped in one."""
+    base = AutoTokenizer.from_pretrained(path)
+    if isinstance(base, LimeTokenizer) and alignment in (None, base.alignment):
+        return base
+    return LimeTokenizer.from_tokenizer(
+        base, alignment=alignment or "pretokenized", spacy_model=getattr(base, "spacy_model", None)
+    )
+
+
+def generate_with_tags(
+    model: LimeForCausalLM,
+    tokenizer: LimeTokenizer,
+    prompt: str,
+    guidance: dict[str, list[str]],
+    provider: str | None = None,
+    spacy_tags: bool = True,
+    **decoding: Any,
+) -> list[dict[str, Any]]:
+    """
+    Generate from one prompt; per returned sequence its `text` and, per generated token, the `token` text, the
+    tags it was `fed` (guidance or provider, by field), the tags it was `asked` (guidance) and, with
+    `spacy_tags`, the tags spaCy `found` in the output (otherwise spaCy never runs on it).
+    """
+    encoding = tokenizer(prompt, return_tensors="pt").to(model.device)
+    start = encoding["input_ids"].shape[1]
+    output = model.generate(
+        **encoding,
+        tokenizer=tokenizer,
+        guidance={field: [labels] for field, labels in guidance.items()} or None,
+        metadata_provider=provider,
+        return_dict_in_generate=True,
+        **decoding,
+    )
+    fields = (
+        tokenizer.metadata_fields
+    )  # the model's inventories (`generate` checks them), in the tokenizer's order
+    sequences = []
+    for row, ids in enumerate(output.sequences.tolist()):
+        # The tags generate fed for each position (guidance or provider); padding after an early EOS is dropped.
+        fed_ids = {field: output.metadata_ids[f"{field}_ids"][row].tolist() for field in fields}
+        ids = [token for index, token in enumerate(ids) if index < start or token != tokenizer.pad_token_id]
+        found = tokenizer.metadata_for_ids(ids) if spacy_tags else None
+        rows = []
+        for step, token in enumerate(ids[start:]):
+            position = start + step
+            rows.append(
+                {
+                    "token": tokenizer.decode([token]),
+                    "fed": {field: fields[field][fed_ids[field][position]] for field in fields},
+                    "asked": {
+                        field: labels[step] for field, labels in guidance.items() if step < len(labels)
+                    },
+                    "found": {field: fields[field][found[field][position]] for field in fields}
+                    if found
+                    else {},
+                }
+            )
+        sequences.append({"text": tokenizer.decode(ids, skip_special_tokens=True), "tokens": rows})
+    return sequences
+
+
+def tags_table(sequence: dict[str, Any], fields: dict[str, list[str]]) -> str:
+    """`--show-tags`: one row per generated token, the tags it was fed (guidance's where asked) beside spaCy's."""
+    header = ["#", "token"]
+    for field in fields:
+        header += [f"{field} fed", f"{field} spaCy"]
+    rows = [
+        [str(step), repr(row["token"])]
+        + [tag for field in fields for tag in (row["fed"][field], row["found"][field])]
+        for step, row in enumerate(sequence["tokens"])
+    ]
+    return format_table(header, rows)
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns, two spaces apart, a rule under the header."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    lines = [header, ["-" * width for width in widths], *rows]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )

@@ -58,6 +58,21 @@ def validate_metadata_fields(fields: dict[str, list[str]]) -> None:
             raise ValueError(f"Field {name!r}: duplicate labels {duplicates} in the inventory.")
 
 
+def validate_tag_heads(
+    fields: list[str], metadata_fields: dict[str, list[str]], loss_weight: float, self_guidance: str
+) -> None:
+    """Raise ``ValueError`` unless the tag-head options name existing fields and allowed values."""
+    unknown = sorted(set(fields) - set(metadata_fields))
+    if unknown:
+        raise ValueError(
+            f"`tag_head_fields` names unknown fields {unknown}; the fields are {list(metadata_fields)}."
+        )
+    if not loss_weight >= 0:
+        raise ValueError(f"`tag_loss_weight` must be a number >= 0, got {loss_weight!r}.")
+    if self_guidance not in ("argmax", "sample"):
+        raise ValueError(f"`self_guidance` must be 'argmax' or 'sample', got {self_guidance!r}.")
+
+
 def check_inventories(tokenizer_fields: dict[str, list[str]], model_fields: dict[str, list[str]]) -> None:
     """Raise ``ValueError`` unless a tokenizer emits exactly the fields and label ids a model reads."""
     if tokenizer_fields == model_fields:
@@ -70,6 +85,19 @@ def check_inventories(tokenizer_fields: dict[str, list[str]], model_fields: dict
                 f"{list(tokenizer_fields)}, model fields {list(model_fields)}). Build the tokenizer with the "
                 "model's fields, or the model with `metadata_fields=tokenizer.metadata_fields`."
             )
+
+
+class TextConfigAttribute:
+    """An attribute of the backbone's config, read and written through from the LIME config."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, config: "LimeConfig | None", owner: type | None = None):
+        return self if config is None else getattr(config.text_config, self.name)
+
+    def __set__(self, config: "LimeConfig", value) -> None:
+        setattr(config.text_config, self.name, value)
 
 
 class LimeConfig(PreTrainedConfig):
@@ -89,17 +117,34 @@ class LimeConfig(PreTrainedConfig):
         metadata_shift (`int`, *optional*, defaults to 0):
             0 = LIME (position i sees the tags of token i); 1 = LIME+1 (position i sees the tags of token
             i+1, so the next token's tags can guide generation).
+        tag_head_fields (`list[str]`, *optional*):
+            Fields with a tag head (see `tag_heads.py`): the model learns to predict the tags it is fed, so that
+            generation needs no tagger (LIME) or no oracle guidance (LIME+1). None (the default): no heads.
+        tag_loss_weight (`float`, *optional*, defaults to 0.2):
+            Weight of the heads' summed cross-entropy in the training loss, `lm_loss + weight * sum(tag_losses)`.
+        self_guidance (`str`, *optional*, defaults to `"argmax"`):
+            How the heads choose a tag during generation: `"argmax"` or `"sample"` (from their softmax).
     """
 
     model_type = "lime"
     # `Trainer.evaluate` need not gather the KV cache: `cache` since transformers 5.24, `past_key_values` before.
-    keys_to_ignore_at_inference = ["cache", "past_key_values"]
+    keys_to_ignore_at_inference = [
+        "cache",
+        "past_key_values",
+        "lm_loss",
+        "tag_losses",
+        "tag_logits",
+        "last_hidden_state",
+    ]
     sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
 
     text_config: dict | PreTrainedConfig | None = None
     metadata_fields: dict[str, list[str]] | None = None
     metadata_weights: dict[str, float] | None = None
     metadata_shift: int = 0
+    tag_head_fields: list[str] | None = None
+    tag_loss_weight: float = 0.2
+    self_guidance: str = "argmax"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -124,6 +169,17 @@ class LimeConfig(PreTrainedConfig):
             }
         if self.metadata_shift not in (0, 1):
             raise ValueError(f"`metadata_shift` must be 0 (LIME) or 1 (LIME+1), got {self.metadata_shift!r}.")
+        self.tag_head_fields = list(self.tag_head_fields or [])
+        validate_tag_heads(
+            self.tag_head_fields, self.metadata_fields, self.tag_loss_weight, self.self_guidance
+        )
+
+    # Trainer and `generate` read these on a model's config; they live in `text_config` only, so the saved
+    # config holds each value once.
+    vocab_size = TextConfigAttribute()
+    hidden_size = TextConfigAttribute()
+    num_hidden_layers = TextConfigAttribute()
+    use_cache = TextConfigAttribute()
 
 
 __all__ = ["LimeConfig"]

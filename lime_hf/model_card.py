@@ -74,6 +74,7 @@ def render_model_card(
         tokenizer=describe_tokenizer(tokenizer),
         spacy_model=DEFAULT_SPACY_MODEL if tokenizer is None else spacy_model(tokenizer),
         fields=describe_fields(model, tokenizer),
+        tag_heads=describe_tag_heads(model),
         guidance_example=guidance_example(model.config.metadata_fields),
         training_data=list(training_data or []),
         metrics={name: format_value(value) for name, value in metrics.items()},
@@ -166,6 +167,8 @@ def card_tags(model: LimePreTrainedModel) -> list[str]:
     tags = ["lime", "linguistic-metadata", model.config.get_text_config().model_type]
     if model.config.metadata_shift:
         tags.insert(1, "lime-plus-one")
+    if model.tag_heads is not None:
+        tags.insert(-1, "tag-heads")
     return tags + [tag for tag in model.model_tags or [] if tag not in tags]
 
 
@@ -200,6 +203,19 @@ def count_parameters(model: LimePreTrainedModel) -> dict[str, str]:
         "total": abbreviate(total),
         "metadata": abbreviate(metadata),
         "metadata_share": f"{100 * metadata / total:.3g}%",
+    }
+
+
+def describe_tag_heads(model: LimePreTrainedModel) -> dict[str, Any] | None:
+    """The fields with tag heads, their loss weight, self-guidance mode and parameter count; None without heads."""
+    if model.tag_heads is None:
+        return None
+    config = model.config
+    return {
+        "fields": ", ".join(f"`{name}`" for name in config.tag_head_fields),
+        "loss_weight": f"{config.tag_loss_weight:g}",
+        "self_guidance": config.self_guidance,
+        "parameters": abbreviate(sum(parameter.numel() for parameter in model.tag_heads.parameters())),
     }
 
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +43,16 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import EvalLoopOutput
 from transformers.utils import logging
+
+from lime_hf_cli import (
+    ScriptArguments,
+    check_sources,
+    check_train_arguments,
+    parse_train_arguments,
+)
 
 from .annotation import SpacyAnnotator
 from .collator import DataCollatorForLime
@@ -52,7 +60,7 @@ from .configuration_lime import LimeConfig, check_inventories
 from .data import ANNOTATION_PREFIX, align_dataset, annotate_dataset, check_column, pack_dataset
 from .model_card import push_to_hub
 from .modeling_lime import LimeForCausalLM
-from .tokenization_lime import ALIGNMENTS, LimeTokenizer
+from .tokenization_lime import LimeTokenizer
 
 logger = logging.get_logger(__name__)
 
@@ -70,92 +78,35 @@ DEFAULT_TEXT_CONFIG: dict[str, Any] = {
 # Special tokens of a tokenizer trained by --train-tokenizer (GPT-2 style: one token begins and ends texts).
 EOS_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|pad|>"
 BYTE_ALPHABET_SIZE = 256
-SOURCES_HELP = (
-    ".txt files (one document per paragraph), a `save_to_disk` folder, or one `datasets` name/folder."
-)
 
 
-@dataclass
-class ScriptArguments:
-    """The pretraining options beyond `TrainingArguments`."""
-
-    sources: list[str] = field(
-        init=False,
-        default_factory=list,
-        metadata={"help": f"Positional: {SOURCES_HELP}"},
-    )
-    tokenizer: str | None = field(
-        default=None,
-        metadata={"help": "A saved LimeTokenizer, or any fast tokenizer (path or Hub id) to wrap in one."},
-    )
-    train_tokenizer: int | None = field(
-        default=None,
-        metadata={
-            "help": "Instead of --tokenizer: train a byte-level BPE of this vocabulary size on the corpus."
-        },
-    )
-    alignment: str | None = field(
-        default=None,
-        metadata={
-            "help": "How tags meet subwords when wrapping or training a tokenizer (default: pretokenized).",
-            "choices": list(ALIGNMENTS),
-        },
-    )
-    spacy_model: str | None = field(
-        default=None, metadata={"help": "spaCy pipeline of a new tokenizer (default: en_core_web_sm)."}
-    )
-    model_config: str | None = field(
-        default=None,
-        metadata={
-            "help": "The backbone's config (`text_config`) as a JSON file or string; default: a tiny Llama."
-        },
-    )
-    from_backbone: str | None = field(
-        default=None,
-        metadata={"help": "Retrofit this causal-LM checkpoint (path or Hub id) instead of a new model."},
-    )
-    metadata_shift: int = field(default=0, metadata={"help": "0 = LIME, 1 = LIME+1.", "choices": [0, 1]})
-    metadata_dropout: float = field(
-        default=0.0, metadata={"help": "Probability of hiding a tag (as 'unknown') in training batches."}
-    )
-    block_size: int = field(default=512, metadata={"help": "Tokens per packed training block."})
-    eval_file: str | None = field(
-        default=None, metadata={"help": "Held-out texts (a .txt file or a dataset, like the sources)."}
-    )
-    eval_fraction: float | None = field(
-        default=None, metadata={"help": "Instead of --eval-file: hold out this fraction of the documents."}
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "Config name of a `datasets` source."})
-    split: str = field(default="train", metadata={"help": "Split of a `datasets` source."})
-    text_column: str = field(default="text", metadata={"help": "Text column of a `datasets` source."})
-    cache_dir: str | None = field(
-        default=None, metadata={"help": "datasets cache folder (default: ~/.cache/huggingface/datasets)."}
-    )
-    num_proc: int = field(default=1, metadata={"help": "Processes for annotation, alignment and packing."})
-    resume: bool = field(
-        default=False,
-        metadata={
-            "help": "Resume from the latest checkpoint in --output-dir (or use --resume-from-checkpoint)."
-        },
-    )
-
-
-def build_parser() -> HfArgumentParser:
-    """The command line: `ScriptArguments`, every `TrainingArguments` option, and the positional sources."""
-    parser = HfArgumentParser(
-        (ScriptArguments, TrainingArguments),
-        description="Pretrain a LIME decoder on raw texts: annotate, align, pack, train, evaluate, save.",
-    )
-    parser.add_argument("sources", nargs="+", help=SOURCES_HELP)
-    parser.set_defaults(output_dir="lime-pretrain")
+def trainer_parser(prog: str) -> HfArgumentParser:
+    """The `TrainingArguments` options, with this script's defaults: output folder, 20 logs per run."""
+    parser = HfArgumentParser(TrainingArguments, prog=prog, usage=f"{prog} SOURCE ... [options]")
+    parser.set_defaults(output_dir="lime-pretrain", logging_steps=0.05, logging_first_step=True)
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, TrainingArguments]:
-    """Parse `argv` (default: `sys.argv[1:]`) into the script's and the Trainer's arguments."""
-    script_args, training_args, positional = build_parser().parse_args_into_dataclasses(args=argv)
-    script_args.sources = positional.sources
-    return script_args, training_args
+def parse_args(
+    argv: list[str] | None = None, prog: str = "lime-hf train"
+) -> tuple[ScriptArguments, TrainingArguments]:
+    """
+    Parse `argv` (default: `sys.argv[1:]`): the sources and LIME options (`lime_hf_cli.parse_train_arguments`),
+    then every `TrainingArguments` option from what is left. `ValueError` for a bad combination or an unknown option.
+    """
+    args, rest = parse_train_arguments(sys.argv[1:] if argv is None else argv, prog)
+    check_train_arguments(args)
+    training_args, unknown = trainer_parser(prog).parse_args_into_dataclasses(
+        args=rest, return_remaining_strings=True
+    )
+    if unknown:
+        raise ValueError(
+            f"Unrecognized arguments {unknown}: `{prog} --help` lists the LIME options, "
+            f"`{prog} --help-trainer` the Trainer's."
+        )
+    if training_args.device.type == "cpu":  # pinned memory only speeds copies to an accelerator
+        training_args.dataloader_pin_memory = False
+    return args, training_args
 
 
 # ---- Texts ---------------------------------------------------------------------------------------------------
@@ -191,22 +142,11 @@ def load_texts(
     The result is disk-backed (in the datasets cache), so every later `map` is cached and other processes of a
     distributed run reuse the main process's work.
     """
-    if not sources:
-        raise ValueError("No sources given: pass .txt files, a `save_to_disk` folder or a `datasets` name.")
-    text_files = [source for source in sources if source.endswith(".txt")]
+    text_files = sources if check_sources(sources) else []
     if text_files:
-        if len(text_files) != len(sources):
-            raise ValueError(
-                f"Mixed sources {sources}: give either .txt files only, or one dataset (name or folder)."
-            )
-        missing = [path for path in text_files if not Path(path).is_file()]
-        if missing:
-            raise ValueError(f"No such text file(s): {missing}.")
         texts = load_dataset(
             "text", data_files=text_files, sample_by="paragraph", split="train", cache_dir=cache_dir
         )
-    elif len(sources) > 1:
-        raise ValueError(f"Several dataset sources {sources}: give one dataset (or .txt files only).")
     else:
         texts = _load_dataset_source(sources[0], dataset_config, split, cache_dir)
     check_column(texts, text_column, hint="choose the text column with --text-column")
@@ -216,7 +156,10 @@ def load_texts(
     )
     if text_column != "text":
         texts = texts.rename_column(text_column, "text")
-    return texts.filter(_has_text, input_columns="text", desc="Dropping empty documents")
+    texts = texts.filter(_has_text, input_columns="text", desc="Dropping empty documents")
+    if len(texts) == 0:
+        raise ValueError(f"No documents: {sources} hold no text (only empty or whitespace-only paragraphs).")
+    return texts
 
 
 def _load_dataset_source(
@@ -297,11 +240,6 @@ def cached_bpe(texts: Dataset, vocab_size: int) -> PreTrainedTokenizerFast:
 
 def build_tokenizer(args: ScriptArguments, train_texts: Dataset) -> LimeTokenizer:
     """The `LimeTokenizer` of `--tokenizer` (loaded or wrapped) or `--train-tokenizer` (trained on the texts)."""
-    if (args.tokenizer is None) == (args.train_tokenizer is None):
-        raise ValueError(
-            "Give exactly one of --tokenizer PATH (a saved LimeTokenizer or a fast tokenizer to wrap) or "
-            "--train-tokenizer VOCAB_SIZE (train a byte-level BPE on the corpus)."
-        )
     if args.tokenizer is not None:
         base = AutoTokenizer.from_pretrained(args.tokenizer)
         if isinstance(base, LimeTokenizer):
@@ -313,6 +251,11 @@ def build_tokenizer(args: ScriptArguments, train_texts: Dataset) -> LimeTokenize
             return base
     else:
         base = cached_bpe(train_texts, args.train_tokenizer)
+        if len(base) < args.train_tokenizer:
+            logger.warning(
+                f"--train-tokenizer {args.train_tokenizer}: the corpus is too small for that many tokens; the BPE "
+                f"learned every merge it offers and has {len(base)} tokens, not {args.train_tokenizer}."
+            )
     return LimeTokenizer.from_tokenizer(
         base, alignment=args.alignment or "pretokenized", spacy_model=args.spacy_model
     )
@@ -329,7 +272,10 @@ def build_model(args: ScriptArguments, tokenizer: LimeTokenizer) -> LimeForCausa
                 "Give either --model-config (a new model) or --from-backbone (retrofit), not both."
             )
         model = LimeForCausalLM.from_backbone(
-            args.from_backbone, metadata_fields=tokenizer.metadata_fields, metadata_shift=args.metadata_shift
+            args.from_backbone,
+            metadata_fields=tokenizer.metadata_fields,
+            metadata_shift=args.metadata_shift,
+            tag_head_fields=tag_head_fields(args),
         )
         vocab_size = model.get_input_embeddings().num_embeddings
         if len(tokenizer) > vocab_size:
@@ -346,9 +292,17 @@ def build_model(args: ScriptArguments, tokenizer: LimeTokenizer) -> LimeForCausa
         pad_token_id=tokenizer.pad_token_id,
     )
     config = LimeConfig(
-        text_config=text_config, metadata_fields=tokenizer.metadata_fields, metadata_shift=args.metadata_shift
+        text_config=text_config,
+        metadata_fields=tokenizer.metadata_fields,
+        metadata_shift=args.metadata_shift,
+        tag_head_fields=tag_head_fields(args),
     )
     return LimeForCausalLM(config)
+
+
+def tag_head_fields(args: ScriptArguments) -> list[str]:
+    """The fields named by `--tag-heads` (empty: no heads)."""
+    return [name.strip() for name in (args.tag_heads or "").split(",") if name.strip()]
 
 
 def read_text_config(spec: str) -> dict[str, Any]:
@@ -486,6 +440,8 @@ class LimeTrainer(Trainer):
       `**kwargs` and would be dropped. `LimeTrainer` adds every `{field}_ids` of `model.config.metadata_fields`
       to the kept columns (the extension point TRL's trainers use, `_set_signature_columns_if_needed`).
     - Evaluation also reports `perplexity = exp(loss)` (`eval_perplexity`).
+    - A model with tag heads logs its loss parts next to `loss`: `lm_loss` and `{field}_tag_loss` per field
+      (training: averaged per optimizer step like `loss`; evaluation: `eval_lm_loss`, `eval_{field}_tag_loss`).
     - A `LimeTokenizer` given as `processing_class` must have the model's metadata inventories.
     - `push_to_hub` commits model, tokenizer and the LIME model card (fields, inventories, shift, backbone,
       training data, the latest eval metrics) in one commit, in place of Transformers' generic card.
@@ -495,6 +451,9 @@ class LimeTrainer(Trainer):
         """`Trainer`'s arguments, plus `training_data`: names of the training data sets, for the model card."""
         super().__init__(*args, **kwargs)
         self.training_data = training_data
+        # Loss parts of models with tag heads, summed on device since the last log (train) or per evaluation.
+        self._loss_parts: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
+        self._loss_parts_step, self._eval_batches = 0, 0
         if isinstance(self.processing_class, LimeTokenizer):
             check_inventories(self.processing_class.metadata_fields, self.model.config.metadata_fields)
 
@@ -505,6 +464,32 @@ class LimeTrainer(Trainer):
             self._signature_columns += [
                 f"{name}_ids" for name in fields if f"{name}_ids" not in self._signature_columns
             ]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        if isinstance(outputs, dict) and outputs.get("lm_loss") is not None:
+            parts = {"lm_loss": outputs["lm_loss"]}
+            parts.update(
+                {f"{name}_tag_loss": value for name, value in (outputs.get("tag_losses") or {}).items()}
+            )
+            sums = self._loss_parts["train" if model.training else "eval"]
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0) + value.detach()
+            self._eval_batches += not model.training
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        sums = self._loss_parts["train"]
+        if "loss" in logs and sums:
+            # Like `loss`: micro-batch losses normalised over the accumulated batch, summed, per optimizer step.
+            steps = max(self.state.global_step - self._loss_parts_step, 1)
+            for key, value in sums.items():
+                logs[key] = nested_gather(value, self.args.parallel_mode).mean().item() / steps
+            sums.clear()
+            self._loss_parts_step = self.state.global_step
+        super().log(logs, start_time)
 
     def push_to_hub(
         self,
@@ -547,9 +532,14 @@ class LimeTrainer(Trainer):
         ignore_keys: list[str] | None = None,
         metric_key_prefix: str = "eval",
     ) -> EvalLoopOutput:
+        self._loss_parts["eval"].clear()
+        self._eval_batches = 0
         output = super().evaluation_loop(
             dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
         )
+        for key, value in self._loss_parts["eval"].items():
+            mean = nested_gather(value, self.args.parallel_mode).mean().item() / max(self._eval_batches, 1)
+            output.metrics[f"{metric_key_prefix}_{key}"] = mean
         loss = output.metrics.get(f"{metric_key_prefix}_loss")
         if loss is not None:
             output.metrics[f"{metric_key_prefix}_perplexity"] = perplexity(loss)
@@ -590,15 +580,20 @@ def setup_logging(training_args: TrainingArguments) -> None:
     datasets.utils.logging.set_verbosity(log_level)
 
 
-def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> None:
+def main(
+    argv: list[str] | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+    prog: str = "lime-hf train",
+) -> None:
     """
     Run the pretraining script with `argv` (default `sys.argv[1:]`); see `--help`.
 
     Writes to `--output-dir`: the model (safetensors + code files), the tokenizer, `train_results.json`,
     `eval_results.json` (`eval_loss`, `eval_accuracy`, `eval_perplexity`) when there is an eval set, the
-    trainer state, and `checkpoint-*` folders every `--save-steps`. `callbacks` are passed on to the Trainer.
+    trainer state, and `checkpoint-*` folders every `--save-steps`. `callbacks` are passed on to the Trainer;
+    `prog` names the command in usage and error lines.
     """
-    args, training_args = parse_args(argv)
+    args, training_args = parse_args(argv, prog)
     check_launch(training_args)
     setup_logging(training_args)
     set_seed(training_args.seed)  # before the model is built, so its initialisation is reproducible
@@ -642,12 +637,14 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     # Model and tokenizer, on the main process; with --push_to_hub also the Hub commit with the model card.
     trainer.save_model()
     trainer.end()
+    if trainer.is_world_process_zero():
+        print(f"Saved the model, its tokenizer and the metrics to {training_args.output_dir}")
 
 
 __all__ = [
     "LimeTrainer",
     "NextTokenAccuracy",
-    "build_parser",
+    "parse_args",
     "load_texts",
     "main",
     "next_token_metrics",

@@ -1,7 +1,9 @@
 """The `lime-hf` console script, run as a real subprocess: real spaCy, real tokenizers, tiny real models."""
 
+import ast
 import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,11 +13,11 @@ import pytest
 import torch
 from datasets import load_from_disk
 from tiny_models import TINY_TEXT_CONFIGS
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from lime_hf import LimeConfig, LimeForCausalLM, LimeTokenizer, pretrain
-from lime_hf.cli import main
-from tests.conftest import share_annotator
+from lime_hf_cli import main, parse_train_arguments
+from tests.conftest import AUSTEN, share_annotator
 
 LIME_HF = shutil.which("lime-hf", path=Path(sys.executable).parent) or shutil.which("lime-hf")
 
@@ -45,16 +47,25 @@ def test_help_lists_every_command(tmp_path):
     result = run_cli("--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "usage: lime-hf" in result.stdout
-    for command in ("annotate", "train", "generate", "demo"):
+    for command in ("annotate", "train", "generate", "tag", "demo", "app"):
         assert f"    {command} " in result.stdout
 
 
-@pytest.mark.parametrize("command", ["annotate", "generate", "demo"])
+@pytest.mark.parametrize("command", ["annotate", "generate", "tag", "demo", "app"])
 def test_each_command_has_its_own_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert f"usage: lime-hf {command}" in capsys.readouterr().out
+
+
+def test_help_imports_neither_torch_nor_lime_hf():
+    code = (
+        "import sys; from lime_hf_cli import main\ntry: main(['train', '--help'])\nexcept SystemExit: pass\n"
+    )
+    code += "print(sorted(name for name in ('torch', 'transformers', 'lime_hf') if name in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.splitlines()[-1] == "[]", result.stderr
 
 
 def test_annotate_saves_span_columns_for_every_paragraph(tmp_path):
@@ -86,18 +97,37 @@ def test_annotate_rejects_a_missing_file_without_traceback(tmp_path, capsys):
     assert "missing.txt" in capsys.readouterr().err
 
 
-def test_train_shows_the_pretraining_scripts_help(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--help"])
-    assert exit_info.value.code == 0
-    out = capsys.readouterr().out
-    assert "--train-tokenizer" in out and "--metadata-shift" in out and "--learning-rate" in out
+def test_train_help_shows_the_lime_options_first_and_points_to_the_trainers(tmp_path):
+    result = run_cli("train", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith("usage: lime-hf train SOURCE")
+    assert "--train-tokenizer VOCAB" in out and "--metadata-shift {0,1}" in out
+    assert "--learning-rate" not in out.split("Trainer options:")[0]  # the Trainer's come behind the pointer
+    assert "lime-hf train --help-trainer" in out
+    assert len(out.splitlines()) < 80
+    assert out.count("(default: 512)") == 1  # each default once
+
+    trainer = run_cli("train", "--help-trainer", cwd=tmp_path)
+    assert trainer.returncode == 0, trainer.stderr
+    assert "--learning_rate LEARNING_RATE, --learning-rate LEARNING_RATE" in trainer.stdout
 
 
-def test_train_hands_every_argument_to_the_pretraining_script(monkeypatch):
+def test_train_reads_sources_first_then_lime_and_trainer_options():
+    args, rest = parse_train_arguments(
+        ["a.txt", "b.txt", "--max_steps", "10", "--train-tokenizer", "400", "--bf16", "--eval-file", "e.txt"]
+    )
+    assert args.sources == ["a.txt", "b.txt"] and args.train_tokenizer == 400 and args.eval_file == "e.txt"
+    assert args.block_size == 512  # the dataclass's default
+    assert rest == ["--max-steps", "10", "--bf16"]
+
+
+def test_train_hands_every_argument_to_the_pretraining_script(monkeypatch, tmp_path):
     received = []
     monkeypatch.setattr(pretrain, "main", received.append)
-    argv = ["corpus.txt", "--max-steps", "3", "-h", "--", "--odd"]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Emma was happy.\n", encoding="utf-8")
+    argv = [str(corpus), "--train-tokenizer", "400", "--max-steps", "3", "--", "--odd"]
     assert main(["train", *argv]) == 0
     assert received == [argv]
 
@@ -152,7 +182,7 @@ def test_generate_reads_space_separated_labels_when_a_label_is_a_comma(lime_plus
     with pytest.raises(SystemExit) as exit_info:  # parsed into ["NNP", ",", "NN"], then "dep" is refused
         main(["generate", str(lime_plus_one_dir), "Emma", "--guide", "pos=NNP , NN", "--guide", "dep=x"])
     assert exit_info.value.code == 2
-    assert "Guidance names unknown metadata field 'dep'" in capsys.readouterr().err
+    assert "has no metadata field 'dep'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -177,3 +207,166 @@ def test_quick_demo_prints_plots_and_saves_a_reloadable_model(tmp_path):
     assert isinstance(model, LimeForCausalLM) and model.config.metadata_shift == 1
     assert isinstance(tokenizer, LimeTokenizer)
     assert tokenizer.metadata_fields == model.config.metadata_fields
+
+
+TINY_LLAMA_JSON = (
+    '{"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, '
+    '"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}'
+)
+
+
+def test_train_logs_loss_and_learning_rate_says_where_it_saved_and_warns_of_a_small_vocabulary(tmp_path):
+    (tmp_path / "small.txt").write_text(
+        (AUSTEN / "emma.txt").read_text(encoding="utf-8")[:6000], encoding="utf-8"
+    )
+    result = run_cli(
+        "train", "small.txt", "--train-tokenizer", "8000", "--model-config", TINY_LLAMA_JSON, "--block-size", "64",
+        "--max-steps", "4", "--per-device-train-batch-size", "4", "--output-dir", "run", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    logs = [ast.literal_eval(line) for line in result.stdout.splitlines() if line.startswith("{'loss'")]
+    assert [sorted(log) for log in logs] == [
+        ["epoch", "grad_norm", "learning_rate", "loss"]
+    ] * 4  # every step
+    assert float(logs[0]["learning_rate"]) > float(logs[-1]["learning_rate"]) > 0  # the linear decay
+    assert result.stdout.rstrip().endswith("Saved the model, its tokenizer and the metrics to run")
+    vocabulary = len(AutoTokenizer.from_pretrained(tmp_path / "run"))
+    assert vocabulary < 8000
+    assert (
+        f"--train-tokenizer 8000: the corpus is too small for that many tokens; the BPE learned every merge it offers and has {vocabulary} tokens, not 8000."
+        in result.stderr
+    )
+    assert "pin_memory" not in result.stderr
+
+
+def test_train_does_not_pin_memory_on_the_cpu(tmp_path):
+    corpus = tmp_path / "a.txt"
+    corpus.write_text("Emma was happy.\n", encoding="utf-8")
+    args, training_args = pretrain.parse_args(
+        [str(corpus), "--train-tokenizer", "400", "--output-dir", str(tmp_path)]
+    )
+    assert training_args.device.type == "cpu" and training_args.dataloader_pin_memory is False
+    assert training_args.logging_steps == 0.05 and training_args.logging_first_step
+    assert args.sources == [str(corpus)] and args.train_tokenizer == 400
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The body rows of a `format_table` table (columns split on runs of two or more spaces)."""
+    lines = text.splitlines()
+    rule = next(index for index, line in enumerate(lines) if line.startswith("-"))
+    rows = []
+    for line in lines[rule + 1 :]:
+        if not line.strip():
+            break
+        rows.append(re.split(r" {2,}", line.strip()))
+    return rows
+
+
+def test_generate_show_tags_prints_the_fed_and_the_found_tags(lime_plus_one_dir, annotator, tmp_path):
+    prompt, schedule = "Emma was", ["NNP", "VBD", "DT"]
+    result = run_cli(
+        "generate", lime_plus_one_dir, prompt, "--guide", "pos=" + ",".join(schedule), "--max-new-tokens", 4,
+        "--show-tags", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    tokenizer = share_annotator(AutoTokenizer.from_pretrained(lime_plus_one_dir), annotator)
+    model = AutoModelForCausalLM.from_pretrained(lime_plus_one_dir)
+    encoding = tokenizer(prompt, return_tensors="pt")
+    ids = model.generate(**encoding, guidance={"pos": [schedule]}, max_new_tokens=4, do_sample=False)[
+        0
+    ].tolist()
+    start = encoding["input_ids"].shape[1]
+    found = tokenizer.metadata_for_ids(ids)
+    labels = tokenizer.metadata_fields
+
+    assert result.stdout.splitlines()[0] == tokenizer.decode(ids, skip_special_tokens=True)
+    columns = result.stdout.splitlines()[1].split("  ")
+    header = ["#", "token", *(f"{name} {kind}" for name in labels for kind in ("fed", "spaCy"))]
+    assert [column.strip() for column in columns if column.strip()] == header
+    rows = table_rows(result.stdout)
+    assert [row[0] for row in rows] == ["0", "1", "2", "3"]
+    assert [row[1] for row in rows] == [repr(tokenizer.decode([token])) for token in ids[start:]]
+    columns = {
+        name: [row[2 + 2 * index : 4 + 2 * index] for row in rows] for index, name in enumerate(labels)
+    }
+    assert [fed for fed, _ in columns["pos"]] == [
+        *schedule,
+        "<unk>",
+    ]  # guidance, then LIME+1's default provider
+    assert [fed for fed, _ in columns["ner"]] == ["<unk>"] * 4  # ner was not guided
+    for name in labels:
+        assert [spacy for _, spacy in columns[name]] == [labels[name][tag] for tag in found[name][start:]]
+    agree = sum(asked == spacy for asked, (_, spacy) in zip(schedule, columns["pos"], strict=False))
+    assert f"spaCy finds the asked pos tag on {agree} of 3 guided tokens." in result.stdout
+
+
+@pytest.mark.parametrize(
+    "options, settings",
+    [
+        (["--num-beams", "2", "--num-return-sequences", "2"], dict(num_beams=2, num_return_sequences=2)),
+        (["--top-k", "5", "--seed", "3"], dict(do_sample=True, top_k=5)),
+        (
+            ["--temperature", "0.7", "--top-p", "0.9", "--seed", "1"],
+            dict(do_sample=True, temperature=0.7, top_p=0.9),
+        ),
+    ],
+)
+def test_generate_decoding_options_match_generate(options, settings, lime_plus_one_dir, annotator, tmp_path):
+    prompt = "Emma was"
+    result = run_cli(
+        "generate",
+        lime_plus_one_dir,
+        prompt,
+        "--guide",
+        "pos=DT,NN",
+        "--max-new-tokens",
+        5,
+        *options,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    tokenizer = share_annotator(AutoTokenizer.from_pretrained(lime_plus_one_dir), annotator)
+    model = AutoModelForCausalLM.from_pretrained(lime_plus_one_dir).eval()
+    set_seed(int(options[options.index("--seed") + 1]) if "--seed" in options else 0)
+    output = model.generate(
+        **tokenizer(prompt, return_tensors="pt"),
+        guidance={"pos": [["DT", "NN"]]},
+        max_new_tokens=5,
+        **settings,
+    )
+    expected = tokenizer.batch_decode(output, skip_special_tokens=True)
+    assert result.stdout == "".join(f"{text}\n" for text in expected)
+    assert len(expected) == settings.get("num_return_sequences", 1)
+
+
+@pytest.mark.parametrize("alignment", ["pretokenized", "offsets"])
+def test_tag_prints_every_token_with_its_tags(alignment, bpe_tokenizer, annotator, tmp_path):
+    bpe_tokenizer.save_pretrained(tmp_path / "bpe")  # a plain fast tokenizer: `tag` wraps it
+    text = "Emma Woodhouse lived in Highbury."
+    result = run_cli("tag", text, "--tokenizer", "bpe", "--alignment", alignment, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    tokenizer = share_annotator(LimeTokenizer.from_tokenizer(bpe_tokenizer, alignment=alignment), annotator)
+    encoding = tokenizer(text, return_offsets_mapping=True)
+    labels = tokenizer.metadata_fields
+    assert result.stdout.splitlines()[0] == f"{len(encoding['input_ids'])} tokens, alignment {alignment!r}:"
+    expected = [
+        [
+            str(index),
+            repr(tokenizer.decode([token])),
+            str(token),
+            f"{start}-{end}",
+            labels["pos"][pos],
+            labels["ner"][ner],
+        ]
+        for index, (token, (start, end), pos, ner) in enumerate(
+            zip(
+                encoding["input_ids"],
+                encoding["offset_mapping"],
+                encoding["pos_ids"],
+                encoding["ner_ids"],
+                strict=True,
+            )
+        )
+    ]
+    assert table_rows(result.stdout) == expected
+    assert [row[4] for row in expected[:3]] == ["NNP", "NNP", "NNP"] and expected[-1][4] == "."

@@ -14,7 +14,8 @@ from tests.conftest import AUSTEN
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
 sys.path.append(str(SCRIPT.parent))  # the benchmark scripts import their shared `common` module
 
-import reproduce  # noqa: E402
+from reproduction.harness import Checkpoint, optimizer_step  # noqa: E402
+from reproduction.self_tagging import noisy  # noqa: E402
 
 
 def test_checkpoint_restores_model_optimizer_schedule_step_and_history(tmp_path):
@@ -25,14 +26,14 @@ def test_checkpoint_restores_model_optimizer_schedule_step_and_history(tmp_path)
         return model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
 
     model, optimizer, scheduler = setup()
-    checkpoint = reproduce.Checkpoint(tmp_path / "run.pt", model, optimizer, scheduler, every_s=0.0)
+    checkpoint = Checkpoint(tmp_path / "run.pt", model, optimizer, scheduler, every_s=0.0)
     assert checkpoint.load() == {"step": 0, "history": []}
     for _ in range(3):
-        reproduce.optimizer_step(model, optimizer, scheduler, model(torch.ones(4, 3)).pow(2).sum())
+        optimizer_step(model, optimizer, scheduler, model(torch.ones(4, 3)).pow(2).sum())
     checkpoint.maybe_save(3, [{"step": 3}])
 
     fresh_model, fresh_optimizer, fresh_scheduler = setup()
-    resumed = reproduce.Checkpoint(tmp_path / "run.pt", fresh_model, fresh_optimizer, fresh_scheduler)
+    resumed = Checkpoint(tmp_path / "run.pt", fresh_model, fresh_optimizer, fresh_scheduler)
     state = resumed.load()
     assert (state["step"], state["history"]) == (3, [{"step": 3}])
     assert torch.equal(fresh_model.weight, model.weight)
@@ -41,6 +42,17 @@ def test_checkpoint_restores_model_optimizer_schedule_step_and_history(tmp_path)
     assert resumed.wall_s() >= state["wall_s"] > 0
     resumed.remove()
     assert not (tmp_path / "run.pt").exists()
+
+
+def test_tag_noise_replaces_the_given_share_of_real_tags_by_real_labels():
+    tags = torch.randint(3, 20, (200, 100))
+    tags[:, :10] = 2  # special tokens keep their tag
+    changed = noisy(tags, 0.3, num_labels=53, seed=0)
+    assert torch.equal(changed[:, :10], tags[:, :10])
+    replaced = changed[:, 10:] != tags[:, 10:]
+    assert 0.27 < replaced.float().mean() < 0.3  # a few draws hit the label they replace
+    assert changed[:, 10:].min() >= 3 and changed.max() < 53
+    assert torch.equal(noisy(tags, 0.3, 53, seed=0), changed)
 
 
 def run_script(*args: object, env: dict) -> subprocess.CompletedProcess:
@@ -66,12 +78,53 @@ def test_smoke_pipeline_writes_the_headline_file_and_resumes(tmp_path):
     config = headline["config"]
     assert config["preset"] == "smoke" and config["seeds"] == {"lm": [0, 1], "add": [0, 1]}
     assert config["lm_train_config"]["seeds"] == [0, 1]
-    assert set(headline["generation"]["summary"]) >= {"true_text", "baseline", "lime_reannotated"}
+    assert set(headline["generation"]["summary"]) >= {
+        "true_text", "baseline", "lime_reannotated", "lime_heads_model_provider", "lime_plus1_heads_self_guided"
+    }  # fmt: skip
+    # The self-tagging experiment: honest evaluation, tag noise, the plain-BPE baseline.
+    assert (
+        headline["data_fraction_lime_self_tags"] is None
+        or 0.0 <= headline["data_fraction_lime_self_tags"] <= 1.0
+    )
+    final = headline["self_tagging_final_eval_metrics"]["lm-lime_heads-s0"]
+    assert {
+        "full_doc_tags",
+        "prefix_tags",
+        "no_tags",
+        "self_tags",
+        "noise_10",
+        "noise_30",
+        "noise_50",
+    } <= set(final)
+    assert 0.0 <= final["self_tags"]["pos_tag_accuracy"] <= 1.0
+    assert set(headline["tag_noise_accuracy_lime_heads"]["lm-lime_heads-s1"]) == {
+        "0",
+        "10",
+        "30",
+        "50",
+        "no_tags",
+    }
+    plain = headline["plain_bpe_baseline"]
+    assert (
+        plain["plain_bpe"]["s0"]["nats_per_char"] > 0
+        and plain["lime_tokenization"]["s0"]["nats_per_char"] > 0
+    )
 
     # Every run recorded its configuration, seed and curve; LIME and the baseline saw the same tokens.
     runs = json.loads((results / "reproduce_runs.json").read_text())["runs"]
     assert sorted(runs) == sorted(
-        [f"lm-{v}-s{s}" for v in ("baseline", "lime", "lime_plus1") for s in (0, 1)]
+        [
+            f"lm-{v}-s{s}"
+            for v in (
+                "baseline",
+                "lime",
+                "lime_plus1",
+                "lime_heads",
+                "lime_plus1_heads",
+                "baseline_plain_bpe",
+            )
+            for s in (0, 1)
+        ]
         + [f"add-{v}-s{s}" for v in ("baseline", "lime_plus1_spacy", "lime_plus1_digit") for s in (0, 1)]
     )
     seen = {
@@ -85,5 +138,5 @@ def test_smoke_pipeline_writes_the_headline_file_and_resumes(tmp_path):
     second = run_script("all", "--smoke", "--cache", tmp_path, env=env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "prepare: " in second.stdout and "exists, skipping" in second.stdout
-    assert "0 of 12 runs to do" in second.stdout
+    assert "0 of 18 runs to do" in second.stdout
     assert json.loads((results / "reproduce.json").read_text()) == headline

@@ -1,2 +1,2 @@
-"""Optional integrations with other engines. The core package never imports them; each one needs its extra
-(`pip install "lime_hf[datatrove]"` for `lime_hf.integrations.datatrove`)."""
+"""Integrations that only some users need; the core never imports them. Each needs its extra, e.g.
+`pip install "lime_hf[datatrove]"` for `lime_hf.integrations.datatrove`."""

@@ -1,0 +1,319 @@
+"""Stage `prepare`: annotate the Austen corpus once, train the BPE, align, prefix-only tags, addition data."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+from common import AUSTEN, train_bpe  # the benchmarks' shared helpers
+
+from .harness import (
+    DATA_CONFIG,
+    EVAL_NOVEL,
+    PREFIX_WINDOW,
+    SPECIAL_ID,
+    SPECIAL_TOKENS,
+    TRAIN_NOVELS,
+    cut_at_paragraph,
+    environment,
+    log,
+    save_arrays,
+    spans_to_annotation,
+    unwrap,
+    write_json,
+)
+
+# ------------------------------------------------------------------------------------ the digit-level field
+
+
+def _digit_field_class():
+    """Built lazily so that `train` on a machine without spaCy still imports this file cheaply."""
+    from lime_hf.annotation import FieldAnnotator
+
+    class DigitPlaceField(FieldAnnotator):
+        """
+        Place value of every digit inside its number, counted from the right (`P0` = ones, `P1` = tens, ...);
+        `+` and `=` by name. Needs only spaCy's tokenizer (`components = ()`), and `annotate_text` gives the
+        same spans without spaCy, so generated text can be re-annotated anywhere.
+        """
+
+        name = "digit"
+        max_places = 6
+        labels = ("SP", *(f"P{i}" for i in range(6)), "PLUS", "EQ", "OTHER")
+        whitespace_label = "SP"
+        components = ()
+
+        def annotate(self, doc):
+            return self.annotate_text(doc.text)
+
+        def annotate_text(self, text: str) -> list[tuple[int, int, str]]:
+            spans = []
+            for match in re.finditer(r"[0-9]+|\S", text):
+                start, end = match.span()
+                if match.group()[0].isdigit():
+                    width = end - start
+                    spans += [
+                        (start + j, start + j + 1, f"P{min(width - 1 - j, self.max_places - 1)}")
+                        for j in range(width)
+                    ]
+                else:
+                    spans.append((start, end, {"+": "PLUS", "=": "EQ"}.get(match.group(), "OTHER")))
+            return spans
+
+    return DigitPlaceField
+
+
+# ------------------------------------------------------------------------------------------------- prepare
+
+
+def prepare(cache: Path, smoke: bool) -> None:
+    data_dir = cache / "data"
+    done = data_dir / "meta.json"
+    if done.exists():
+        log(f"prepare: {done} exists, skipping")
+        return
+    data_dir.mkdir(parents=True, exist_ok=True)
+    dcfg = DATA_CONFIG["smoke" if smoke else "full"]
+    meta = {"data_config": dcfg, "prefix_window_tokens": PREFIX_WINDOW, "environment": environment()}
+    started = time.time()
+    meta["lm"] = prepare_lm(data_dir, dcfg)
+    meta["add"] = prepare_addition(data_dir, dcfg)
+    meta["prepare_wall_s"] = time.time() - started
+    write_json(done, meta)
+    log(f"prepare: done in {meta['prepare_wall_s']:.0f}s")
+
+
+def prepare_lm(data_dir: Path, dcfg: dict) -> dict:
+    from lime_hf import LimeTokenizer, SpacyAnnotator
+    from lime_hf.annotation import NerField, PosField
+
+    texts = {
+        name: cut_at_paragraph(
+            unwrap((AUSTEN / f"{name}.txt").read_text(encoding="utf-8")), dcfg["max_chars"]
+        )
+        for name in (*TRAIN_NOVELS, EVAL_NOVEL)
+    }
+    started = time.time()
+    tokenizer = LimeTokenizer.from_tokenizer(
+        train_bpe(
+            [paragraph for name in TRAIN_NOVELS for paragraph in texts[name].split("\n\n")],
+            dcfg["bpe_vocab"],
+            dict(zip(("pad_token", "bos_token", "eos_token"), SPECIAL_TOKENS, strict=True)),
+        ),
+        alignment="pretokenized",
+    )
+    tokenizer.save_pretrained(data_dir / "tokenizer")
+    annotator = SpacyAnnotator(max_chars=100_000, batch_size=4)
+    tokenizer._annotator = annotator  # one loaded pipeline for everything below
+    meta = {"bpe_wall_s": time.time() - started, "spacy_pipeline": annotator.nlp.meta.get("name")}
+    meta["spacy_version"] = annotator.nlp.meta.get("version")
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    fields = list(tokenizer.metadata_fields)
+
+    def encode(text: str, annotation: dict) -> dict[str, np.ndarray]:
+        enc = tokenizer(text, annotations=annotation)
+        out = {"input_ids": np.asarray([bos, *enc["input_ids"], eos], dtype=np.int32)}
+        for name in fields:
+            out[name] = np.asarray([SPECIAL_ID, *enc[f"{name}_ids"], SPECIAL_ID], dtype=np.int16)
+        return out
+
+    started = time.time()
+    stream: dict[str, list[np.ndarray]] = {"input_ids": [], **{name: [] for name in fields}}
+    words = 0
+    for name in TRAIN_NOVELS:
+        annotation = annotator([texts[name]])[0]
+        words += sum(
+            not texts[name][s:e].isspace()
+            for s, e in zip(annotation["pos"]["starts"], annotation["pos"]["ends"], strict=True)
+        )
+        for key, values in encode(texts[name], annotation).items():
+            stream[key].append(values)
+        log(f"prepare: annotated {name} ({len(texts[name]):,} chars)")
+    train = {key: np.concatenate(values) for key, values in stream.items()}
+    meta["train_annotate_wall_s"] = time.time() - started
+    meta["train_words"] = int(words)
+
+    text = texts[EVAL_NOVEL]
+    annotation = annotator([text])[0]
+    evaluation = encode(text, annotation)
+    # Prefix-only tags: each word tagged from a window of text that ends with the word (no right context).
+    started = time.time()
+    prefix_annotation, agreement = prefix_tags(text, annotation, annotator, [PosField(), NerField()])
+    prefix = encode(text, prefix_annotation)
+    if not np.array_equal(prefix["input_ids"], evaluation["input_ids"]):
+        raise RuntimeError("prefix-only annotation changed the token stream; it must only change the tags")
+    for name in fields:
+        evaluation[f"{name}_prefix"] = prefix[name]
+    meta["prefix_tags_wall_s"] = time.time() - started
+    meta["prefix_tags"] = agreement
+    save_arrays(data_dir / "lm_train.npz", train)
+    save_arrays(data_dir / "lm_eval.npz", evaluation)
+    meta.update(
+        train_tokens=int(len(train["input_ids"])),
+        eval_tokens=int(len(evaluation["input_ids"])),
+        vocab_size=len(tokenizer),
+        train_chars=int(sum(len(texts[name]) for name in TRAIN_NOVELS)),
+        eval_chars=len(text),
+        metadata_fields=tokenizer.metadata_fields,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=bos,
+        eos_token_id=eos,
+    )
+    changed = {name: float(np.mean(evaluation[name] != evaluation[f"{name}_prefix"])) for name in fields}
+    meta["prefix_tags"]["token_fraction_changed_vs_full_doc"] = changed
+    log(f"prepare: LM data {meta['train_tokens']:,} train / {meta['eval_tokens']:,} eval tokens; {changed}")
+    return meta
+
+
+def prefix_tags(text: str, annotation: dict, annotator, fields) -> tuple[dict, dict]:
+    """
+    Re-tag every non-space spaCy token of `text` seeing only the text up to and including it.
+
+    Token k is tagged from the text of tokens k-PREFIX_WINDOW .. k (its own full-document span boundaries are
+    kept, so the token stream does not change). Returns the new annotation and agreement statistics of the
+    window against a 4x longer one on a sample of positions.
+    """
+    starts, ends = annotation["pos"]["starts"], annotation["pos"]["ends"]
+    words = [k for k in range(len(starts)) if not text[starts[k] : ends[k]].isspace()]
+
+    def tag_windows(positions: list[int], window: int) -> dict[str, list[str]]:
+        pieces = [text[starts[max(0, k - window)] : ends[k]] for k in positions]
+        labels: dict[str, list[str]] = {field.name: [] for field in fields}
+        for piece, doc in zip(pieces, annotator.nlp.pipe(pieces, batch_size=512), strict=True):
+            last = len(piece.rstrip())
+            for field in fields:
+                spans = field.annotate(doc)
+                # The span ending at the window's end (the word itself), else the last one before it.
+                label = next((lab for s, e, lab in reversed(spans) if s < last), field.whitespace_label)
+                labels[field.name].append(label)
+        return labels
+
+    new = {name: dict(spans, labels=list(spans["labels"])) for name, spans in annotation.items()}
+    tagged = tag_windows(words, PREFIX_WINDOW)
+    for name, labels in tagged.items():
+        for k, label in zip(words, labels, strict=True):
+            new[name]["labels"][k] = label
+    sample = [
+        int(k) for k in np.random.default_rng(0).choice(words, size=min(600, len(words)), replace=False)
+    ]
+    longer = tag_windows(sample, 4 * PREFIX_WINDOW)
+    index = {k: i for i, k in enumerate(words)}
+    agreement = {
+        "window_tokens": PREFIX_WINDOW,
+        "words": len(words),
+        "check_window_tokens": 4 * PREFIX_WINDOW,
+        "check_sample": len(sample),
+        "agreement_with_longer_window": {
+            name: float(np.mean([tagged[name][index[k]] == longer[name][i] for i, k in enumerate(sample)]))
+            for name in tagged
+        },
+        "word_fraction_changed_vs_full_doc": {
+            name: float(np.mean([tagged[name][index[k]] != annotation[name]["labels"][k] for k in words]))
+            for name in tagged
+        },
+    }
+    return new, agreement
+
+
+def addition_problems(rng: np.random.Generator, count: int, max_digits: int, exclude: set) -> list[tuple]:
+    problems, seen = [], set(exclude)
+    while len(problems) < count:
+        a, b = (
+            int(rng.integers(0 if d == 1 else 10 ** (d - 1), 10**d))
+            for d in rng.integers(1, max_digits + 1, size=2)
+        )
+        if (a, b) not in seen:
+            seen.add((a, b))
+            problems.append((a, b))
+    return problems
+
+
+def prepare_addition(data_dir: Path, dcfg: dict) -> dict:
+    """Synthetic addition `37 + 85 = 122`, one character per token; tags of every field per character."""
+    from lime_hf import SpacyAnnotator
+    from lime_hf.alignment import label_to_id_maps, tags_from_offsets
+
+    started = time.time()
+    rng = np.random.default_rng(1234)
+    test = addition_problems(rng, dcfg["add_test"], dcfg["add_max_digits"], set())
+    train = addition_problems(rng, dcfg["add_train"], dcfg["add_max_digits"], set(test))
+    chars = ["<|pad|>", "<|bos|>", "<|eos|>", *"0123456789", " ", "+", "="]
+    char_id = {c: i for i, c in enumerate(chars)}
+    digit = _digit_field_class()()
+    spacy_annotator = SpacyAnnotator(("pos", "ner"), batch_size=1000)
+    digit_annotator = SpacyAnnotator([digit], batch_size=1000)  # the FieldAnnotator route (tokenizer only)
+    fields = {**spacy_annotator.metadata_fields, **digit_annotator.metadata_fields}
+    whitespace = {"pos": "_SP", "ner": "O", "digit": digit.whitespace_label}
+    label_to_id = label_to_id_maps(fields)
+
+    def char_tags(texts: list[str], annotations: list[dict], names: list[str]) -> list[dict[str, list[int]]]:
+        rows = []
+        for text, annotation in zip(texts, annotations, strict=True):
+            offsets = np.stack([np.arange(len(text)), np.arange(1, len(text) + 1)], axis=1)
+            maps = {name: label_to_id[name] for name in names}
+            tags = tags_from_offsets(annotation, offsets, text, maps, whitespace)
+            rows.append({name: tags[name].tolist() for name in names})
+        return rows
+
+    def build(problems, with_prompt_only: bool) -> dict[str, np.ndarray]:
+        texts = [f"{a} + {b} = {a + b}" for a, b in problems]
+        prompts = [f"{a} + {b} = " for a, b in problems]
+        spacy_full = char_tags(texts, spacy_annotator(texts), ["pos", "ner"])
+        digit_full = char_tags(
+            texts, [spans_to_annotation({"digit": digit.annotate_text(t)}) for t in texts], ["digit"]
+        )
+        width = 2 + max(len(t) for t in texts)
+        out = {
+            "input_ids": np.zeros((len(texts), width), dtype=np.int64),
+            "prompt_len": np.asarray([1 + len(p) for p in prompts], dtype=np.int64),
+            "length": np.asarray([2 + len(t) for t in texts], dtype=np.int64),
+            "a": np.asarray([a for a, _ in problems]),
+            "b": np.asarray([b for _, b in problems]),
+        }
+        for name in fields:
+            out[name] = np.zeros((len(texts), width), dtype=np.int64)
+        for row, text in enumerate(texts):
+            ids = [char_id["<|bos|>"], *(char_id[c] for c in text), char_id["<|eos|>"]]
+            out["input_ids"][row, : len(ids)] = ids
+            tags = {**spacy_full[row], **digit_full[row]}
+            for name in fields:
+                out[name][row, : len(ids)] = [SPECIAL_ID, *tags[name], SPECIAL_ID]
+        if with_prompt_only:  # tags of the prompt annotated alone: what a user without the answer can compute
+            spacy_prompt = char_tags(prompts, spacy_annotator(prompts), ["pos", "ner"])
+            digit_prompt = char_tags(
+                prompts, [spans_to_annotation({"digit": digit.annotate_text(p)}) for p in prompts], ["digit"]
+            )
+            for name in fields:
+                out[f"{name}_prompt"] = np.zeros((len(texts), width), dtype=np.int64)
+            for row, prompt in enumerate(prompts):
+                tags = {**spacy_prompt[row], **digit_prompt[row]}
+                for name in fields:
+                    out[f"{name}_prompt"][row, : 1 + len(prompt)] = [SPECIAL_ID, *tags[name]]
+            # The FieldAnnotator route (spaCy tokenizer + `annotate(doc)`) must agree with `annotate_text`.
+            via_spacy = char_tags(texts, digit_annotator(texts), ["digit"])
+            if via_spacy != digit_full:
+                raise RuntimeError("DigitPlaceField.annotate(doc) disagrees with annotate_text(text)")
+        return out
+
+    save_arrays(data_dir / "add_train.npz", build(train, False))
+    save_arrays(data_dir / "add_test.npz", build(test, True))
+    example = f"{test[0][0]} + {test[0][1]} = {sum(test[0])}"
+    meta = {
+        "train_problems": len(train),
+        "test_problems": len(test),
+        "max_digits": dcfg["add_max_digits"],
+        "sampling": "each operand: a digit count uniform in 1..max_digits, then a uniform number of that many "
+        "digits; test problems are disjoint from training problems; numpy seed 1234",
+        "chars": chars,
+        "metadata_fields": fields,
+        "example": example,
+        "example_tags": {
+            name: [fields[name][i] for i in build([test[0]], False)[name][0][1 : 1 + len(example)]]
+            for name in fields
+        },
+        "wall_s": time.time() - started,
+    }
+    log(f"prepare: addition data {len(train):,} train / {len(test):,} test; {meta['example_tags']}")
+    return meta

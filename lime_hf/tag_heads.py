@@ -1,0 +1,348 @@
+"""Tag heads: a LIME model predicts the metadata it is fed, from its own causal states.
+
+For position i a field's head reads the previous position's final hidden state `h_{i-1}` (a learned start state
+at the first position and after padding) together with the token embedding `E_tok(t_i)`, and predicts the tag
+that position i is *fed*:
+
+    LIME   (shift 0): a_i      the tag of token i (the token just generated);
+    LIME+1 (shift 1): a_{i+1}  the tag of the next token (self-guidance).
+
+`h_{i-1}` has only seen the tags fed to positions < i (a_{<i} for LIME, a_{<=i} for LIME+1), never the target,
+so the prediction is causal and a pure function of the prefix t_{<=i}. In generation it costs no extra forward
+pass: the previous step computed `h_{i-1}`, and `E_tok(t_i)` is a lookup. Trained jointly with the LM loss:
+
+    loss = lm_loss + tag_loss_weight * sum_f CE(head_f(h_{i-1}, E_tok(t_i)), fed tag_f(i))
+
+This file is copied next to the weights by ``save_pretrained`` (remote code), so it imports only ``torch``,
+``transformers`` and its flat siblings.
+"""
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_lime import PAD_ID, UNKNOWN_ID
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LimeCausalLMOutputWithPast(CausalLMOutputWithPast):
+    r"""
+    `CausalLMOutputWithPast` of a model with tag heads. `loss` is `lm_loss + tag_loss_weight * sum(tag_losses)`.
+
+    lm_loss (`torch.FloatTensor` of shape `()`, *optional*): the next-token loss alone (when `labels` are given).
+    tag_losses (`dict[str, torch.FloatTensor]`, *optional*): field -> the head's cross-entropy against the fed tags
+        (when `labels` and the field's tags are given).
+    tag_logits (`dict[str, torch.FloatTensor]`, *optional*): field -> `(batch, seq, labels)` head logits, when
+        every position's logits are kept (`logits_to_keep=0`, as in training and evaluation).
+    last_hidden_state (`torch.FloatTensor` of shape `(batch, seq, hidden)`): the backbone's final hidden states,
+        which the heads read at the next position (generation keeps the last one per prefix).
+    """
+
+    lm_loss: torch.FloatTensor | None = None
+    tag_losses: dict[str, torch.FloatTensor] | None = None
+    tag_logits: dict[str, torch.FloatTensor] | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+
+
+class LimeTagHeads(nn.Module):
+    """One classifier per field of `config.tag_head_fields` over a shared layer reading `[h_{i-1}; E_tok(t_i)]`."""
+
+    def __init__(self, config):
+        super().__init__()
+        hidden_size = config.get_text_config().hidden_size
+        self.shift = config.metadata_shift
+        self.loss_weight = config.tag_loss_weight
+        self.start_state = nn.Parameter(torch.zeros(hidden_size))
+        # Each input normalised on its own: the final hidden state and a raw embedding differ widely in scale.
+        self.hidden_norm = nn.LayerNorm(hidden_size)
+        self.token_norm = nn.LayerNorm(hidden_size)
+        self.proj = nn.Linear(2 * hidden_size, hidden_size)
+        self.act = nn.GELU()
+        self.classifiers = nn.ModuleDict(
+            {
+                name: nn.Linear(hidden_size, len(config.metadata_fields[name]))
+                for name in config.tag_head_fields
+            }
+        )
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Initialise every weight (used where the heads are built on the meta device, e.g. `from_backbone`)."""
+        with torch.no_grad():
+            self.start_state.zero_()
+            self.hidden_norm.reset_parameters()
+            self.token_norm.reset_parameters()
+            for layer in (self.proj, *self.classifiers.values()):
+                layer.weight.normal_(0.0, std)
+                layer.bias.zero_()
+
+    def previous_states(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`(batch, seq, hidden)` -> `h_{i-1}` for every position i: the start state at 0 and after padding.
+
+        The input is taken to start its sequence: after a KV cache, the first position's true `h_{i-1}` is in
+        the previous call (generation and `self_tagged_forward` keep it themselves).
+        """
+        start = self.start_state.to(hidden_states.dtype).expand(hidden_states.shape[0], 1, -1)
+        previous = torch.cat([start, hidden_states[:, :-1]], dim=1)
+        if attention_mask is not None and attention_mask.dim() == 2:
+            attention_mask = attention_mask[
+                :, -hidden_states.shape[1] :
+            ]  # a cached call's mask covers the cache
+            after_padding = torch.cat(
+                [torch.ones_like(attention_mask[:, :1], dtype=torch.bool), attention_mask[:, :-1] == 0], dim=1
+            )
+            previous = torch.where(after_padding[..., None], start, previous)
+        return previous
+
+    def forward(self, previous_hidden: torch.Tensor, token_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`(batch, seq, hidden)` each -> field -> `(batch, seq, labels)` logits of the fed tags."""
+        token_embeds = token_embeds.to(previous_hidden.dtype)
+        features = torch.cat([self.hidden_norm(previous_hidden), self.token_norm(token_embeds)], dim=-1)
+        features = self.act(self.proj(features))
+        return {name: classifier(features) for name, classifier in self.classifiers.items()}
+
+    def fed_tags(self, tags: torch.LongTensor) -> torch.LongTensor:
+        """The tag each position is fed, from the tokens' own tags `(batch, seq)`; the last LIME+1 one is unknown."""
+        if not self.shift:
+            return tags
+        return torch.cat([tags[:, 1:], torch.full_like(tags[:, :1], UNKNOWN_ID)], dim=1)
+
+    def losses(
+        self,
+        tag_logits: dict[str, torch.Tensor],
+        metadata_ids: dict[str, torch.LongTensor],
+        attention_mask: torch.Tensor | None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Cross-entropy of each head whose field's tags are given; padding, unknown and masked positions ignored.
+
+        With `num_items_in_batch` (the Trainer's count of labelled tokens over an accumulated batch) the sum is
+        divided by it, like the LM loss, so gradient accumulation weighs both losses alike.
+        """
+        losses = {}
+        for name, logits in tag_logits.items():
+            if name not in metadata_ids:
+                continue
+            targets = self.fed_tags(metadata_ids[name])
+            ignored = (targets == PAD_ID) | (targets == UNKNOWN_ID)
+            if attention_mask is not None and attention_mask.dim() == 2:
+                ignored |= attention_mask == 0
+            targets = targets.masked_fill(ignored, IGNORE_INDEX)
+            loss = nn.functional.cross_entropy(
+                logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+            count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
+            losses[name] = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
+        return losses
+
+    def predict(
+        self, tag_logits: dict[str, torch.Tensor], sample: bool = False
+    ) -> dict[str, torch.LongTensor]:
+        """Field -> tag ids from head logits (any leading shape): argmax, or a draw from the softmax.
+
+        Padding and unknown are never predicted: the heads are not trained on them.
+        """
+        predicted = {}
+        first = UNKNOWN_ID + 1  # ids 0 (padding) and 1 (unknown) precede every label
+        for name, logits in tag_logits.items():
+            logits = logits[..., first:].float()
+            if sample:
+                ids = torch.multinomial(logits.flatten(0, -2).softmax(-1), 1).view(logits.shape[:-1])
+            else:
+                ids = logits.argmax(-1)
+            predicted[name] = ids + first
+        return predicted
+
+
+def forward_with_tag_heads(
+    model,
+    inputs_embeds: torch.FloatTensor,
+    token_embeds: torch.FloatTensor,
+    metadata_ids: dict[str, torch.LongTensor],
+    attention_mask: torch.Tensor | None,
+    labels: torch.LongTensor | None,
+    logits_to_keep: int | torch.Tensor,
+    **backbone_kwargs,
+) -> LimeCausalLMOutputWithPast:
+    """`LimeForCausalLM.forward` for a model with tag heads: the backbone's forward, then the heads.
+
+    The heads read the backbone's last hidden state (requested as `output_hidden_states=-1`, which records only
+    that one); the caller's own `output_hidden_states` request is honoured.
+    """
+    asked_hidden = backbone_kwargs.pop("output_hidden_states", None)
+    outputs = model.language_model(
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        labels=labels,
+        logits_to_keep=logits_to_keep,
+        output_hidden_states=asked_hidden or -1,
+        **backbone_kwargs,
+    )
+    hidden = outputs.hidden_states[-1]
+    heads = model.tag_heads
+    # Generation keeps only the last position's logits and tags tokens itself (`ModelTagProvider`): no heads here.
+    tag_logits = None
+    if isinstance(logits_to_keep, int) and logits_to_keep == 0:
+        tag_logits = heads(heads.previous_states(hidden, attention_mask), token_embeds)
+    result = LimeCausalLMOutputWithPast(
+        **{key: value for key, value in outputs.items() if key != "hidden_states"},
+        hidden_states=outputs.hidden_states if asked_hidden else None,
+        tag_logits=tag_logits,
+        last_hidden_state=hidden,
+    )
+    if labels is not None and outputs.loss is not None and tag_logits is not None:
+        losses = heads.losses(
+            tag_logits, metadata_ids, attention_mask, backbone_kwargs.get("num_items_in_batch")
+        )
+        result.lm_loss = outputs.loss
+        result.tag_losses = losses
+        # A head whose field has no tags in this batch still joins the graph (DDP needs every parameter used).
+        unused = sum(logits.sum() * 0.0 for name, logits in tag_logits.items() if name not in losses)
+        result.loss = outputs.loss + heads.loss_weight * sum(losses.values()) + unused
+    return result
+
+
+def check_tag_heads(model) -> None:
+    """Raise unless `model` has tag heads (for `metadata_provider="model"` and the self-tagged evaluation)."""
+    if getattr(model, "tag_heads", None) is None:
+        raise ValueError(
+            "metadata_provider='model' and self-tagging need tag heads, and this model has none. Train it with "
+            "`LimeConfig(tag_head_fields=['pos', 'ner'], ...)` (or grow them on a checkpoint with "
+            "`from_pretrained(..., tag_head_fields=[...])` / `from_backbone(..., tag_head_fields=[...])`)."
+        )
+
+
+class ModelTagProvider:
+    """`metadata_provider="model"`: the tag heads give the tags of generated tokens, on the model's device.
+
+    For LIME it tags each generated token; for LIME+1 it predicts the next token's tags where guidance is absent
+    (self-guidance). `MetadataTracker` keeps every prefix's last hidden state and calls this with the state
+    before the prefix's last token and that token, so each tag is a pure function of the prefix (the same with
+    and without the KV cache, and under beam reordering). Fields without a head get "unknown".
+
+    Args:
+        model: the `LimeForCausalLM` (with tag heads).
+        attention_mask: `(batch, prompt_len)` mask of the prompt (left padding), if any.
+        self_guidance: `"argmax"` or `"sample"` (draw from the head's softmax); default `config.self_guidance`.
+    """
+
+    uses_hidden_states = True
+
+    def __init__(self, model, attention_mask: torch.Tensor | None = None, self_guidance: str | None = None):
+        check_tag_heads(model)
+        self.model = model
+        self.attention_mask = attention_mask
+        self.sample = (self_guidance or model.config.self_guidance) == "sample"
+
+    def __call__(self, previous_hidden: torch.Tensor, tokens: torch.LongTensor) -> dict[str, list[int]]:
+        """`(rows, hidden)` states before each row's last token, `(rows,)` those tokens -> field -> tag per row."""
+        heads = self.model.tag_heads
+        embeds = self.model.get_input_embeddings()(tokens.to(previous_hidden.device))
+        logits = heads(previous_hidden[:, None], embeds[:, None])
+        predicted = heads.predict(logits, sample=self.sample)
+        return {name: ids[:, 0].tolist() for name, ids in predicted.items()}
+
+    def prompt_states(
+        self,
+        prompt_ids: torch.LongTensor,
+        prompt_metadata: dict[str, torch.LongTensor],
+        batch_rows: list[int],
+    ) -> torch.Tensor:
+        """`(rows, hidden)`: the hidden state before each prompt's last token (LIME+1's first self-guided tag).
+
+        The prompt without its last token is run once; where it is empty or ends in padding, the start state.
+        """
+        heads = self.model.tag_heads
+        rows, length = prompt_ids.shape
+        start = heads.start_state.expand(rows, -1)
+        if length < 2:
+            return start
+        mask = None if self.attention_mask is None else self.attention_mask[batch_rows].to(prompt_ids.device)
+        head_ids = {f"{name}_ids": tags[:, :-1] for name, tags in prompt_metadata.items()}
+        extra = {"next_metadata_ids": {name: tags[:, -1] for name, tags in prompt_metadata.items()}}
+        if mask is not None:
+            extra["attention_mask"] = mask[:, :-1]
+            extra["position_ids"] = (mask[:, :-1].cumsum(-1) - 1).clamp(min=0)
+        outputs = self.model(input_ids=prompt_ids[:, :-1], use_cache=False, **head_ids, **extra)
+        previous = outputs.last_hidden_state[:, -1]
+        if mask is not None:
+            previous = torch.where((mask[:, -2] == 0)[:, None], start, previous)
+        return previous
+
+
+def _cache_argument(model) -> str:
+    """The name under which `model.forward` takes the KV cache (`cache` since transformers 5.24)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def self_tagged_forward(
+    model,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None = None,
+    prompt_metadata: dict[str, torch.LongTensor] | None = None,
+    prompt_length: int = 0,
+    sample: bool = False,
+) -> tuple[torch.FloatTensor, dict[str, torch.LongTensor]]:
+    """The honest evaluation: the model reads `input_ids` fed only its own causal tag predictions.
+
+    Position by position (with the KV cache), the heads predict the tag position i is fed from `h_{i-1}` and
+    `E_tok(t_i)`; that tag goes in, and `h_i` comes out. Only the first `prompt_length` tokens may carry given tags
+    (`prompt_metadata`, tags of the tokens themselves, which should be prefix-only tags); a LIME+1 model's last
+    prompt position is fed the predicted tag of the first token after the prompt. Fields without a head are
+    unknown after the prompt.
+
+    Args:
+        model: a `LimeForCausalLM` with tag heads.
+        input_ids: `(batch, seq)`; attention_mask: `(batch, seq)` (left padding allowed).
+        prompt_metadata: field -> `(batch, >= prompt_length)` given tags.
+        prompt_length: how many leading tokens take their given tags.
+        sample: draw the predicted tags from the heads' softmax instead of the argmax.
+
+    Returns:
+        `(batch, seq, vocab)` logits and field -> `(batch, seq)` the tags each position was fed.
+    """
+    check_tag_heads(model)
+    heads, shift = model.tag_heads, model.config.metadata_shift
+    prompt_metadata = prompt_metadata or {}
+    batch, length = input_ids.shape
+    fields = list(model.config.metadata_fields)
+    fed = {name: torch.full_like(input_ids, UNKNOWN_ID) for name in fields}
+    given_until = max(prompt_length - shift, 0)  # LIME+1 position i is fed a_{i+1}
+    for name, tags in prompt_metadata.items():
+        fed[name][:, :given_until] = heads.fed_tags(tags[:, :prompt_length])[:, :given_until]
+    embeddings = model.get_input_embeddings()
+    previous = heads.start_state.expand(batch, -1)
+    positions = None if attention_mask is None else (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    cache_kwargs, logits = {}, []
+    for i in range(length):
+        token = input_ids[:, i : i + 1]
+        predicted = heads.predict(heads(previous[:, None], embeddings(token)), sample=sample)
+        for name, ids in predicted.items():
+            if i >= given_until or name not in prompt_metadata:
+                fed[name][:, i] = ids[:, 0]
+        step = {"input_ids": token, "use_cache": True, **cache_kwargs}
+        if shift:
+            step["next_metadata_ids"] = {name: fed[name][:, i] for name in fields}
+        else:
+            step.update({f"{name}_ids": fed[name][:, i : i + 1] for name in fields})
+        if attention_mask is not None:
+            step["attention_mask"] = attention_mask[:, : i + 1]
+            step["position_ids"] = positions[:, i : i + 1]
+        outputs = model(**step)
+        cache = outputs.get("cache", outputs.get("past_key_values"))
+        cache_kwargs = {_cache_argument(model): cache}
+        logits.append(outputs.logits[:, -1:])
+        previous = outputs.last_hidden_state[:, -1]
+        if attention_mask is not None:
+            previous = torch.where((attention_mask[:, i] == 0)[:, None], heads.start_state, previous)
+    return torch.cat(logits, dim=1), fed
+
+
+__all__ = ["LimeCausalLMOutputWithPast", "LimeTagHeads", "ModelTagProvider", "self_tagged_forward"]
