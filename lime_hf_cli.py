@@ -431,6 +431,21 @@ def add_annotate_parser(commands: Any) -> None:
     parser.add_argument(
         "--batch-size", type=positive(int), default=256, help="texts per map batch (default: %(default)s)"
     )
+    scale = parser.add_argument_group(
+        "datatrove executors",
+        "annotate a folder of .parquet or .jsonl[.gz] shards into Parquet shards with datatrove (needs "
+        '`pip install "lime_hf[datatrove]"`); rerunning with the same --logging-dir resumes unfinished tasks',
+    )
+    scale.add_argument(
+        "--executor", choices=["local", "slurm", "ray"], help="default: no datatrove, one machine"
+    )
+    scale.add_argument(
+        "--tasks", type=int, default=1, help="output shards (<= input files) (default: %(default)s)"
+    )
+    scale.add_argument("--workers", type=int, default=-1, help="tasks at once (default: all)")
+    scale.add_argument("--logging-dir", help="logs, stats and completions (default: OUTPUT/../logs-OUTPUT)")
+    scale.add_argument("--slurm-partition", help="Slurm partition")
+    scale.add_argument("--slurm-time", help="Slurm time limit per task, e.g. 24:00:00")
     parser.set_defaults(parser=parser)
 
 
@@ -581,7 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:  # refuse what can be refused before anything heavy is imported
         if args.command == "train":
             check_train_arguments(parse_train_arguments(args.script_args)[0])
-        elif args.command == "annotate":
+        elif args.command == "annotate" and args.executor is None:  # datatrove checks its input folder
             check_sources(args.sources)
         elif args.command == "generate":
             args.guidance = parse_guide_options(args.guide)

@@ -27,6 +27,8 @@ def run_annotate(args: argparse.Namespace) -> None:
     from .data import annotate_dataset
     from .pretrain import load_texts
 
+    if args.executor is not None:
+        return run_annotate_datatrove(args)
     try:
         texts = load_texts(args.sources, args.dataset_config, args.split, args.text_column)
         annotated = annotate_dataset(
@@ -40,6 +42,31 @@ def run_annotate(args: argparse.Namespace) -> None:
         args.parser.error(one_line(error))
     annotated.save_to_disk(str(args.output))
     print(f"Annotated {len(annotated)} texts with {', '.join(args.fields)}; saved to {args.output}")
+
+
+def run_annotate_datatrove(args: argparse.Namespace) -> None:
+    """`annotate --executor ...`: `lime_hf.integrations.datatrove.annotate_corpus`."""
+    try:
+        from .integrations.datatrove import annotate_corpus
+
+        if len(args.sources) != 1:
+            raise ValueError(f"--executor takes one input folder of shards, got {args.sources}")
+        slurm = (
+            {"partition": args.slurm_partition, "time": args.slurm_time} if args.executor == "slurm" else {}
+        )
+        logging_dir = args.logging_dir or str(args.output.parent / f"logs-{args.output.name}")
+        annotate_corpus(
+            args.sources[0], str(args.output), logging_dir, args.executor, args.tasks, args.workers,
+            args.fields, args.spacy_model, args.text_column, args.batch_size, **slurm,
+        )  # fmt: skip
+    except ImportError as error:
+        args.parser.error(f'{one_line(error)}; the executors need `pip install "lime_hf[datatrove]"`')
+    except (ValueError, OSError, RuntimeError) as error:
+        args.parser.error(one_line(error))
+    done = "Submitted the Slurm job array for" if args.executor == "slurm" else "Annotated"
+    print(
+        f"{done} {args.sources[0]} ({', '.join(args.fields)}): Parquet shards in {args.output}, logs in {logging_dir}"
+    )
 
 
 def run_train(args: argparse.Namespace) -> None:

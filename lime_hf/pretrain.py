@@ -57,7 +57,7 @@ from lime_hf_cli import (
 from .annotation import SpacyAnnotator
 from .collator import DataCollatorForLime
 from .configuration_lime import LimeConfig, check_inventories
-from .data import align_dataset, annotate_dataset, check_column, pack_dataset
+from .data import ANNOTATION_PREFIX, align_dataset, annotate_dataset, check_column, pack_dataset
 from .model_card import push_to_hub
 from .modeling_lime import LimeForCausalLM
 from .tokenization_lime import LimeTokenizer
@@ -125,7 +125,8 @@ def load_texts(
     cache_dir: str | None = None,
 ) -> Dataset:
     """
-    Load raw texts as a dataset with one column, `text`, one document per row; empty documents are dropped.
+    Load raw texts as a dataset with a column `text`, one document per row; empty documents are dropped. The
+    spans columns `lime_{field}` of an annotated source are kept.
 
     Args:
         sources (`list[str]`): either
@@ -149,7 +150,10 @@ def load_texts(
     else:
         texts = _load_dataset_source(sources[0], dataset_config, split, cache_dir)
     check_column(texts, text_column, hint="choose the text column with --text-column")
-    texts = texts.select_columns([text_column])
+    # Stored spans (`annotate_dataset`, or the datatrove pipeline's Parquet shards) travel along: no re-annotation.
+    texts = texts.select_columns(
+        [text_column, *(c for c in texts.column_names if c.startswith(ANNOTATION_PREFIX))]
+    )
     if text_column != "text":
         texts = texts.rename_column(text_column, "text")
     texts = texts.filter(_has_text, input_columns="text", desc="Dropping empty documents")
@@ -341,7 +345,8 @@ def prepare_lm_dataset(
     """
     Turn documents into packed causal-LM blocks carrying every metadata field.
 
-    annotate (`annotate_dataset`, spaCy, cached) -> align (`align_dataset`) -> pack (`pack_dataset`, EOS after
+    annotate (`annotate_dataset`, spaCy, cached; skipped when `texts` already has a `lime_{field}` spans column per
+    field of the tokenizer and no `annotator` is given) -> align (`align_dataset`) -> pack (`pack_dataset`, EOS after
     each document). Returns `input_ids`, `attention_mask` and `{field}_ids` per block of `block_size` tokens
     (the last block of each packing batch may be shorter; the collator pads it).
 
@@ -354,9 +359,13 @@ def prepare_lm_dataset(
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("Packing separates documents with EOS, but the tokenizer has no `eos_token`.")
-    annotated = annotate_dataset(
-        texts, annotator=annotator if annotator is not None else tokenizer.annotator, num_proc=num_proc
-    )
+    annotated = texts
+    if annotator is not None or not all(
+        ANNOTATION_PREFIX + f in texts.column_names for f in tokenizer.metadata_fields
+    ):
+        annotated = annotate_dataset(
+            texts, annotator=annotator if annotator is not None else tokenizer.annotator, num_proc=num_proc
+        )
     aligned = align_dataset(annotated, tokenizer, num_proc=num_proc)
     return pack_dataset(aligned, block_size, eos_token_id=tokenizer.eos_token_id, num_proc=num_proc)
 
