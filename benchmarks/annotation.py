@@ -14,7 +14,6 @@ Prints a table and writes benchmarks/results/annotation.{json,csv}.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import platform
 import statistics
@@ -23,7 +22,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from common import AUSTEN, load_paragraphs, save_results, train_bpe  # the benchmarks' shared helpers
+from common import (  # the benchmarks' shared helpers
+    AUSTEN,
+    cpu_scaling,
+    load_paragraphs,
+    save_results,
+    train_bpe,
+)
 from datasets import Dataset, disable_progress_bars
 
 from lime_hf import LimeTokenizer, SpacyAnnotator, align_dataset, annotate_dataset
@@ -68,21 +73,6 @@ def spacy_vs_tokenizer(texts: list[str], tokenizer: LimeTokenizer, repeats: int,
         "lime_tokenizer_s": lime,
         "tokenizer_over_spacy_throughput": statistics.median(raw) / statistics.median(lime),
     }
-
-
-def busy_loop(iterations: int) -> int:
-    total = 0
-    for value in range(iterations):
-        total += value * value
-    return total
-
-
-def cpu_scaling(iterations: int = 5_000_000) -> float:
-    """The speedup of pure-Python work in 2 processes over 1 on this machine now: the ceiling for num_proc=2."""
-    serial = seconds(lambda: [busy_loop(iterations) for _ in range(2)])
-    with multiprocessing.get_context("fork").Pool(2) as pool:  # forked workers are ready at once
-        parallel = seconds(lambda: pool.map(busy_loop, [iterations, iterations], chunksize=1))
-    return serial / parallel
 
 
 def dataset_timings(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 import os
+import time
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -62,3 +64,23 @@ def save_results(name: str, summary: dict, rows: list[dict]) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def busy_loop(iterations: int) -> int:
+    total = 0
+    for value in range(iterations):
+        total += value * value
+    return total
+
+
+def cpu_scaling(iterations: int = 5_000_000) -> float:
+    """The speedup of pure-Python work in 2 processes over 1 on this machine now: the ceiling for num_proc=2."""
+    start = time.perf_counter()
+    for _ in range(2):
+        busy_loop(iterations)
+    serial = time.perf_counter() - start
+    with multiprocessing.get_context("fork").Pool(2) as pool:  # forked workers are ready at once
+        start = time.perf_counter()
+        pool.map(busy_loop, [iterations, iterations], chunksize=1)
+        parallel = time.perf_counter() - start
+    return serial / parallel
