@@ -103,7 +103,7 @@ def main() -> None:
         "two_workers_end_to_end": two["words_per_s"] / one["words_per_s"],
         "two_workers_marginal": two["marginal_words_per_s"] / one["marginal_words_per_s"],
         "ray_over_local_time_end_to_end": on_ray["full_s"] / two["full_s"],
-        "ray_over_local_marginal_rate": two["marginal_words_per_s"] / on_ray["marginal_words_per_s"],
+        "ray_over_local_time_marginal": two["marginal_words_per_s"] / on_ray["marginal_words_per_s"],
     }
     print(
         f"{len(texts)} paragraphs, {words:,} words (and a quarter of them) in {args.shards} shards, "
@@ -121,7 +121,7 @@ def main() -> None:
     )
     print(
         f"ray / local (2 workers): {summary_ratios['ray_over_local_time_end_to_end']:.2f}x the time end to end, "
-        f"{summary_ratios['ray_over_local_marginal_rate']:.2f}x at the marginal rate; ray.init {ray_init_s:.1f} s once"
+        f"{summary_ratios['ray_over_local_time_marginal']:.2f}x at the marginal rate; ray.init {ray_init_s:.1f} s once"
     )
 
     summary = {

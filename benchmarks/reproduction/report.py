@@ -336,6 +336,19 @@ def self_tagged_efficiency(reproduce: dict | None) -> str | None:
     return f"never reached (final accuracy {own:.2%} vs the baseline's {dig(reproduce, 'final_eval_metrics', 'baseline/plain', 'accuracy', 'mean'):.2%})"
 
 
+def datatrove_speedup(datatrove: dict | None) -> str | None:
+    """`1.9x (1.5x)`: the marginal rate's ratio, then the end-to-end one (see benchmarks/datatrove_annotation.py)."""
+    ratios = dig(datatrove, "ratios")
+    return ratios and f"{ratios['two_workers_marginal']:.2f}x ({ratios['two_workers_end_to_end']:.2f}x)"
+
+
+def datatrove_ray(datatrove: dict | None) -> str | None:
+    ratios = dig(datatrove, "ratios")
+    return ratios and (
+        f"{ratios['ray_over_local_time_marginal']:.2f}x ({ratios['ray_over_local_time_end_to_end']:.2f}x)"
+    )
+
+
 def benchmarks_table(results: Path = RESULTS) -> str:
     """The README's one table: overheads, throughput and data efficiency, read from the results JSON files."""
 
@@ -344,6 +357,7 @@ def benchmarks_table(results: Path = RESULTS) -> str:
         return json.loads(path.read_text()) if path.exists() else None
 
     overhead, annotation = load("overhead.json"), load("annotation.json")
+    datatrove = load("datatrove_annotation.json")
     generation, reproduce = load("generation.json"), load("reproduce.json")
     pending = "_pending: run `python benchmarks/{}`_"
 
@@ -376,6 +390,10 @@ def benchmarks_table(results: Path = RESULTS) -> str:
          ratio(dig(annotation, "datasets_map", "align_speedup_over_annotate")), ">= 20x", "annotation.py"),
         ("`datasets.map` annotation, `num_proc=2` / 1 process",
          ratio(dig(annotation, "datasets_map", "num_proc_2_speedup")), ">= 1.7x", "annotation.py"),
+        ("datatrove annotation, 2 local workers / 1, marginal rate (end to end)", datatrove_speedup(datatrove),
+         ">= 1.7x", "datatrove_annotation.py"),
+        ("datatrove annotation, Ray / local executor time, 2 workers, marginal (end to end)",
+         datatrove_ray(datatrove), "report", "datatrove_annotation.py"),
         ("guided LIME+1 `generate` tokens/s / backbone",
          ratio(dig(generation, "throughput", "guided_over_backbone")), ">= 0.9x", "generation.py"),
         ("LIME `generate`, tags from its heads (`metadata_provider=\"model\"`) / backbone, batch 1 / 8",
