@@ -1,11 +1,16 @@
-"""The README's FSDP2 configuration, launched for real with `accelerate launch --config_file` on 2 CPU processes.
+"""FSDP on 2 CPU processes over gloo: the README's FSDP2 configuration under `accelerate launch --config_file`, and
+FSDP2 sharding itself (`fully_shard`, under torchrun).
 
-What it shows (accelerate 1.16, transformers 5.24, torch 2.13): on CPU, accelerate never enables FSDP. Its
+What the first shows (accelerate 1.16, transformers 5.24, torch 2.13): on CPU, accelerate never enables FSDP. Its
 `AcceleratorState` turns `distributed_type: FSDP` into FSDP only for accelerator devices (CUDA, XPU, NPU, ...);
 with `--use_cpu` the run is plain data parallel over gloo (`MULTI_CPU`), the parameters stay ordinary tensors,
 and no FSDP setting has any effect. Without `--use_cpu` the processes see no GPU and do not form a group. The
 tests pin both behaviours, and check what does hold on CPU: full weights saved, reloaded logits equal to the
 in-memory model's, and weights after 3 steps equal to a 1-process run on the same data.
+
+The second shards a LIME model with torch's FSDP2 the way accelerate wraps it on GPUs (each decoder layer a unit,
+the rest in the root), trains 3 steps, gathers the full state dict, saves it with `save_pretrained`, and checks
+the reloaded logits and the weights against a 1-process run.
 """
 
 import json
@@ -18,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_lime
 from transformers import AutoModelForCausalLM
 
 from tests.test_pretrain import REPO, TINY_LLAMA, corpus  # noqa: F401 - the shared corpus fixture
@@ -139,3 +145,90 @@ def test_readme_fsdp_config_without_a_gpu_does_not_form_a_group(corpus, tmp_path
     )
     assert launched.returncode != 0
     assert "The launcher started 2 processes, but the Trainer sees a world of 1" in launched.stderr
+
+
+# accelerate will not shard on CPU, so this runs FSDP2 itself the way accelerate's TRANSFORMER_BASED_WRAP does on
+# GPUs: `fully_shard` on every decoder layer, then on the whole model (tables, embeddings, norm, head in the root).
+FULLY_SHARD_SCRIPT = """
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+
+sys.path.insert(0, sys.argv[1])
+from test_fsdp import BATCH, train_steps
+from tiny_models import tiny_lime
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+model = tiny_lime().train()
+for layer in model.language_model.model.layers:
+    fully_shard(layer)
+fully_shard(model)
+parameter_types = sorted({type(p).__name__ for p in model.parameters()})
+shard = {name: tensor.chunk(world)[rank] for name, tensor in BATCH.items()}
+train_steps(model, shard)
+
+model.eval()
+with torch.no_grad():
+    logits = model(**{k: v for k, v in shard.items() if k != "labels"}).logits
+full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+if rank == 0:
+    model.save_pretrained(sys.argv[2], state_dict=full)
+torch.save({"logits": logits, "parameter_types": parameter_types}, f"{sys.argv[2]}/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+# 4 rows of 16 tokens: 2 rows per rank, the same tokens in every row count, so the ranks' mean gradients average
+# to the full batch's.
+_generator = torch.Generator().manual_seed(0)
+BATCH = {
+    "input_ids": torch.randint(3, 64, (4, 16), generator=_generator),
+    "pos_ids": torch.randint(2, 20, (4, 16), generator=_generator),
+    "ner_ids": torch.randint(2, 10, (4, 16), generator=_generator),
+}
+BATCH["labels"] = BATCH["input_ids"]
+
+
+def train_steps(model: torch.nn.Module, batch: dict[str, torch.Tensor], steps: int = 3) -> None:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@pytest.mark.slow
+def test_fsdp2_fully_shard_on_two_gloo_processes_saves_a_full_state_dict(tmp_path):
+    script = tmp_path / "shard.py"
+    script.write_text(textwrap.dedent(FULLY_SHARD_SCRIPT), encoding="utf-8")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    saved_dir = tmp_path / "saved"
+    saved_dir.mkdir()
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", str(script), str(REPO / "tests"), str(saved_dir)],
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    ranks = [torch.load(saved_dir / f"rank{rank}.pt") for rank in (0, 1)]
+    assert [r["parameter_types"] for r in ranks] == [["DTensor"]] * 2  # sharded for real
+
+    # The full state dict reloads with from_pretrained and gives each rank's in-memory logits.
+    saved = AutoModelForCausalLM.from_pretrained(saved_dir).eval()
+    with torch.no_grad():
+        for rank, record in enumerate(ranks):
+            shard = {k: v.chunk(2)[rank] for k, v in BATCH.items() if k != "labels"}
+            torch.testing.assert_close(saved(**shard).logits, record["logits"], rtol=0, atol=1e-5)
+
+    # 3 sharded steps on 2 x 2 rows equal 3 steps on the 4 rows in one process.
+    reference = tiny_lime().train()
+    train_steps(reference, BATCH)
+    weights = saved.state_dict()
+    assert weights.keys() == reference.state_dict().keys()
+    for name, tensor in reference.state_dict().items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
