@@ -1,4 +1,5 @@
-"""DataCollatorForLime: pad a batch of LIME features, build causal-LM labels, optionally drop metadata."""
+"""DataCollatorForLime: pad a batch of LIME features, build causal-LM labels, optionally drop metadata and
+inject meta-tokens."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 import torch
 
 from .configuration_lime import SPECIAL_ID, UNKNOWN_ID
+from .meta_tokens import IGNORE_INDEX, check_meta_token_id, inject_meta_tokens
 
 
 class DataCollatorForLime:
@@ -17,7 +19,10 @@ class DataCollatorForLime:
     Padding (tokens and tags alike) goes on the tokenizer's padding side, through `tokenizer.pad`. `labels` are
     `input_ids` with -100 wherever `attention_mask` is 0 — keyed on the mask, not on the pad id, which may equal
     EOS. With `metadata_dropout=p`, each real tag (id > 2: not padding, unknown or special) is replaced by the
-    unknown id (1) with probability p, teaching the model to cope with missing metadata.
+    unknown id (1) with probability p, teaching the model to cope with missing metadata. With `meta_token_id`,
+    each feature first gets `meta_fraction` of its length in meta-tokens at random positions (see
+    [`inject_meta_tokens`]; the rows grow by that count): tags 'special' there, and labels -100, so the model
+    never learns to predict a meta-token.
 
     Args:
         tokenizer (`LimeTokenizer`): provides padding (side, pad id) and `metadata_fields`.
@@ -25,6 +30,11 @@ class DataCollatorForLime:
         pad_to_multiple_of (`int`, *optional*): pad the length to a multiple of this value.
         seed (`int`, *optional*): seed of the dropout generator, for reproducible batches.
         generator (`torch.Generator`, *optional*): the dropout generator (overrides `seed`).
+        meta_token_id (`int`, *optional*): a special token of `tokenizer` (see `add_meta_tokens`) to inject.
+        meta_fraction (`float`, *optional*, defaults to 0.1): meta-tokens per token, in `[0, 1)`.
+
+    The generator (dropout and meta-token positions) advances batch by batch: the same seed gives the same
+    sequence of batches.
 
     Call it on a list of features (dicts of lists or tensors); returns a dict of `torch.LongTensor` of shape
     `(batch_size, sequence_length)`: `input_ids`, `attention_mask`, `{field}_ids`, `labels`.
@@ -37,9 +47,24 @@ class DataCollatorForLime:
         pad_to_multiple_of: int | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
+        meta_token_id: int | None = None,
+        meta_fraction: float = 0.1,
     ):
         if not 0.0 <= metadata_dropout <= 1.0:
             raise ValueError(f"`metadata_dropout` is a probability in [0, 1], got {metadata_dropout}.")
+        if meta_token_id is not None:
+            if not 0.0 <= meta_fraction < 1.0:
+                raise ValueError(
+                    f"`meta_fraction` (meta-tokens per token) must lie in [0, 1), got {meta_fraction!r}."
+                )
+            check_meta_token_id(meta_token_id, len(tokenizer))
+            if meta_token_id not in tokenizer.all_special_ids:
+                raise ValueError(
+                    f"`meta_token_id` {meta_token_id} ({tokenizer.convert_ids_to_tokens(meta_token_id)!r}) is not a "
+                    "special token of the tokenizer; register the meta-token with `add_meta_tokens(tokenizer)`."
+                )
+        self.meta_token_id = meta_token_id
+        self.meta_fraction = meta_fraction
         self.tokenizer = tokenizer
         self.metadata_dropout = metadata_dropout
         self.pad_to_multiple_of = pad_to_multiple_of
@@ -56,13 +81,31 @@ class DataCollatorForLime:
                 f"The features lack the metadata columns {missing}; they have {sorted(features[0])}."
             )
         features = [{key: feature[key] for key in keep if key in feature} for feature in features]
+        if self.meta_token_id is not None:
+            features = [self.inject(feature) for feature in features]
         batch = self.tokenizer.pad(features, pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt")
         batch = {key: value.long() for key, value in batch.items()}
         if self.metadata_dropout > 0:
             for column in self.field_columns:
                 batch[column] = self.drop_metadata(batch[column])
-        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        ignored = batch["attention_mask"] == 0
+        if self.meta_token_id is not None:
+            ignored |= batch["input_ids"] == self.meta_token_id
+        batch["labels"] = batch["input_ids"].masked_fill(ignored, IGNORE_INDEX)
         return batch
+
+    def inject(self, feature: dict[str, Any]) -> dict[str, list[int]]:
+        """One unpadded feature with meta-tokens inserted (every column grown alike), as lists."""
+        metadata = {column: feature[column] for column in self.field_columns}
+        grown = inject_meta_tokens(
+            feature["input_ids"],
+            self.meta_token_id,
+            self.meta_fraction,
+            attention_mask=feature.get("attention_mask"),
+            metadata=metadata,
+            generator=self.generator,
+        )
+        return {key: value.tolist() for key, value in grown.items()}
 
     def drop_metadata(self, tags: torch.Tensor) -> torch.Tensor:
         """Replace real tags (id > `SPECIAL_ID`) by `UNKNOWN_ID` with probability `metadata_dropout`."""

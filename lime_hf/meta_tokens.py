@@ -1,0 +1,171 @@
+"""Meta-tokens in the data: special tokens injected at random positions for training (arXiv 2509.16278).
+
+Not a Hub file: the data pipeline's side of meta-tokens, pure torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .configuration_lime import PAD_ID, SPECIAL_ID
+
+IGNORE_INDEX = -100
+
+
+def add_meta_tokens(tokenizer: Any, tokens: Sequence[str] = ("<meta>",)) -> list[int]:
+    """
+    Register `tokens` as special tokens of `tokenizer` (kept with its existing extra special tokens) and return
+    their ids, for `LimeConfig(meta_token_ids=...)`.
+
+    A LimeTokenizer then tags them 'special' (id 2) in every field, `decode(..., skip_special_tokens=True)`
+    drops them, and they are saved with the tokenizer. Grow the model's vocabulary to match with
+    `model.resize_token_embeddings(len(tokenizer))` when the ids are new.
+    """
+    tokenizer.add_special_tokens({"extra_special_tokens": list(tokens)}, replace_extra_special_tokens=False)
+    return tokenizer.convert_tokens_to_ids(list(tokens))
+
+
+def check_meta_token_id(meta_token_id: int, vocab_size: int | None = None) -> None:
+    """Raise `ValueError` unless `meta_token_id` is a token id (in `[0, vocab_size)` when the size is known)."""
+    if isinstance(meta_token_id, bool) or not isinstance(meta_token_id, int) or meta_token_id < 0:
+        raise ValueError(f"`meta_token_id` must be a token id (an int >= 0), got {meta_token_id!r}.")
+    if vocab_size is not None and meta_token_id >= vocab_size:
+        raise ValueError(
+            f"`meta_token_id` {meta_token_id} is outside the vocabulary of {vocab_size} ids (allowed: 0 to "
+            f"{vocab_size - 1}); add the meta-token to the tokenizer first (`add_meta_tokens(tokenizer)`)."
+        )
+
+
+def meta_token_count(length: int, fraction: float) -> int:
+    """The number of meta-tokens injected into `length` tokens: `fraction * length` rounded half up."""
+    return math.floor(fraction * length + 0.5)
+
+
+def inject_meta_tokens(
+    input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
+    meta_token_id: int,
+    fraction: float = 0.1,
+    seed: int | None = None,
+    labels: torch.Tensor | Sequence | None = None,
+    attention_mask: torch.Tensor | Sequence | None = None,
+    metadata: Mapping[str, torch.Tensor | Sequence] | None = None,
+    generator: torch.Generator | None = None,
+    vocab_size: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """
+    Insert meta-tokens at uniformly random positions of each row, for pretraining with meta-tokens.
+
+    A row of `n` real tokens (`attention_mask` 1; all of them without a mask) gets `m = meta_token_count(n,
+    fraction)` meta-tokens: its `n + m` output positions hold the meta-tokens at `m` of them drawn uniformly
+    without replacement (every arrangement equally likely; the tokens keep their order). Nothing is dropped:
+    the output is longer than the input, `(length + max m,)`, so to train on blocks of `L` tokens, pack blocks
+    of `L'` tokens with `L' + meta_token_count(L', fraction) = L`. Rows of a batch may be padded on either side
+    (real tokens contiguous); a row that grows less than the longest gets more padding on its padding side
+    (its own pad id, mask 0, labels -100, tags 0).
+
+    At meta positions `attention_mask` is 1, `labels` -100 (never a target) and every `{field}_ids` of
+    `metadata` the special tag (2).
+
+    Args:
+        input_ids: `(length,)` or `(batch_size, length)` token ids (tensor or lists).
+        meta_token_id (`int`): the meta-token's id.
+        fraction (`float`, *optional*, defaults to 0.1): meta-tokens per real token, in `[0, 1)` (the paper's k).
+        seed (`int`, *optional*): seeds the positions (same seed, same output); ignored if `generator` is given.
+        labels, attention_mask: optional, the shape of `input_ids`.
+        metadata (`dict[str, ...]`, *optional*): `{field}_ids` -> tag ids, the shape of `input_ids`.
+        generator (`torch.Generator`, *optional*): draws the positions (e.g. one generator for a whole epoch).
+        vocab_size (`int`, *optional*): when given, `meta_token_id` must be below it.
+
+    Returns:
+        `dict[str, torch.LongTensor]`: `input_ids`, `attention_mask`, `labels` (if given) and the `metadata`
+        columns, each `(length + m,)` or `(batch_size, length + max m)`.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"`fraction` (meta-tokens per token) must lie in [0, 1), got {fraction!r}.")
+    check_meta_token_id(meta_token_id, vocab_size)
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    if ids.dim() not in (1, 2):
+        raise ValueError(
+            f"`input_ids` must be (length,) or (batch_size, length), got shape {tuple(ids.shape)}."
+        )
+    columns = {"input_ids": ids}
+    if attention_mask is not None:
+        columns["attention_mask"] = torch.as_tensor(attention_mask, dtype=torch.long)
+    if labels is not None:
+        columns["labels"] = torch.as_tensor(labels, dtype=torch.long)
+    columns.update({key: torch.as_tensor(value, dtype=torch.long) for key, value in (metadata or {}).items()})
+    for key, value in columns.items():
+        if value.shape != ids.shape:
+            raise ValueError(
+                f"`{key}` has shape {tuple(value.shape)}, but `input_ids` has {tuple(ids.shape)}."
+            )
+    mask = columns.pop("attention_mask", torch.ones_like(ids))
+    if generator is None and seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+
+    batched = ids.dim() == 2
+    rows = (
+        [{key: value[row] for key, value in columns.items()} for row in range(len(ids))]
+        if batched
+        else [columns]
+    )
+    masks = list(mask) if batched else [mask]
+    grown = [
+        grow_row(row, row_mask, meta_token_id, fraction, generator)
+        for row, row_mask in zip(rows, masks, strict=True)
+    ]
+    width = max(count for _, count in grown)
+    out = {key: [] for key in ("input_ids", "attention_mask", *columns)}
+    for row, (parts, count), row_mask in zip(rows, grown, masks, strict=True):
+        left_padded = len(row_mask) > 0 and row_mask[0] == 0 and row_mask[-1] == 1
+        # A row that grew less than the longest gets more of its own padding; it has padding since it is shorter.
+        pad_id = int(row["input_ids"][row_mask == 0][0]) if count < width else 0
+        for key, (before, inner, after) in parts.items():
+            fill = {"input_ids": pad_id, "labels": IGNORE_INDEX}.get(key, PAD_ID)  # PAD_ID == mask 0
+            extra = torch.full((width - count,), fill, dtype=torch.long)
+            out[key].append(
+                torch.cat((extra, before, inner, after) if left_padded else (before, inner, after, extra))
+            )
+    return {key: torch.stack(values) if batched else values[0] for key, values in out.items()}
+
+
+def grow_row(
+    row: dict[str, torch.Tensor],
+    row_mask: torch.Tensor,
+    meta_token_id: int,
+    fraction: float,
+    generator: torch.Generator | None,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], int]:
+    """One row's columns as (padding before, real tokens with meta-tokens inserted, padding after), and `m`."""
+    start, end = real_span(row_mask)
+    count = meta_token_count(end - start, fraction)
+    is_meta = torch.zeros(end - start + count, dtype=torch.bool)
+    is_meta[torch.randperm(len(is_meta), generator=generator)[:count]] = True
+    meta_fill = {"input_ids": meta_token_id, "labels": IGNORE_INDEX, "attention_mask": 1}
+    parts = {}
+    for key, value in {**row, "attention_mask": row_mask}.items():
+        inner = torch.full((len(is_meta),), meta_fill.get(key, SPECIAL_ID), dtype=torch.long)
+        inner[~is_meta] = value[start:end]
+        parts[key] = (value[:start], inner, value[end:])
+    return parts, count
+
+
+def real_span(attention_mask: torch.Tensor) -> tuple[int, int]:
+    """`(start, end)` of the row's real tokens; `ValueError` unless they are one run (padding on one side)."""
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError(f"`attention_mask` must hold 0 and 1 only, got {attention_mask.unique().tolist()}.")
+    count = int(attention_mask.sum())
+    start = int(attention_mask.argmax()) if count else 0
+    if not bool(attention_mask[start : start + count].all()):
+        raise ValueError(
+            "The real tokens (attention_mask 1) of a row must be contiguous, with padding on one side; got "
+            f"{attention_mask.tolist()}."
+        )
+    return start, start + count
+
+
+__all__ = ["add_meta_tokens", "inject_meta_tokens", "meta_token_count"]
