@@ -55,13 +55,16 @@ def inject_meta_tokens(
     metadata: Mapping[str, torch.Tensor | Sequence] | None = None,
     generator: torch.Generator | None = None,
     vocab_size: int | None = None,
+    every: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """
-    Insert meta-tokens at uniformly random positions of each row, for pretraining with meta-tokens.
+    Insert meta-tokens at uniformly random positions of each row (or at a fixed stride), for pretraining with
+    meta-tokens.
 
     A row of `n` real tokens (`attention_mask` 1; all of them without a mask) gets `m = meta_token_count(n,
     fraction)` meta-tokens: its `n + m` output positions hold the meta-tokens at `m` of them drawn uniformly
-    without replacement (every arrangement equally likely; the tokens keep their order). Nothing is dropped:
+    without replacement (every arrangement equally likely; the tokens keep their order). With `every=N`
+    instead (the fixed-stride placement), one meta-token follows every `N` tokens: `m = n // N`. Nothing is dropped:
     the output is longer than the input, `(length + max m,)`, so to train on blocks of `L` tokens, pack blocks
     of `L'` tokens with `L' + meta_token_count(L', fraction) = L`. Rows of a batch may be padded on either side
     (real tokens contiguous); a row that grows less than the longest gets more padding on its padding side
@@ -79,6 +82,7 @@ def inject_meta_tokens(
         metadata (`dict[str, ...]`, *optional*): `{field}_ids` -> tag ids, the shape of `input_ids`.
         generator (`torch.Generator`, *optional*): draws the positions (e.g. one generator for a whole epoch).
         vocab_size (`int`, *optional*): when given, `meta_token_id` must be below it.
+        every (`int`, *optional*): a fixed stride instead of random positions (`fraction` and the seed unused).
 
     Returns:
         `dict[str, torch.LongTensor]`: `input_ids`, `attention_mask`, `labels` (if given) and the `metadata`
@@ -87,6 +91,8 @@ def inject_meta_tokens(
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"`fraction` (meta-tokens per token) must lie in [0, 1), got {fraction!r}.")
     check_meta_token_id(meta_token_id, vocab_size)
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(f"`every` (tokens between meta-tokens) must be an int >= 1, got {every!r}.")
     ids = torch.as_tensor(input_ids, dtype=torch.long)
     if ids.dim() not in (1, 2):
         raise ValueError(
@@ -115,7 +121,7 @@ def inject_meta_tokens(
     )
     masks = list(mask) if batched else [mask]
     grown = [
-        grow_row(row, row_mask, meta_token_id, fraction, generator)
+        grow_row(row, row_mask, meta_token_id, fraction, generator, every)
         for row, row_mask in zip(rows, masks, strict=True)
     ]
     width = max(count for _, count in grown)
@@ -139,12 +145,16 @@ def grow_row(
     meta_token_id: int,
     fraction: float,
     generator: torch.Generator | None,
+    every: int | None,
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], int]:
     """One row's columns as (padding before, real tokens with meta-tokens inserted, padding after), and `m`."""
     start, end = real_span(row_mask)
-    count = meta_token_count(end - start, fraction)
+    count = meta_token_count(end - start, fraction) if every is None else (end - start) // every
     is_meta = torch.zeros(end - start + count, dtype=torch.bool)
-    is_meta[torch.randperm(len(is_meta), generator=generator)[:count]] = True
+    if every is None:
+        is_meta[torch.randperm(len(is_meta), generator=generator)[:count]] = True
+    else:
+        is_meta[every :: every + 1] = True
     meta_fill = {"input_ids": meta_token_id, "labels": IGNORE_INDEX, "attention_mask": 1}
     parts = {}
     for key, value in {**row, "attention_mask": row_mask}.items():

@@ -80,6 +80,15 @@ def test_the_seed_reproduces_the_positions_and_a_generator_advances():
     assert not torch.equal(inject_meta_tokens(ids, META, generator=generator)["input_ids"], first)
 
 
+def test_fixed_stride_puts_one_meta_token_after_every_n_tokens():
+    out = inject_meta_tokens(torch.arange(25) + META + 1, META, every=10, labels=torch.arange(25))
+    assert (out["input_ids"] == META).nonzero().flatten().tolist() == [10, 21]
+    assert out["labels"][[10, 21]].tolist() == [-100, -100] and out["input_ids"].shape == (27,)
+    assert (
+        inject_meta_tokens(torch.arange(20) + META + 1, META, every=10)["input_ids"] == META
+    ).nonzero().flatten().tolist() == [10, 21]
+
+
 def test_labels_are_ignored_and_tags_special_at_meta_positions():
     ids = torch.arange(30) + 3
     out = inject_meta_tokens(ids, META, 0.2, seed=3, labels=ids, metadata={"pos_ids": ids % 7 + 3})
@@ -175,6 +184,7 @@ def test_tokenizer_knows_the_meta_token_as_special(meta_tokenizer, bpe_tokenizer
         (dict(labels=[1, 2]), r"`labels` has shape \(2,\), but `input_ids` has \(4,\)"),
         (dict(attention_mask=[1, 0, 1, 1]), r"real tokens .* must be contiguous"),
         (dict(attention_mask=[1, 2, 1, 1]), r"must hold 0 and 1 only"),
+        (dict(every=0), r"`every` \(tokens between meta-tokens\) must be an int >= 1, got 0"),
     ],
 )
 def test_bad_input(kwargs, message):
