@@ -16,6 +16,7 @@ from transformers.utils import TransformersKwargs, logging
 
 from .configuration_lime import PAD_ID, SPECIAL_ID, UNKNOWN_ID, LimeConfig, check_inventories
 from .generation import MetadataTracker, parse_guidance, resolve_provider
+from .meta_attention import STATE_KEYWORD, LimeMetaAttention, LimeMetaAttentionLayers, check_meta_processors
 from .tag_heads import LimeTagHeads, ModelTagProvider, forward_with_tag_heads
 
 logger = logging.get_logger(__name__)
@@ -123,6 +124,9 @@ class LimePreTrainedModel(PreTrainedModel):
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.metadata_embeddings = LimeMetadataEmbeddings(config)
         self.tag_heads = LimeTagHeads(config) if config.tag_head_fields else None
+        self.meta_attention = LimeMetaAttentionLayers(config) if config.meta_token_ids else None
+        if self.meta_attention is not None:
+            self.meta_attention.attach(self.language_model)
         self.post_init()
 
     @property
@@ -143,6 +147,10 @@ class LimePreTrainedModel(PreTrainedModel):
         if isinstance(module, LimeTagHeads) and not getattr(module.start_state, "_is_hf_initialized", False):
             with torch.no_grad():
                 module.start_state.zero_()
+        if isinstance(module, LimeMetaAttention) and not getattr(
+            module.q_proj.weight, "_is_hf_initialized", False
+        ):
+            module.reset_parameters(getattr(self.config.get_text_config(), "initializer_range", 0.02))
 
     @property
     def _can_compile_fullgraph(self) -> bool:
@@ -182,6 +190,12 @@ class LimePreTrainedModel(PreTrainedModel):
             model.tag_heads.to_empty(device=backbone.device)
             model.tag_heads.to(backbone.dtype)
             model.tag_heads.reset_parameters(getattr(backbone.config, "initializer_range", 0.02))
+        if model.meta_attention is not None:  # random: a retrofit learns its meta-tokens from scratch
+            model.meta_attention.to_empty(device=backbone.device)
+            model.meta_attention.to(backbone.dtype)
+            for sublayer in model.meta_attention.layers:
+                sublayer.reset_parameters(getattr(backbone.config, "initializer_range", 0.02))
+            model.meta_attention.attach(backbone)
         return model
 
     def prepare_backbone_inputs(
@@ -213,7 +227,30 @@ class LimePreTrainedModel(PreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
         input_shape = tuple(inputs_embeds.shape[:2])
         self._check_metadata(input_shape, metadata_ids, next_metadata_ids)
+        if not self.config.metadata_fields:  # a model with meta-tokens only
+            return inputs_embeds
         return inputs_embeds + self.metadata_embeddings(metadata_ids, input_shape, next_metadata_ids)
+
+    def prepare_meta_attention(
+        self,
+        input_ids: torch.LongTensor | None,
+        labels: torch.LongTensor | None,
+        cache,
+        use_cache: bool | None,
+        kwargs: dict,
+    ) -> tuple[torch.LongTensor | None, object]:
+        """Labels without meta-token targets and the cache for the backbone; the call's meta-attention state goes
+        into the backbone's `kwargs` (see `meta_attention.py`). Without meta-tokens: both as given."""
+        if self.meta_attention is None:
+            return labels, cache
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        # Under gradient checkpointing in training the backbone's layers write no cache; neither do the sublayers.
+        checkpointing = getattr(self.language_model.base_model, "gradient_checkpointing", False)
+        writes_cache = not (checkpointing and self.training and torch.is_grad_enabled())
+        labels, cache, state = self.meta_attention.prepare(input_ids, labels, cache, use_cache, writes_cache)
+        if state is not None:
+            kwargs[STATE_KEYWORD] = state
+        return labels, cache
 
     def _collect_metadata(
         self, pos_ids: torch.LongTensor | None, ner_ids: torch.LongTensor | None, kwargs: dict
@@ -315,7 +352,10 @@ class LimeModel(LimePreTrainedModel):
         inputs_embeds, kwargs = self.prepare_backbone_inputs(
             input_ids, inputs_embeds, pos_ids, ner_ids, next_metadata_ids, kwargs
         )
-        kwargs[cache_argument_name(self._backbone_parameters)] = merge_cache_arguments(cache, past_key_values)
+        cache_name = cache_argument_name(self._backbone_parameters)
+        _, kwargs[cache_name] = self.prepare_meta_attention(
+            input_ids, None, merge_cache_arguments(cache, past_key_values), use_cache, kwargs
+        )
         return backbone(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -374,8 +414,9 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
             if (input_ids is None) == (inputs_embeds is None):
                 raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
             token_embeds = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
-            kwargs[cache_argument_name(self._backbone_parameters)] = merge_cache_arguments(
-                cache, past_key_values
+            cache_name = cache_argument_name(self._backbone_parameters)
+            labels, kwargs[cache_name] = self.prepare_meta_attention(
+                input_ids, labels, merge_cache_arguments(cache, past_key_values), use_cache, kwargs
             )
             return forward_with_tag_heads(
                 self,
@@ -392,7 +433,10 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
         inputs_embeds, kwargs = self.prepare_backbone_inputs(
             input_ids, inputs_embeds, pos_ids, ner_ids, next_metadata_ids, kwargs
         )
-        kwargs[cache_argument_name(self._backbone_parameters)] = merge_cache_arguments(cache, past_key_values)
+        cache_name = cache_argument_name(self._backbone_parameters)
+        labels, kwargs[cache_name] = self.prepare_meta_attention(
+            input_ids, labels, merge_cache_arguments(cache, past_key_values), use_cache, kwargs
+        )
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -461,7 +505,7 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
         tokenizer = kwargs.get("tokenizer")
         if getattr(tokenizer, "metadata_fields", None) is not None:
             check_inventories(tokenizer.metadata_fields, self.config.metadata_fields)
-        if metadata_provider is None and tokenizer is None and not guidance:
+        if metadata_provider is None and tokenizer is None and not guidance and self.config.metadata_fields:
             logger.warning_once(
                 "LIME generate: no `tokenizer`, `guidance` or `metadata_provider` given, so generated tokens get "
                 "'unknown' metadata."
@@ -485,6 +529,7 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
                 f"metadata_shift (assisted model: shift {tracker.shift}, fields {list(tracker.metadata_fields)}; "
                 f"assistant: shift {self.config.metadata_shift}, fields {list(self.config.metadata_fields)})."
             )
+        check_meta_processors(self.config, kwargs.get("logits_processor"))
         if GENERATION_CACHE_NAME == "past_key_values" and "cache" in kwargs:
             kwargs["past_key_values"] = merge_cache_arguments(
                 kwargs.pop("cache"), kwargs.get("past_key_values")
