@@ -347,6 +347,10 @@ def test_bad_inputs_get_clear_errors():
         MetaTokenPlacement(META, every=0)
     with pytest.raises(ValueError, match=r"Meta-token id 500 is outside the model's vocabulary of 97"):
         MetaTokenPlacement(500, every=2)(ids, torch.zeros(1, VOCAB_SIZE))
+    with pytest.raises(
+        ValueError, match=r"Assisted and prompt-lookup decoding \(\['assistant_model'\]\) crop"
+    ):
+        model.generate(input_ids=ids, max_new_tokens=2, assistant_model=meta_lime("llama", seed=1))
     with pytest.raises(ValueError, match=r"extra layers of a `DynamicCache`, and a StaticCache"):
         model.generate(
             input_ids=ids_with_meta()[:1], max_new_tokens=2, cache_implementation="static", do_sample=False
