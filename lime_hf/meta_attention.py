@@ -276,20 +276,28 @@ class _PositionalHook:
         )  # `(batch or 1, seq, hidden)`
 
 
-def check_meta_processors(config, logits_processor) -> None:
-    """Raise unless every meta-token placement in `logits_processor` places a meta-token of this model."""
-    for processor in logits_processor or []:
+def check_meta_generation(config, generate_kwargs: dict) -> None:
+    """Raise unless `generate(**generate_kwargs)` suits this model's meta-tokens: every meta-token placement in
+    `logits_processor` places one of them, and no candidate decoding rolls the cache back (a crop counts tokens,
+    and the meta slots are not one per token)."""
+    for processor in generate_kwargs.get("logits_processor") or []:
         token_id = getattr(processor, "meta_token_id", None)
-        if token_id is not None and token_id not in (config.meta_token_ids or []):
+        if token_id is not None and token_id not in config.meta_token_ids:
             raise ValueError(
                 f"A meta-token placement asks for meta-token id {token_id}, but this model's meta-tokens are "
                 f"{config.meta_token_ids or 'none'}: "
                 + (
-                    "build the model with `LimeConfig(meta_token_ids=[...])` to give it meta-attention."
-                    if not config.meta_token_ids
-                    else "place one of them."
+                    "place one of them."
+                    if config.meta_token_ids
+                    else "build the model with `LimeConfig(meta_token_ids=[...])` to give it meta-attention."
                 )
             )
+    candidates = [key for key in ("assistant_model", "prompt_lookup_num_tokens") if generate_kwargs.get(key)]
+    if config.meta_token_ids and candidates:
+        raise ValueError(
+            f"Assisted and prompt-lookup decoding ({candidates}) crop the KV cache by tokens, which the meta-attention "
+            "cache does not follow: generate without them."
+        )
 
 
 __all__ = ["LimeMetaAttention", "LimeMetaAttentionLayers", "MetaAttentionState"]

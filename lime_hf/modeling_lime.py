@@ -16,7 +16,7 @@ from transformers.utils import TransformersKwargs, logging
 
 from .configuration_lime import PAD_ID, SPECIAL_ID, UNKNOWN_ID, LimeConfig, check_inventories
 from .generation import MetadataTracker, parse_guidance, resolve_provider
-from .meta_attention import STATE_KEYWORD, LimeMetaAttention, LimeMetaAttentionLayers, check_meta_processors
+from .meta_attention import STATE_KEYWORD, LimeMetaAttention, LimeMetaAttentionLayers, check_meta_generation
 from .tag_heads import LimeTagHeads, ModelTagProvider, forward_with_tag_heads
 
 logger = logging.get_logger(__name__)
@@ -511,7 +511,7 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
                 "'unknown' metadata."
             )
         tracker = kwargs.pop("lime_tracker", None)  # set when a LIME model assists another one's generation
-        if tracker is None:
+        if tracker is None and self.config.metadata_fields:  # meta-tokens only: no tags to track
             tracker = MetadataTracker(
                 prompt_metadata=prompt_metadata,
                 prompt_ids=prompt_ids,
@@ -520,7 +520,7 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
                 provider=resolve_provider(metadata_provider, tokenizer, self.config.metadata_shift),
                 guidance=parse_guidance(guidance, self.config.metadata_fields, prompt_ids.shape[0]),
             )
-        elif (tracker.metadata_fields, tracker.shift) != (
+        elif tracker is not None and (tracker.metadata_fields, tracker.shift) != (
             self.config.metadata_fields,
             self.config.metadata_shift,
         ):
@@ -529,13 +529,13 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
                 f"metadata_shift (assisted model: shift {tracker.shift}, fields {list(tracker.metadata_fields)}; "
                 f"assistant: shift {self.config.metadata_shift}, fields {list(self.config.metadata_fields)})."
             )
-        check_meta_processors(self.config, kwargs.get("logits_processor"))
+        check_meta_generation(self.config, kwargs)
         if GENERATION_CACHE_NAME == "past_key_values" and "cache" in kwargs:
             kwargs["past_key_values"] = merge_cache_arguments(
                 kwargs.pop("cache"), kwargs.get("past_key_values")
             )
         output = super().generate(inputs, generation_config, lime_tracker=tracker, **kwargs)
-        if isinstance(output, torch.Tensor):
+        if isinstance(output, torch.Tensor) or tracker is None:
             return output
         # The tags of every position of `sequences`, as `generate` fed them (or, for the last token of a LIME
         # model, as it would feed them next): continuing from `output` with them equals one longer call.
