@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -84,3 +85,13 @@ def cpu_scaling(iterations: int = 5_000_000) -> float:
         pool.map(busy_loop, [iterations, iterations], chunksize=1)
         parallel = time.perf_counter() - start
     return serial / parallel
+
+
+def parameter_matched_width(build: Callable[[int], object], base: int, target: int) -> int:
+    """The MLP width at which `build(width)` (a model, best on the meta device) has the parameter count closest to
+    `target`: a backbone as large as one with extra modules, the capacity control."""
+
+    def count(width: int) -> int:
+        return sum(parameter.numel() for parameter in build(width).parameters())
+
+    return base + round((target - count(base)) / (count(base + 1) - count(base)))

@@ -16,7 +16,7 @@ Side by side in one run, for a tiny Llama (RoPE) and a tiny GPT-2 (learned absol
 Repeats alternate between the models; medians are reported. Prints a table and writes
 benchmarks/results/meta_attention.{json,csv}.
 
-    python benchmarks/meta_attention.py [--repeats 15]
+    python benchmarks/meta_attention.py [--repeats 15] [--threads 1]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import save_results  # the benchmarks' shared helpers
+from common import parameter_matched_width, save_results  # the benchmarks' shared helpers
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lime_hf import LimeForCausalLM
@@ -62,19 +62,17 @@ def build(arch: str, mlp: int | None = None, meta: bool = False, device: str = "
         return LimeForCausalLM.from_backbone(backbone, metadata_fields={}, meta_token_ids=[META_ID])
 
 
-def matched_width(arch: str, target: int) -> int:
-    """The MLP width at which the plain backbone has the parameter count closest to `target`."""
-    base = SHAPES[arch][MLP_KEY[arch]]
-    per_unit = count(build(arch, base + 1, device="meta")) - count(build(arch, base, device="meta"))
-    return base + round((target - count(build(arch, base, device="meta"))) / per_unit)
-
-
 def parameters() -> list[dict]:
     rows = []
     for arch in (*SHAPES, "gpt2_small"):
         plain, meta = count(build(arch, device="meta")), count(build(arch, meta=True, device="meta"))
         rows.append(
-            {"model": arch, "backbone_params": plain, "meta_params": meta, "overhead_percent": 100 * (meta / plain - 1)}
+            {
+                "model": arch,
+                "backbone_params": plain,
+                "meta_params": meta,
+                "overhead_percent": 100 * (meta / plain - 1),
+            }
         )
     return rows
 
@@ -95,7 +93,9 @@ def alternate(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, 
 def train_steps(arch: str, batch: int, seq_len: int, fraction: float, repeats: int) -> dict:
     meta = build(arch, meta=True).train()
     plain = build(arch).train()
-    width = matched_width(arch, count(meta))
+    width = parameter_matched_width(
+        lambda mlp: build(arch, mlp, device="meta"), SHAPES[arch][MLP_KEY[arch]], count(meta)
+    )
     matched = build(arch, width).train()
     generator = torch.Generator().manual_seed(0)
     # Blocks of L' text tokens grow to exactly L with their meta-tokens.
@@ -103,7 +103,11 @@ def train_steps(arch: str, batch: int, seq_len: int, fraction: float, repeats: i
     text = torch.randint(0, META_ID, (batch, text_len), generator=generator)
     with_meta = inject_meta_tokens(text, META_ID, fraction, generator=generator)["input_ids"]
     plain_ids = torch.randint(0, META_ID, (batch, seq_len), generator=generator)
-    models = {"backbone": (plain, plain_ids), "meta": (meta, with_meta), "matched_backbone": (matched, plain_ids)}
+    models = {
+        "backbone": (plain, plain_ids),
+        "meta": (meta, with_meta),
+        "matched_backbone": (matched, plain_ids),
+    }
     optimizers = {name: torch.optim.AdamW(model.parameters()) for name, (model, _) in models.items()}
 
     def step(name: str) -> Callable[[], None]:
@@ -144,10 +148,15 @@ def generation(arch: str, batch: int, prompt_len: int, new_tokens: int, every: i
     def run(name: str) -> Callable[[], None]:
         def call() -> None:
             if name == "backbone":
-                outputs[name] = plain.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **common)
+                outputs[name] = plain.generate(
+                    input_ids=prompt, attention_mask=torch.ones_like(prompt), **common
+                )
             else:
                 outputs[name] = meta.generate(
-                    input_ids=prompt, attention_mask=torch.ones_like(prompt), logits_processor=[placement], **common
+                    input_ids=prompt,
+                    attention_mask=torch.ones_like(prompt),
+                    logits_processor=[placement],
+                    **common,
                 )
 
         return call
@@ -183,15 +192,24 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--generate-batches", type=int, nargs="+", default=[1, 8])
+    # One thread: on a shared machine more threads than free cores made each step 10x slower and erratic.
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     params = parameters()
     print(f"{'model':>11} {'backbone params':>16} {'with meta-attention':>20} {'overhead':>9}")
     for row in params:
-        print(f"{row['model']:>11} {row['backbone_params']:>16,} {row['meta_params']:>20,} {row['overhead_percent']:>8.1f}%")
+        print(
+            f"{row['model']:>11} {row['backbone_params']:>16,} {row['meta_params']:>20,} {row['overhead_percent']:>8.1f}%"
+        )
     steps = [train_steps(arch, args.batch_size, args.seq_len, args.fraction, args.repeats) for arch in SHAPES]
-    print(f"\ntraining step, batch {args.batch_size} x {args.seq_len}, k = {args.fraction} (median of {args.repeats})")
-    print(f"{'arch':>6} {'backbone ms':>12} {'meta ms':>9} {'matched ms':>11} {'meta/backbone':>14} {'meta/matched':>13}")
+    print(
+        f"\ntraining step, batch {args.batch_size} x {args.seq_len}, k = {args.fraction} (median of {args.repeats})"
+    )
+    print(
+        f"{'arch':>6} {'backbone ms':>12} {'meta ms':>9} {'matched ms':>11} {'meta/backbone':>14} {'meta/matched':>13}"
+    )
     for row in steps:
         ms = {name: 1e3 * value for name, value in row["median_s"].items()}
         print(f"{row['arch']:>6} {ms['backbone']:>12.1f} {ms['meta']:>9.1f} {ms['matched_backbone']:>11.1f} "
@@ -201,8 +219,12 @@ def main() -> None:
         for arch in SHAPES
         for batch in args.generate_batches
     ]
-    print(f"\ngenerate {args.new_tokens} new positions after {args.prompt_len}, a meta-token every {args.every}")
-    print(f"{'arch':>6} {'batch':>5} {'backbone pos/s':>15} {'meta pos/s':>11} {'ratio':>6} {'text tok/s ratio':>17}")
+    print(
+        f"\ngenerate {args.new_tokens} new positions after {args.prompt_len}, a meta-token every {args.every}"
+    )
+    print(
+        f"{'arch':>6} {'batch':>5} {'backbone pos/s':>15} {'meta pos/s':>11} {'ratio':>6} {'text tok/s ratio':>17}"
+    )
     for row in generate:
         rate = row["positions_per_s"]
         print(f"{row['arch']:>6} {row['batch']:>5} {rate['backbone']:>15.1f} {rate['meta']:>11.1f} "
