@@ -11,9 +11,13 @@ Stages (each one resumable; run them in order, or `all`):
     generate  CPU + spaCy. Free generation with re-annotation from the trained models; perplexity of the
               generated text under a baseline of another seed.
     report    Curves (CSV, PNG) and the headline file `benchmarks/results/reproduce.json`.
+    meta      The meta-token experiment (arXiv 2509.16278, `reproduction/meta_tokens.py`), on its own: synthetic
+              recall tasks generated from seeds (no `prepare`), its runs trained (resumable) and reported in
+              `benchmarks/results/meta_tokens.{json,csv,png}`. One torch thread per run unless `--threads`.
 
     python benchmarks/reproduce.py all --smoke          # the whole pipeline on a tiny setting, ~2 min on CPU
     python benchmarks/reproduce.py all                  # the real thing (preset "gpu" on CUDA, else "cpu")
+    python benchmarks/reproduce.py meta [--smoke]       # the meta-token experiment
 
 Every configuration, seed, version and wall time is recorded in the result files. The stages and experiments live
 in the `reproduction` package beside this script (one module per experiment over a shared harness).
@@ -28,6 +32,7 @@ from pathlib import Path
 import torch
 from reproduction.free_generation import generate_stage
 from reproduction.harness import DEFAULT_CACHE, PRESETS, RESULTS
+from reproduction.meta_tokens import report_meta
 from reproduction.prepare import prepare
 from reproduction.report import benchmarks_table, report
 from reproduction.runs import run_one, train
@@ -38,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "stage", choices=["prepare", "train", "run-one", "generate", "report", "all", "table"]
+        "stage", choices=["prepare", "train", "run-one", "generate", "report", "all", "table", "meta"]
     )
     parser.add_argument(
         "--smoke", action="store_true", help="tiny data and models: the whole pipeline in minutes"
@@ -51,7 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (subprocesses)")
     parser.add_argument(
-        "--only", choices=["lm", "add"], help="train only the language-model or addition runs"
+        "--only",
+        choices=["lm", "add", "meta"],
+        help="train only the language-model, addition or meta-token runs",
     )
     parser.add_argument("--run", action="append", help="train only this run (repeatable), e.g. lm-lime-s0")
     parser.add_argument("--threads", type=int, help="torch CPU threads of a run (set by `train --jobs`)")
@@ -71,6 +78,12 @@ def main(argv: list[str] | None = None) -> None:
         else:
             preset = trained[0]
     results = args.results or (cache / "results" if args.smoke else RESULTS)
+    if args.stage == "meta":
+        # Tiny models: one thread each is fastest, and more threads than free cores slow a shared machine down.
+        train(cache, preset, args.jobs, "meta", args.run, args.threads or 1)
+        headline = report_meta(cache, preset, results)
+        print(json.dumps(headline["comparisons"], indent=2))
+        return
     if args.stage in ("prepare", "all"):
         prepare(cache, args.smoke or preset == "smoke")
     if args.stage == "run-one":

@@ -28,28 +28,50 @@ PREFIX_WINDOW = 12
 
 # Model and training settings. "cpu" is what the committed results used (no GPU was available; it fits a
 # ~1 h background run on two busy cores); "gpu" is a larger setting for a CUDA machine (not run for the
-# committed results); "smoke" checks the pipeline end to end. `eval_tokens`: the first N tokens of Persuasion
+# committed results); "smoke" checks the pipeline end to end. "meta" is the meta-token experiment's own setting. `eval_tokens`: the first N tokens of Persuasion
 # (None = all of it). `max_digits`: operands of at most this many digits (the prepared data goes up to 4).
 _LM = dict(min_lr_ratio=0.1, weight_decay=0.1, warmup_steps=100)
 _ADD = dict(min_lr_ratio=0.1, weight_decay=0.1, warmup_steps=200, guidance_dropout=0.25)
+# Meta-tokens (reproduction/meta_tokens.py): `sizes` are the training problem sizes (lists, segments, bits,
+# symbols), evaluated at 1x and 2x; `fraction`: meta-tokens per token (random placement); `every`: the stride.
+_META = dict(
+    min_lr_ratio=0.1,
+    weight_decay=0.1,
+    warmup_steps=50,
+    lr=3e-3,
+    fraction=0.1,
+    every=10,
+    max_positions=128,
+    sizes=dict(recall=6, counting=6, parity=24, copying=12),
+)
 PRESETS = {
     "gpu": {
         "lm": _LM | dict(hidden=256, intermediate=768, layers=8, heads=4, seq_len=256, batch=16, epochs=4,
                          lr=1e-3, evals=25, eval_tokens=None, seeds=(0, 1, 2)),
         "add": _ADD | dict(hidden=256, intermediate=1024, layers=4, heads=4, batch=256, steps=4000, lr=1e-3,
                            evals=9, max_digits=4, seeds=(0, 1)),
+
+        "meta": _META | dict(hidden=128, intermediate=384, layers=4, heads=4, batch=64, steps=6000, evals=7,
+                             test_problems=1000, seeds=(0, 1, 2)),
     },
     "cpu": {
         "lm": _LM | dict(hidden=128, intermediate=384, layers=4, heads=4, seq_len=128, batch=8, epochs=1,
                          lr=1.5e-3, warmup_steps=40, evals=11, eval_tokens=30_000, seeds=(0, 1)),
         "add": _ADD | dict(hidden=128, intermediate=512, layers=3, heads=4, batch=64, steps=3000, lr=2e-3,
                            warmup_steps=100, evals=7, max_digits=3, seeds=(0, 1)),
+
+        "meta": _META | dict(hidden=64, intermediate=192, layers=2, heads=4, batch=32, steps=1500, evals=4,
+                             test_problems=256, seeds=(0,)),
     },
     "smoke": {
         "lm": _LM | dict(hidden=32, intermediate=64, layers=2, heads=2, seq_len=64, batch=8, epochs=1, lr=3e-3,
                          warmup_steps=5, evals=3, eval_tokens=4_000, seeds=(0, 1)),
         "add": _ADD | dict(hidden=32, intermediate=64, layers=2, heads=2, batch=32, steps=40, lr=3e-3,
                            warmup_steps=5, evals=2, max_digits=3, seeds=(0, 1)),
+
+        "meta": _META | dict(hidden=16, intermediate=32, layers=1, heads=2, batch=4, steps=4, evals=2,
+                             warmup_steps=2, test_problems=8, sizes=dict(recall=2, counting=2, parity=4, copying=3),
+                             seeds=(0,)),
     },
 }  # fmt: skip
 DATA_CONFIG = {

@@ -15,6 +15,7 @@ import torch
 from .addition import ADD_VARIANTS, run_add
 from .harness import PRESETS, log, write_json
 from .language_models import LM_VARIANTS, run_lm
+from .meta_tokens import meta_run_names, run_meta
 from .self_tagging import SELF_TAGGING_VARIANTS, self_tagging_specs
 
 # ------------------------------------------------------------------------------------------------- train
@@ -25,6 +26,9 @@ SCRIPT = str(Path(__file__).resolve().parents[1] / "reproduce.py")
 
 
 def run_names(preset: str, only: str | None = None) -> list[str]:
+    """The runs of an experiment (`only`: "lm", "add" or "meta"), or of the LIME ones (lm and add) by default."""
+    if only == "meta":  # its own stage, `reproduce.py meta`
+        return meta_run_names(PRESETS[preset]["meta"])
     names = []
     if only in (None, "lm"):
         variants = (*LM_VARIANTS, *SELF_TAGGING_VARIANTS)
@@ -43,8 +47,10 @@ def run_one(cache: Path, preset: str, name: str, threads: int | None = None) -> 
         torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
-    kind, variant, seed = re.fullmatch(r"(lm|add)-(\w+)-s(\d+)", name).groups()
-    if variant in SELF_TAGGING_VARIANTS:
+    kind, variant, seed = re.fullmatch(r"(lm|add|meta)-(\w+)-s(\d+)", name).groups()
+    if kind == "meta":
+        result = run_meta(cache, preset, variant, int(seed), device, PRESETS[preset]["meta"])
+    elif variant in SELF_TAGGING_VARIANTS:
         fields = json.loads((cache / "data" / "meta.json").read_text())["lm"]["metadata_fields"]
         result = run_lm(cache, preset, variant, int(seed), device, self_tagging_specs(fields)[variant])
     else:
@@ -54,17 +60,19 @@ def run_one(cache: Path, preset: str, name: str, threads: int | None = None) -> 
     log(f"{name}: finished in {result['wall_s']:.0f}s -> {path}")
 
 
-def train(cache: Path, preset: str, jobs: int, only: str | None, runs: list[str] | None) -> None:
+def train(
+    cache: Path, preset: str, jobs: int, only: str | None, runs: list[str] | None, threads: int | None = None
+) -> None:
     names = runs or run_names(preset, only)
     pending = [n for n in names if not (cache / "runs" / preset / f"{n}.json").exists()]
     log(f"train: preset {preset}, {len(pending)} of {len(names)} runs to do, {jobs} at a time")
     if jobs <= 1:
         for name in pending:
-            run_one(cache, preset, name)
+            run_one(cache, preset, name, threads)
         return
     logs = cache / "logs" / preset
     logs.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     running: list[tuple[str, subprocess.Popen]] = []
     failed = []
     queue = list(pending)
