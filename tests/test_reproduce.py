@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -140,3 +141,77 @@ def test_smoke_pipeline_writes_the_headline_file_and_resumes(tmp_path):
     assert "prepare: " in second.stdout and "exists, skipping" in second.stdout
     assert "0 of 18 runs to do" in second.stdout
     assert json.loads((results / "reproduce.json").read_text()) == headline
+
+
+def test_meta_token_tasks_hold_the_right_answers():
+    from reproduction.meta_tokens import BOS, COPY, EOS, FIRST_NUMBER, FIRST_SYMBOL, QUERY, SEP, make_problems
+
+    rng = np.random.default_rng(0)
+    ids, start = make_problems("recall", 5, 50, rng)
+    for row in ids:  # BOS, 5 lists `i a b c SEP`, QUERY i j, the answer, EOS
+        lists = row[1:26].reshape(5, 5)
+        assert (lists[:, 0] == FIRST_NUMBER + np.arange(5)).all() and (lists[:, 4] == SEP).all()
+        which, place = row[27] - FIRST_NUMBER, row[28] - FIRST_NUMBER
+        assert row[0] == BOS and row[26] == QUERY and row[start] == lists[which, 1 + place] and row[-1] == EOS
+    ids, start = make_problems("counting", 4, 50, rng)
+    for row in ids:
+        segments = row[1:25].reshape(4, 6)[:, 1:5]
+        which, symbol = row[26] - FIRST_NUMBER, row[27]
+        assert row[start] - FIRST_NUMBER == (segments[which] == symbol).sum()
+    ids, start = make_problems("parity", 9, 50, rng)
+    assert ((ids[:, start] - FIRST_NUMBER) == (ids[:, 1:10] - FIRST_SYMBOL).sum(1) % 2).all()
+    ids, start = make_problems("copying", 7, 50, rng)
+    assert (ids[:, 8] == COPY).all() and (ids[:, start : start + 7] == ids[:, 1:8]).all() and start == 9
+
+
+def test_meta_token_batches_carry_the_injected_meta_tokens():
+    from reproduction.harness import PRESETS
+    from reproduction.meta_tokens import META, batch_of
+
+    from lime_hf.meta_tokens import meta_token_count
+
+    cfg = PRESETS["cpu"]["meta"]
+    plain = batch_of("copying", 12, 8, [0], None, cfg)  # 27 tokens
+    for placement in ("random", "stride"):
+        batch = batch_of("copying", 12, 8, [0], placement, cfg)
+        is_meta = batch["input_ids"] == META
+        expected = meta_token_count(27, 0.1) if placement == "random" else 27 // 10
+        assert is_meta.sum(1).tolist() == [expected] * 8
+        assert (batch["labels"][is_meta] == -100).all()
+        kept = batch["input_ids"][~is_meta].view(8, -1)
+        assert torch.equal(kept, plain["input_ids"]) and torch.equal(
+            batch["labels"][~is_meta].view(8, -1), plain["labels"]
+        )
+    assert torch.equal(
+        batch_of("copying", 12, 8, [0], "random", cfg)["input_ids"],
+        batch_of("copying", 12, 8, [0], "random", cfg)["input_ids"],
+    )
+
+
+@pytest.mark.slow
+def test_meta_token_experiment_smoke_reports_and_resumes(tmp_path):
+    first = run_script("meta", "--smoke", "--cache", tmp_path, env=dict(os.environ))
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    results = tmp_path / "smoke" / "results"
+    headline = json.loads((results / "meta_tokens.json").read_text())
+    variants = ("plain", "matched", "meta", "meta_stride", "gpt2_plain", "gpt2_meta")
+    assert set(headline["exact_match"]) == {"recall", "counting", "parity", "copying"}
+    final = headline["exact_match"]["copying"]
+    assert set(final) == {
+        "plain/none", "matched/none", "gpt2_plain/none", "gpt2_meta/random", "gpt2_meta/random_zero",
+        *(f"{v}/{m}" for v in ("meta", "meta_stride") for m in ("random", "random_zero", "stride", "stride_zero")),
+    }  # fmt: skip
+    assert all(0.0 <= value[scale] <= 1.0 for value in final.values() for scale in ("1x", "2x"))
+    parameters = headline["parameters"]
+    assert (
+        parameters["meta"] > parameters["plain"]
+        and abs(parameters["matched"] - parameters["meta"]) < 0.01 * parameters["meta"]
+    )
+    assert set(headline["comparisons"]["meta_minus_matched"]["parity"]) == {"1x", "2x"}
+    for name in ("meta_tokens.csv", "meta_tokens.png"):
+        assert (results / name).stat().st_size > 0
+    second = run_script("meta", "--smoke", "--cache", tmp_path, env=dict(os.environ))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "0 of 24 runs to do" in second.stdout
+    assert json.loads((results / "meta_tokens.json").read_text())["exact_match"] == headline["exact_match"]
+    assert {f"meta-copying_{v}-s0" for v in variants} <= set(headline["train_wall_s"])

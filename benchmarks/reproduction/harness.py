@@ -60,7 +60,7 @@ PRESETS = {
         "add": _ADD | dict(hidden=128, intermediate=512, layers=3, heads=4, batch=64, steps=3000, lr=2e-3,
                            warmup_steps=100, evals=7, max_digits=3, seeds=(0, 1)),
 
-        "meta": _META | dict(hidden=64, intermediate=192, layers=2, heads=4, batch=32, steps=1500, evals=4,
+        "meta": _META | dict(hidden=64, intermediate=192, layers=2, heads=4, batch=32, steps=1000, evals=3,
                              test_problems=256, seeds=(0,)),
     },
     "smoke": {

@@ -41,7 +41,7 @@ SYMBOLS = 16
 FIRST_SYMBOL = 7
 FIRST_NUMBER = FIRST_SYMBOL + SYMBOLS  # numbers 0..31: list indices, item positions, counts, parity
 VOCAB_SIZE = FIRST_NUMBER + 32
-TASKS = ("recall", "counting", "parity", "copying")
+TASKS = ("recall", "copying", "counting", "parity")  # the order runs are trained in
 META_VARIANTS = {  # variant -> (architecture, meta-token placement in training or None, parameter-matched)
     "plain": ("llama", None, False),
     "matched": ("llama", None, True),
