@@ -6,11 +6,14 @@ from collections import Counter
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from datasets import Dataset
+from torch.nn import functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-from lime_hf import DataCollatorForLime, LimeTokenizer
+from lime_hf import DataCollatorForLime, LimeForCausalLM, LimeTokenizer
 from lime_hf.meta_tokens import add_meta_tokens, inject_meta_tokens, meta_token_count
 from tests.conftest import share_annotator
+from tests.tiny_models import TINY_TEXT_CONFIGS
 
 META = 99
 TEXTS = [
@@ -152,6 +155,49 @@ def test_collator_injects_per_feature_reproducibly(meta_tokenizer):
     # Without `meta_token_id` the collator is as before.
     plain = DataCollatorForLime(tokenizer)(features)
     assert plain["input_ids"].shape == (3, max(lengths)) and not (plain["input_ids"] == meta_id).any()
+
+
+def test_trainer_trains_metadata_and_meta_attention_on_collated_batches(
+    meta_tokenizer, bpe_tokenizer, tmp_path
+):
+    tokenizer, meta_id = meta_tokenizer
+    # The recipe for an existing checkpoint: grow its vocabulary to the tokenizer's, then add meta-attention.
+    torch.manual_seed(0)
+    text_config = {**TINY_TEXT_CONFIGS["llama"], "vocab_size": len(bpe_tokenizer)}
+    backbone = AutoModelForCausalLM.from_config(AutoConfig.for_model(**text_config))
+    backbone.resize_token_embeddings(len(tokenizer))
+    model = LimeForCausalLM.from_backbone(backbone, meta_token_ids=[meta_id])  # pos + ner tables too
+    features = [dict(tokenizer(text)) for text in TEXTS * 4]
+    collate = DataCollatorForLime(tokenizer, meta_token_id=meta_id, seed=0)
+
+    # The loss is the cross-entropy over every target that is neither a meta-token nor padding.
+    batch = collate(features[:3])
+    assert (batch["input_ids"] == meta_id).sum() == sum(
+        meta_token_count(len(f["input_ids"]), 0.1) for f in features[:3]
+    )
+    with torch.no_grad():
+        output = model.eval()(**batch)
+    logits, target = output.logits[:, :-1], batch["labels"][:, 1:]
+    keep = target != -100
+    assert torch.allclose(output.loss, F.cross_entropy(logits[keep], target[keep]))
+
+    sublayer = model.meta_attention.layers[0]
+    before = (
+        sublayer.q_proj.weight.detach().clone(),
+        model.metadata_embeddings.tables["pos"].weight.detach().clone(),
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        save_strategy="no",
+        report_to="none",
+    )
+    Trainer(
+        model=model.train(), args=args, train_dataset=Dataset.from_list(features), data_collator=collate
+    ).train()
+    assert not torch.equal(sublayer.q_proj.weight, before[0])  # meta-attention learns from the meta-tokens
+    assert not torch.equal(model.metadata_embeddings.tables["pos"].weight, before[1])
 
 
 def test_tokenizer_knows_the_meta_token_as_special(meta_tokenizer, bpe_tokenizer, tmp_path):
