@@ -153,18 +153,21 @@ def build_meta_model(variant: str, cfg: dict, seed: int, device: str = "cpu"):
 
 
 @torch.no_grad()
-def exact_match(model, batch: dict[str, torch.Tensor], device, chunk: int = 256) -> float:
-    """The share of problems whose every answer token is the argmax prediction (teacher forcing)."""
+def exact_match(model, batch: dict[str, torch.Tensor], device, chunk: int = 256) -> tuple[float, float]:
+    """The share of problems whose every answer token is the argmax prediction (teacher forcing), and the share
+    of answer tokens that are."""
     model.eval()
-    correct = []
+    rows, tokens, count = [], 0, 0
     for start in range(0, len(batch["input_ids"]), chunk):
         ids = batch["input_ids"][start : start + chunk].to(device)
         labels = batch["labels"][start : start + chunk].to(device)
         predicted = model(input_ids=ids).logits[:, :-1].argmax(-1)
         target = labels[:, 1:]
-        correct.append(((predicted == target) | (target == -100)).all(dim=1).cpu())
+        rows.append(((predicted == target) | (target == -100)).all(dim=1).cpu())
+        tokens += int(((predicted == target) & (target != -100)).sum())
+        count += int((target != -100).sum())
     model.train()
-    return float(torch.cat(correct).float().mean())
+    return float(torch.cat(rows).float().mean()), tokens / count
 
 
 def eval_modes(variant: str) -> list[str]:
@@ -187,7 +190,9 @@ def evaluate(model, variant: str, task: str, cfg: dict, seed: int, device) -> di
             )
             if mode.endswith("_zero"):
                 model.config.meta_positional = "zero"
-            results[f"{mode}/{scale}x"] = exact_match(model, batch, device)
+            exact, token_accuracy = exact_match(model, batch, device)
+            results[f"{mode}/{scale}x"] = exact
+            results[f"token_accuracy/{mode}/{scale}x"] = token_accuracy
             results[f"length/{scale}x"] = int(batch["input_ids"].shape[1])
             if mode.endswith("_zero"):
                 model.config.meta_positional = "keep"
@@ -219,7 +224,7 @@ def run_meta(cache: Path, preset: str, name_variant: str, seed: int, device: tor
             history.append(point)
             loss_sum, loss_count = 0.0, 0
             shown = " ".join(
-                f"{k}: {v:.3f}" for k, v in point.items() if "/" in k and not k.startswith("length")
+                f"{k}: {v:.3f}" for k, v in point.items() if k.count("/") == 1 and not k.startswith("length")
             )
             log(f"{name} step {step}/{total_steps} {shown}")
             checkpoint.maybe_save(step, history)
@@ -276,6 +281,7 @@ def report_meta(cache: Path, preset: str, results: Path = RESULTS) -> dict:
     if not runs:
         raise SystemExit(f"report: no meta-token runs under {cache / 'runs' / preset}; run `meta` first")
     final: dict[str, dict[str, dict[str, float]]] = {}  # task -> "variant/mode" -> "1x"/"2x" -> mean
+    token_final: dict[str, dict[str, dict[str, float]]] = {}  # the same, answer-token accuracy
     rows = []
     for task in TASKS:
         for variant in META_VARIANTS:
@@ -285,12 +291,20 @@ def report_meta(cache: Path, preset: str, results: Path = RESULTS) -> dict:
             for mode in eval_modes(variant):
                 for scale in ("1x", "2x"):
                     values = [r["history"][-1][f"{mode}/{scale}"] for r in chosen]
+                    # Runs from before token accuracy was recorded have single-token answers: it is exact match.
+                    tokens = [
+                        r["history"][-1].get(f"token_accuracy/{mode}/{scale}", v)
+                        for r, v in zip(chosen, values, strict=True)
+                    ]
                     final.setdefault(task, {}).setdefault(f"{variant}/{mode}", {})[scale] = float(
                         np.mean(values)
                     )
+                    token_final.setdefault(task, {}).setdefault(f"{variant}/{mode}", {})[scale] = float(
+                        np.mean(tokens)
+                    )
                     rows.append({"task": task, "variant": variant, "eval_mode": mode, "scale": scale,
-                                 "exact_match": float(np.mean(values)), "seeds": len(values),
-                                 "length": chosen[0]["history"][-1][f"length/{scale}"],
+                                 "exact_match": float(np.mean(values)), "token_accuracy": float(np.mean(tokens)),
+                                 "seeds": len(values), "length": chosen[0]["history"][-1][f"length/{scale}"],
                                  "parameters": chosen[0]["parameters"]})  # fmt: skip
 
     def gap(task: str, better: str, worse: str, scale: str) -> float | None:
@@ -313,6 +327,7 @@ def report_meta(cache: Path, preset: str, results: Path = RESULTS) -> dict:
     any_run = next(iter(runs.values()))
     headline = {
         "exact_match": final,
+        "answer_token_accuracy": token_final,
         "comparisons": comparisons,
         "parameters": {r["variant"]: r["parameters"] for r in runs.values() if r["task"] == any_run["task"]},
         "config": any_run["train_config"],
