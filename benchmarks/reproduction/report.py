@@ -349,6 +349,12 @@ def datatrove_ray(datatrove: dict | None) -> str | None:
     )
 
 
+def meta_attention_ratios(meta: dict | None, section: str, key: str, batch: int | None = None) -> str | None:
+    """`llama 1.18x / gpt2 1.05x`: one ratio of `benchmarks/meta_attention.py` per backbone."""
+    rows = [row for row in dig(meta, section) or [] if batch is None or row["batch"] == batch]
+    return " / ".join(f"{row['arch']} {row[key]:.2f}x" for row in rows) if rows else None
+
+
 def benchmarks_table(results: Path = RESULTS) -> str:
     """The README's one table: overheads, throughput and data efficiency, read from the results JSON files."""
 
@@ -359,6 +365,9 @@ def benchmarks_table(results: Path = RESULTS) -> str:
     overhead, annotation = load("overhead.json"), load("annotation.json")
     datatrove = load("datatrove_annotation.json")
     generation, reproduce = load("generation.json"), load("reproduce.json")
+    meta = load("meta_attention.json")
+    meta_params = {row["model"]: row for row in dig(meta, "parameters") or []}
+    small = meta_params.get("gpt2_small")
     pending = "_pending: run `python benchmarks/{}`_"
 
     def ratio(value, suffix="x") -> str | None:
@@ -398,6 +407,18 @@ def benchmarks_table(results: Path = RESULTS) -> str:
          ratio(dig(generation, "throughput", "guided_over_backbone")), ">= 0.9x", "generation.py"),
         ("LIME `generate`, tags from its heads (`metadata_provider=\"model\"`) / backbone, batch 1 / 8",
          self_tagging_speed(generation), ">= 0.9x", "generation.py"),
+        ("meta-attention parameters, GPT-2 small", small and f"{small['backbone_params'] / 1e6:.1f}M -> "
+         f"{small['meta_params'] / 1e6:.1f}M (+{small['overhead_percent']:.1f} %)", "report (paper: 124M -> 152M)",
+         "meta_attention.py"),
+        ("training step, meta-attention (k = 0.1) / backbone, Llama / GPT-2",
+         meta_attention_ratios(meta, "train_step", "meta_over_backbone"), "<= 1.10x", "meta_attention.py"),
+        ("training step, meta-attention / parameter-matched backbone, Llama / GPT-2",
+         meta_attention_ratios(meta, "train_step", "meta_over_matched"), "report", "meta_attention.py"),
+        ("`generate` positions/s, meta-token every 10 / backbone, batch 1",
+         meta_attention_ratios(meta, "generation", "meta_over_backbone", 1), ">= 0.95x (paper: 1/1.11)",
+         "meta_attention.py"),
+        ("`generate` positions/s, meta-token every 10 / backbone, batch 8",
+         meta_attention_ratios(meta, "generation", "meta_over_backbone", 8), ">= 0.95x", "meta_attention.py"),
         ("tokens LIME needs to reach the baseline's final accuracy (tiny Llama, Austen)", efficiency,
          "<= 60 % (paper: 43.65 %)", "reproduce.py"),
         ("the same with self-predicted tags (honest mode, LIME with tag heads)",
