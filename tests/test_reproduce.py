@@ -148,11 +148,12 @@ def test_meta_token_tasks_hold_the_right_answers():
 
     rng = np.random.default_rng(0)
     ids, start = make_problems("recall", 5, 50, rng)
-    for row in ids:  # BOS, 5 lists `i a b c SEP`, QUERY i j, the answer, EOS
+    for row in ids:  # BOS, 5 lists `i a b c SEP`, QUERY i, the answer (list i), EOS
         lists = row[1:26].reshape(5, 5)
         assert (lists[:, 0] == FIRST_NUMBER + np.arange(5)).all() and (lists[:, 4] == SEP).all()
-        which, place = row[27] - FIRST_NUMBER, row[28] - FIRST_NUMBER
-        assert row[0] == BOS and row[26] == QUERY and row[start] == lists[which, 1 + place] and row[-1] == EOS
+        which = row[27] - FIRST_NUMBER
+        assert row[0] == BOS and row[26] == QUERY and start == 28 and row[-1] == EOS
+        assert (row[start : start + 3] == lists[which, 1:4]).all()
     ids, start = make_problems("counting", 4, 50, rng)
     for row in ids:
         segments = row[1:25].reshape(4, 6)[:, 1:5]

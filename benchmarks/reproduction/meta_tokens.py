@@ -2,7 +2,7 @@
 
 Tasks (generated from seeds, no prepared data; the answer follows a QUERY, `labels` cover the answer and EOS):
 
-    recall    list recall / pointer: `n` lists `i a b c SEP`, then `QUERY i j` -> the j-th item of list i
+    recall    list recall / pointer: `n` lists `i a b c SEP`, then `QUERY i` -> list i (`a b c`)
     counting  segment counting: `n` segments `i s s s s SEP` over 4 symbols, then `QUERY i s` -> count of s in i
     parity    `n` bits, then `QUERY` -> their parity
     copying   `n` symbols, then `COPY` -> the same `n` symbols
@@ -69,9 +69,9 @@ def make_problems(task: str, size: int, count: int, rng: np.random.Generator) ->
         items = symbols(count, size, 3)
         lists = np.concatenate([np.broadcast_to(number(np.arange(size))[None, :, None], (count, size, 1)), items,
                                 np.full((count, size, 1), SEP)], axis=2).reshape(count, -1)  # fmt: skip
-        which, place = rng.integers(0, size, count), rng.integers(0, 3, count)
-        prompt = np.column_stack([lists, np.full(count, QUERY), number(which), number(place)])
-        answer = items[rows, which, place][:, None]
+        which = rng.integers(0, size, count)
+        prompt = np.column_stack([lists, np.full(count, QUERY), number(which)])
+        answer = items[rows, which]
     elif task == "counting":
         segments = FIRST_SYMBOL + rng.integers(0, 4, (count, size, 4))
         parts = np.concatenate([np.broadcast_to(number(np.arange(size))[None, :, None], (count, size, 1)),
