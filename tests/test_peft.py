@@ -159,6 +159,15 @@ def test_trainer_trains_lora_tables_and_heads_and_leaves_the_checkpoint_alone(lo
     assert all(torch.equal(p, original[name]) for name, p in frozen.items())
 
 
+def test_lime_trainer_pushes_no_adapter_under_a_lime_model_card(lora_run, hub):
+    _, trainer, _, _ = lora_run
+    with pytest.raises(
+        ValueError, match=r"model is a PeftModelForCausalLM\. Push a PEFT adapter with .*merge_and_unload"
+    ):
+        trainer.push_to_hub()
+    assert not hub.commits
+
+
 def test_saved_adapters_reload_and_merge_to_the_same_logits_at_every_step(lora_run, checkpoint):
     _, _, recorder, output_dir = lora_run
     assert sorted(recorder.logits) == [1, 2, 3]
