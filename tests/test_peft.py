@@ -142,10 +142,11 @@ def test_trainer_trains_lora_tables_and_heads_and_leaves_the_checkpoint_alone(lo
         assert torch.count_nonzero(table.weight[3:]) > 0, name  # from_backbone's zeros were trained
         assert torch.count_nonzero(table.weight[:2]) == 0  # padding and unknown stay zero
         assert torch.count_nonzero(lime.metadata_embeddings.original_module.tables[name].weight) == 0
-    fresh_heads = LimeForCausalLM.from_backbone(checkpoint, **HEADS).tag_heads.state_dict()
+    initial_heads = lime.tag_heads.original_module.state_dict()  # PEFT trains a copy of the heads
     trained_heads = lime.tag_heads.modules_to_save.default.state_dict()
-    assert any(
-        not torch.equal(trained_heads[key], fresh_heads[key]) for key in fresh_heads if "norm" not in key
+    assert all(
+        not torch.equal(trained_heads[key], initial_heads[key])
+        for key in ("proj.weight", "classifiers.pos.weight")
     )
     lora_b = [p for name, p in peft_model.named_parameters() if "lora_B" in name]
     assert lora_b and all(torch.count_nonzero(p) > 0 for p in lora_b)
@@ -186,25 +187,22 @@ def test_saved_adapters_reload_and_merge_to_the_same_logits_at_every_step(lora_r
     assert not torch.allclose(recorder.logits[1], recorder.logits[3], atol=1e-3)
 
 
-@pytest.mark.parametrize(
-    "setup",
-    ["guidance", "annotating provider", "model provider"],
-)
+@pytest.mark.parametrize("setup", ["guidance", "annotating provider", "model provider"])
 def test_generate_on_the_peft_model_equals_the_merged_model(setup, checkpoint, lime_offsets):
-    kwargs = {"metadata_shift": 1} if setup == "guidance" else {}
-    if setup == "model provider":
-        kwargs = {"metadata_shift": 1, **HEADS}
-    peft_model = randomised_lora(LimeForCausalLM.from_backbone(checkpoint, **kwargs))
-    encoding = lime_offsets(["Emma walked to Highbury.", "Mr. Knightley smiled at her."], return_tensors="pt",
-                            padding=True)  # fmt: skip
+    """LIME+1 guided by a schedule, LIME re-annotating with spaCy, LIME+1 guiding itself with its tag head."""
     generation = {"max_new_tokens": 6, "do_sample": False, "return_dict_in_generate": True}
     if setup == "guidance":
-        generation["guidance"] = {"pos": [["NN", "VBZ", "DT"], ["JJ"]]}
-        generation["metadata_provider"] = "unknown"
+        model = LimeForCausalLM.from_backbone(checkpoint, metadata_shift=1)
+        generation.update(guidance={"pos": [["NN", "VBZ", "DT"], ["JJ"]]}, metadata_provider="unknown")
     elif setup == "annotating provider":
-        generation["tokenizer"] = lime_offsets
+        model = LimeForCausalLM.from_backbone(checkpoint)
+        generation.update(tokenizer=lime_offsets)
     else:
-        generation["metadata_provider"] = "model"
+        model = LimeForCausalLM.from_backbone(checkpoint, metadata_shift=1, **HEADS)
+        generation.update(metadata_provider="model")
+    peft_model = randomised_lora(model)
+    texts = ["Emma walked to Highbury.", "Mr. Knightley smiled at her."]
+    encoding = lime_offsets(texts, return_tensors="pt", padding=True, padding_side="left")
     wrapped = peft_model.generate(**encoding, **generation)
     merged = peft_model.merge_and_unload().generate(**encoding, **generation)
     assert torch.equal(wrapped.sequences, merged.sequences)

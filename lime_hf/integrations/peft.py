@@ -9,9 +9,11 @@ tables are new and start at zero, every row has to be learnt, and they are small
 PEFT's mechanism for modules trained in full is `modules_to_save`. It trains a copy of each module, saves it in
 the adapter and puts it in place of the original on `merge_and_unload`. The tag heads, new too, go the same way.
 
-Prompt-learning methods: prefix tuning works as it is; its virtual tokens exist only in the KV cache, so the
-tags stay aligned with the real tokens they belong to. Prompt tuning and p-tuning put virtual tokens in front
-of `inputs_embeds`, and those positions have no tags: the model then raises a `ValueError` that says so.
+Prompt-learning methods: prefix tuning trains and scores as it is; its virtual tokens exist only in the KV
+cache, so the tags stay on the real tokens they belong to. Prompt tuning and p-tuning put virtual tokens in
+front of `inputs_embeds`, and those positions have no tags: the model raises a `ValueError` that says so. For
+every prompt-learning method PEFT's `generate` swaps in its own `prepare_inputs_for_generation`, which does not
+feed the tags of generated tokens, and LIME's `generate` refuses it with a `ValueError`. Generate with LoRA.
 
 Needs `pip install "lime_hf[peft]"`.
 """
@@ -23,11 +25,13 @@ import re
 from peft import LoraConfig
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
+from ..modeling_lime import LimePreTrainedModel
+
 # The attention projections of Llama, Qwen2, Mistral, Gemma and their kin; other backbones take PEFT's default.
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def _check_lime(model) -> None:
+def _check_lime(model: LimePreTrainedModel) -> None:
     if getattr(model.config, "model_type", None) != "lime":
         raise ValueError(
             f"Expected a LIME model (`LimeForCausalLM`, model_type 'lime'), got {type(model).__name__} with "
@@ -36,13 +40,13 @@ def _check_lime(model) -> None:
         )
 
 
-def lime_modules_to_save(model) -> list[str]:
+def lime_modules_to_save(model: LimePreTrainedModel) -> list[str]:
     """The modules a LIME model adds to its backbone: `metadata_embeddings`, and `tag_heads` if it has them."""
     _check_lime(model)
     return ["metadata_embeddings"] + (["tag_heads"] if model.tag_heads is not None else [])
 
 
-def lime_target_modules(model) -> str:
+def lime_target_modules(model: LimePreTrainedModel) -> str:
     """A `target_modules` regex of the backbone's attention projections (the LIME modules are never matched).
 
     q/k/v/o projections where the backbone has them (Llama, Qwen2, ...); else PEFT's default for the backbone's
@@ -67,7 +71,7 @@ def lime_target_modules(model) -> str:
     return rf"language_model\..*\.({'|'.join(map(re.escape, names))})"
 
 
-def lime_lora_config(model, **lora_kwargs) -> LoraConfig:
+def lime_lora_config(model: LimePreTrainedModel, **lora_kwargs) -> LoraConfig:
     """A `LoraConfig` for `model`: LoRA on the backbone's attention, metadata tables and tag heads trained whole.
 
     Args:
