@@ -187,6 +187,27 @@ def test_saved_adapters_reload_and_merge_to_the_same_logits_at_every_step(lora_r
     assert not torch.allclose(recorder.logits[1], recorder.logits[3], atol=1e-3)
 
 
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(checkpoint):
+    """Reentrant checkpointing needs inputs that require grad; the trainable tables make `inputs_embeds` so."""
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same random tag head
+        peft_model = randomised_lora(LimeForCausalLM.from_backbone(checkpoint, **HEADS)).train()
+        if checkpointing:
+            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        inputs = batch(peft_model)
+        loss = peft_model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        grads = {name: p.grad for name, p in peft_model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads))
+    (loss, grads), (checkpointed_loss, checkpointed_grads) = results
+    assert torch.equal(loss, checkpointed_loss)
+    assert grads.keys() == checkpointed_grads.keys() and all(
+        g is not None for g in checkpointed_grads.values()
+    )
+    assert all(torch.allclose(grads[name], checkpointed_grads[name], atol=1e-6) for name in grads)
+
+
 @pytest.mark.parametrize("setup", ["guidance", "annotating provider", "model provider"])
 def test_generate_on_the_peft_model_equals_the_merged_model(setup, checkpoint, lime_offsets):
     """LIME+1 guided by a schedule, LIME re-annotating with spaCy, LIME+1 guiding itself with its tag head."""
