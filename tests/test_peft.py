@@ -18,7 +18,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback, Trai
 
 from lime_hf import DataCollatorForLime, LimeForCausalLM
 from lime_hf.integrations.peft import lime_lora_config, lime_modules_to_save, lime_target_modules
-from lime_hf.pretrain import LimeTrainer, prepare_lm_dataset
+from lime_hf.pretrain import prepare_lm_dataset
+from lime_hf.trainer import LimeTrainer
 
 HEADS = {"tag_head_fields": ["pos"]}
 ADAPTED = {"llama": "q_proj|k_proj|v_proj|o_proj", "qwen2": "q_proj|k_proj|v_proj|o_proj", "gpt2": "c_attn"}
