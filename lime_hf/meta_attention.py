@@ -41,6 +41,7 @@ class MetaAttentionState:
     is_meta: `(batch, seq)` which input positions are meta-tokens.
     index: `(batch, m)` each row's meta positions in order, padded (with non-meta positions) to the batch's
         largest count `m`.
+    valid: `(batch, m)` which entries of `index` are meta positions (the rest is padding).
     mask: `(batch, 1, m, past + m)` which cached and new meta keys each gathered query attends to.
     cache: the backbone's cache, holding the meta keys/values after the backbone's layers (or `None`).
     num_layers: the backbone's number of decoder layers.
@@ -48,6 +49,7 @@ class MetaAttentionState:
 
     is_meta: torch.BoolTensor
     index: torch.LongTensor
+    valid: torch.BoolTensor
     mask: torch.BoolTensor
     cache: Cache | None
     num_layers: int
@@ -81,7 +83,7 @@ class MetaAttentionState:
         key_position = torch.arange(past + new, device=is_meta.device)
         query_position = past + torch.arange(new, device=is_meta.device)[:, None]
         mask = (keys[:, None, :] & (key_position <= query_position)) | (key_position == query_position)
-        return cls(is_meta=is_meta, index=index, mask=mask[:, None], cache=cache, num_layers=num_layers)
+        return cls(is_meta, index, valid, mask[:, None], cache, num_layers)
 
 
 def _check_dynamic(cache: Cache) -> None:
@@ -120,7 +122,8 @@ class LimeMetaAttention(nn.Module):
         """
         batch, new = state.index.shape
         gather_index = state.index[..., None].expand(-1, -1, self.hidden_size)
-        x = self.norm(hidden_states.gather(1, gather_index))
+        gathered = hidden_states.gather(1, gather_index)
+        x = self.norm(gathered)
         shape = (batch, new, self.num_heads, self.head_dim)
         query = self.q_proj(x).view(shape).transpose(1, 2)
         key = self.k_proj(x).view(shape).transpose(1, 2)
@@ -129,8 +132,9 @@ class LimeMetaAttention(nn.Module):
             key, value = state.cache.layers[state.num_layers + 1 + self.layer_idx].update(key, value)
         attended = F.scaled_dot_product_attention(query, key, value, attn_mask=state.mask)
         output = self.o_proj(attended.transpose(1, 2).reshape(batch, new, self.hidden_size))
-        branch = torch.zeros_like(hidden_states).scatter(1, gather_index, output.to(hidden_states.dtype))
-        return torch.where(state.is_meta[..., None], hidden_states + branch, hidden_states)
+        # Padding entries write their own input back, so every non-meta position is copied bit for bit.
+        updated = torch.where(state.valid[..., None], gathered + output.to(gathered.dtype), gathered)
+        return hidden_states.scatter(1, gather_index, updated)
 
     def reset_parameters(self, std: float = 0.02) -> None:
         """Initialise every weight (used where the sublayers are built on the meta device, e.g. `from_backbone`)."""
