@@ -7,7 +7,7 @@ import torch
 from tiny_models import VOCAB_SIZE, random_tags, run_without_lime_hf, tiny_lime
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from lime_hf import LimeConfig, LimeForCausalLM
+from lime_hf import LimeConfig, LimeForCausalLM, LimeModel
 from lime_hf.meta_attention import MetaAttentionState
 from lime_hf.meta_tokens import MetaTokenPlacement, place_meta_tokens
 
@@ -155,6 +155,20 @@ def test_the_loss_leaves_out_meta_token_targets(arch):
     assert not torch.allclose(out.loss, torch.nn.functional.cross_entropy(logits, targets))
     out.loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.meta_attention.parameters())
+
+
+def test_metadata_tag_heads_and_meta_tokens_in_one_model():
+    model = meta_lime("qwen2", tag_head_fields=["pos"])
+    ids = ids_with_meta()
+    tags = random_tags(model, ids.shape)
+    out = model(input_ids=ids, labels=ids, output_hidden_states=True, **tags)
+    logits, targets = out.logits[:, :-1].reshape(-1, VOCAB_SIZE), ids[:, 1:].reshape(-1)
+    expected = torch.nn.functional.cross_entropy(logits[targets != META], targets[targets != META])
+    assert torch.allclose(out.lm_loss, expected, atol=1e-6, rtol=0) and "pos" in out.tag_losses
+    base = LimeModel(model.config).eval()
+    base.load_state_dict(model.state_dict())
+    assert torch.equal(base(input_ids=ids, **tags).last_hidden_state, out.last_hidden_state)
+    assert torch.equal(out.hidden_states[-1], out.last_hidden_state)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
