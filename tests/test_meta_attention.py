@@ -248,6 +248,32 @@ def test_generation_is_the_same_with_and_without_the_cache(arch, decoding):
         assert bool((generated[:, step] == META).any()) is expected
 
 
+def after_an_odd_token(row: torch.LongTensor) -> bool:
+    return int(row[-1]) != META and int(row[-1]) % 2 == 1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_beams_with_per_row_meta_tokens_are_the_same_with_and_without_the_cache(arch):
+    """A policy puts meta-tokens at different steps in different beams: padded meta slots, reordered each step."""
+    model = meta_lime(arch)
+    ids = torch.randint(3, META, (2, 5), generator=torch.Generator().manual_seed(3))
+    runs = [
+        model.generate(
+            input_ids=ids,
+            max_new_tokens=10,
+            num_beams=3,
+            num_return_sequences=3,
+            use_cache=use_cache,
+            logits_processor=[MetaTokenPlacement(META, policy=after_an_odd_token)],
+            metadata_provider="unknown",
+        )
+        for use_cache in (True, False)
+    ]
+    assert torch.equal(runs[0], runs[1])
+    is_meta = runs[0][:, 5:] == META
+    assert (is_meta != is_meta[:1]).any()  # the rows have meta-tokens at different steps
+
+
 def test_placement_by_positions_and_by_policy():
     model = meta_lime("llama")
     ids = torch.randint(3, META, (2, 4), generator=torch.Generator().manual_seed(2))
@@ -311,6 +337,17 @@ def test_save_load_and_remote_code(tmp_path):
         cwd=tmp_path,
     )
     assert out.strip() == "OK 2"
+
+
+def test_a_lime_checkpoint_grows_meta_attention_and_keeps_its_logits(tmp_path):
+    plain = tiny_lime("llama")
+    plain.save_pretrained(tmp_path / "plain")
+    grown = LimeForCausalLM.from_pretrained(tmp_path / "plain", meta_token_ids=[META]).eval()
+    assert grown.config.meta_token_ids == [META]
+    sublayer = grown.meta_attention.layers[0]
+    assert sublayer.q_proj.weight.std() > 0 and torch.equal(sublayer.norm.weight, torch.ones(32))
+    ids, tags = torch.randint(3, META, (2, 8)), random_tags(plain, (2, 8))
+    assert torch.equal(grown(input_ids=ids, **tags).logits, plain(input_ids=ids, **tags).logits)
 
 
 def test_a_deep_copy_and_a_retrofit_run_their_own_sublayers():
