@@ -126,6 +126,7 @@ def test_zeroed_positional_encoding_at_meta_tokens(arch):
     model.config.meta_positional = "zero"  # read at each call: a switch at inference
     zero = model(input_ids=ids).logits
     handle.remove()
+    assert model.meta_attention._positional is None  # scoped to the call: a direct backbone call sees nothing
     if arch == "llama":
         (cos, sin), (kept_cos, kept_sin) = seen["out"], kept
         assert torch.equal(cos[is_meta], torch.ones_like(cos[is_meta]))
