@@ -180,8 +180,17 @@ class LimeMetaAttentionLayers(nn.Module):
         elif isinstance(getattr(base, "wpe", None), nn.Module):
             self.positional_kind = "absolute"
             base.wpe.register_forward_hook(_PositionalHook(self, "absolute"))
+        self.check_positional()
         base.register_forward_pre_hook(_CallScope(self, entering=True), with_kwargs=True)
         base.register_forward_hook(_CallScope(self, entering=False), with_kwargs=True)
+
+    def check_positional(self) -> None:
+        """Raise unless the backbone has the positional encoding that `meta_positional="zero"` acts on."""
+        if self.config.meta_positional == "zero" and self.positional_kind is None:
+            raise ValueError(
+                "meta_positional='zero' zeroes the rotary cos/sin (`rotary_emb`) or the learned position embedding "
+                "(`wpe`) at meta-tokens, and this backbone has neither (use meta_positional='keep')."
+            )
 
     def is_meta(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
         """`(batch, seq)` which ids are meta-tokens."""
@@ -210,11 +219,7 @@ class LimeMetaAttentionLayers(nn.Module):
             keep_cache: whether the backbone's layers write the cache in this call (not under gradient
                 checkpointing in training).
         """
-        if self.config.meta_positional == "zero" and self.positional_kind is None:
-            raise ValueError(
-                "meta_positional='zero' zeroes the rotary cos/sin (`rotary_emb`) or the learned position embedding "
-                "(`wpe`) at meta-tokens, and this backbone has neither."
-            )
+        self.check_positional()
         if labels is not None:
             labels = self.mask_labels(labels)
         if use_cache and cache is None:

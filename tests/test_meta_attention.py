@@ -384,6 +384,17 @@ def test_bad_inputs_get_clear_errors():
         LimeConfig(text_config=text, meta_token_ids=[-1])
     with pytest.raises(ValueError, match=r"`meta_positional` must be 'keep' .* or 'zero'"):
         LimeConfig(text_config=text, meta_token_ids=[5], meta_positional="none")
+    bloom = {"model_type": "bloom", "vocab_size": VOCAB_SIZE, "hidden_size": 32, "n_layer": 2, "n_head": 4}
+    alibi = LimeForCausalLM(
+        LimeConfig(text_config=bloom, meta_token_ids=[META])
+    ).eval()  # no positional table
+    assert alibi(input_ids=ids_with_meta()).logits.shape == (2, 12, VOCAB_SIZE)
+    alibi.config.meta_positional = "zero"
+    no_zeroing = r"meta_positional='zero' zeroes the rotary .* and this backbone has neither"
+    with pytest.raises(ValueError, match=no_zeroing):
+        alibi(input_ids=ids_with_meta())
+    with pytest.raises(ValueError, match=no_zeroing):
+        LimeForCausalLM(LimeConfig(text_config=bloom, meta_token_ids=[META], meta_positional="zero"))
     ids = torch.randint(3, META, (1, 4))
     plain = tiny_lime("llama")
     with pytest.raises(
