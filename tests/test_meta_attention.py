@@ -194,7 +194,7 @@ def test_step_by_step_with_the_cache_equals_one_forward(arch, positional):
     ids = ids_with_meta(meta=((0, 3), (0, 4), (0, 9), (1, 6)))
     full = model(input_ids=ids, use_cache=False).logits
     out = model(input_ids=ids[:, :5], use_cache=True)
-    steps, cache = [out.logits], out.cache
+    steps, cache = [out.logits], out.get("cache", out.get("past_key_values"))  # its name since 5.24 / before
     for i in range(5, ids.shape[1]):
         out = model(input_ids=ids[:, i : i + 1], cache=cache, use_cache=True)
         steps.append(out.logits)
