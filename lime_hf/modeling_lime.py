@@ -16,7 +16,7 @@ from transformers.utils import TransformersKwargs, logging
 
 from .configuration_lime import PAD_ID, SPECIAL_ID, UNKNOWN_ID, LimeConfig, check_inventories
 from .generation import MetadataTracker, parse_guidance, resolve_provider
-from .meta_attention import STATE_KEYWORD, LimeMetaAttention, LimeMetaAttentionLayers, check_meta_generation
+from .meta_attention import STATE_KEYWORD, LimeMetaAttentionLayers, check_meta_generation
 from .tag_heads import LimeTagHeads, ModelTagProvider, forward_with_tag_heads
 
 logger = logging.get_logger(__name__)
@@ -147,10 +147,6 @@ class LimePreTrainedModel(PreTrainedModel):
         if isinstance(module, LimeTagHeads) and not getattr(module.start_state, "_is_hf_initialized", False):
             with torch.no_grad():
                 module.start_state.zero_()
-        if isinstance(module, LimeMetaAttention) and not getattr(
-            module.q_proj.weight, "_is_hf_initialized", False
-        ):
-            module.reset_parameters(getattr(self.config.get_text_config(), "initializer_range", 0.02))
 
     @property
     def _can_compile_fullgraph(self) -> bool:
