@@ -76,8 +76,11 @@ def test_inside_the_model_non_meta_states_pass_through_the_sublayer(arch):
     seen = {}
     before = layer.register_forward_hook(lambda m, a, o: seen.update(before=o), prepend=True)
     after = layer.register_forward_hook(lambda m, a, o: seen.update(after=o))
+    sublayer = model.meta_attention.layers[1]
+    masks = sublayer.register_forward_pre_hook(lambda m, args: seen.update(mask=args[1].mask.shape))
     model(input_ids=ids)
-    before.remove(), after.remove()
+    before.remove(), after.remove(), masks.remove()
+    assert seen["mask"] == (2, 1, 2, 2)  # 2 and 1 meta-tokens: a 2 x 2 mask, not 12 x 12
     is_meta = ids == META
     assert torch.equal(seen["after"][~is_meta], seen["before"][~is_meta])
     assert not torch.equal(seen["after"][is_meta], seen["before"][is_meta])
