@@ -59,10 +59,10 @@ class MetaAttentionState:
         cls, is_meta: torch.BoolTensor, cache: Cache | None, num_layers: int
     ) -> "MetaAttentionState | None":
         """The state of a call whose input has meta-tokens at `is_meta`; `None` when it has none (nothing to do)."""
-        counts = is_meta.sum(dim=1)
-        new = int(counts.max()) if is_meta.numel() else 0
-        if new == 0:
+        if not is_meta.any():  # most decoding steps
             return None
+        counts = is_meta.sum(dim=1)
+        new = int(counts.max())
         # A stable sort puts each row's meta positions first, in order; the rest pads the row.
         index = torch.sort((~is_meta).to(torch.int8), dim=1, stable=True).indices[:, :new]
         valid = torch.arange(new, device=is_meta.device) < counts[:, None]
@@ -194,6 +194,8 @@ class LimeMetaAttentionLayers(nn.Module):
 
     def is_meta(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
         """`(batch, seq)` which ids are meta-tokens."""
+        if len(self.meta_token_ids) == 1:  # the usual case, one op
+            return input_ids == self.meta_token_ids[0]
         return torch.isin(input_ids, torch.tensor(self.meta_token_ids, device=input_ids.device))
 
     def mask_labels(self, labels: torch.LongTensor) -> torch.LongTensor:
