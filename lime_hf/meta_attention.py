@@ -245,12 +245,17 @@ class _SublayerHook:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output):
         state = kwargs.get(STATE_KEYWORD)
-        if state is None:
+        if state is None and not (module.training and torch.is_grad_enabled()):
             return None
         # Decoder layers return the hidden states, or a tuple that starts with them (older versions).
-        if isinstance(output, tuple):
-            return (self.sublayer(output[0], state), *output[1:])
-        return self.sublayer(output, state)
+        hidden = output[0] if isinstance(output, tuple) else output
+        if state is None:
+            # A training batch without meta-tokens: the sublayer joins the graph with an exact zero, so that DDP
+            # needs no `find_unused_parameters` for batches with and without meta-tokens.
+            hidden = hidden + sum(parameter.sum() for parameter in self.sublayer.parameters()) * 0.0
+        else:
+            hidden = self.sublayer(hidden, state)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
 class _CallScope:

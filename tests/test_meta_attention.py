@@ -86,6 +86,18 @@ def test_inside_the_model_non_meta_states_pass_through_the_sublayer(arch):
     assert not torch.equal(seen["after"][is_meta], seen["before"][is_meta])
 
 
+def test_a_training_batch_without_meta_tokens_still_reaches_every_sublayer():
+    """DDP without `find_unused_parameters`: every sublayer gets a (zero) gradient, and the loss is the plain one."""
+    model = meta_lime("llama").train()
+    ids = torch.randint(3, META, (2, 10))
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    sublayer_grads = [p.grad for p in model.meta_attention.parameters()]
+    assert all(grad is not None and not grad.any() for grad in sublayer_grads)
+    plain = plain_with_weights_of(model).train()
+    assert torch.equal(out.logits, plain(input_ids=ids, labels=ids).logits)
+
+
 @pytest.mark.parametrize("arch", ARCHS + ["qwen2"])
 def test_without_meta_tokens_the_model_is_the_plain_one(arch):
     model = meta_lime(arch)

@@ -76,6 +76,36 @@ def test_lora_adapts_the_attention_and_trains_the_lime_modules_whole(arch):
     assert not any(name.startswith("base_model.model.tag_heads.original_module") for name in trainable)
 
 
+def test_lora_reaches_the_meta_attention_sublayers_and_merges():
+    """The sublayers run from hooks on the backbone's layers; LoRA wraps their projections in place, so it acts."""
+    torch.manual_seed(0)
+    backbone = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_TEXT_CONFIGS["llama"]))
+    meta = backbone.config.vocab_size - 1
+    model = LimeForCausalLM.from_backbone(backbone, meta_token_ids=[meta]).eval()
+    projections = ADAPTED["llama"].split("|")
+    layers = backbone.config.num_hidden_layers
+    sublayers = {f"meta_attention.layers.{i}.{name}" for i in range(layers) for name in projections}
+    config = lime_lora_config(model, r=4)
+    assert sublayers <= {
+        name for name, _ in model.named_modules() if re.fullmatch(config.target_modules, name)
+    }
+
+    inputs = batch(model)
+    inputs["input_ids"][:, 4] = meta
+    with torch.no_grad():
+        before = model(**inputs).logits
+    only_meta = r"meta_attention\.layers\.\d+\.(q_proj|k_proj|v_proj|o_proj)"
+    peft_model = get_peft_model(
+        model, lime_lora_config(model, r=4, target_modules=only_meta, init_lora_weights=False)
+    )
+    with torch.no_grad():
+        adapted = peft_model.eval()(**inputs).logits
+        assert torch.equal(adapted[:, :4], before[:, :4])  # before the first meta-token nothing changes
+        assert not torch.allclose(adapted[:, 4:], before[:, 4:], atol=1e-4)
+        merged = peft_model.merge_and_unload()
+        assert torch.allclose(merged(**inputs).logits, adapted, atol=1e-5)
+
+
 def test_lora_config_options_and_bad_models():
     torch.manual_seed(0)
     backbone = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_TEXT_CONFIGS["llama"]))

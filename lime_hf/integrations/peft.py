@@ -8,6 +8,8 @@ already trained (new tokens added to a vocabulary) and keeps the rest frozen. A 
 tables are new and start at zero, every row has to be learnt, and they are small (a few dozen rows per field):
 PEFT's mechanism for modules trained in full is `modules_to_save`. It trains a copy of each module, saves it in
 the adapter and puts it in place of the original on `merge_and_unload`. The tag heads, new too, go the same way.
+Meta-attention sublayers are the exception: they run from hooks on the backbone's layers, which would keep
+calling the originals, so they get LoRA on their q/k/v/o projections instead (wrapped in place, so the hooks reach it).
 
 Prompt-learning methods: prefix tuning trains and scores as it is; its virtual tokens exist only in the KV
 cache, so the tags stay on the real tokens they belong to. Prompt tuning and p-tuning put virtual tokens in
@@ -50,7 +52,7 @@ def lime_target_modules(model: LimePreTrainedModel) -> str:
     """A `target_modules` regex of the backbone's attention projections (the LIME modules are never matched).
 
     q/k/v/o projections where the backbone has them (Llama, Qwen2, ...); else PEFT's default for the backbone's
-    `model_type` (GPT-2: `c_attn`).
+    `model_type` (GPT-2: `c_attn`). A model with meta-attention also gets LoRA on its sublayers' q/k/v/o.
     """
     _check_lime(model)
     backbone_type = model.config.text_config.model_type
@@ -68,7 +70,13 @@ def lime_target_modules(model: LimePreTrainedModel) -> str:
             f"{list(ATTENTION_PROJECTIONS)} and PEFT's defaults for {backbone_type!r}). Pass `target_modules=` "
             "to `lime_lora_config`: the names of the backbone's linear layers to adapt."
         )
-    return rf"language_model\..*\.({'|'.join(map(re.escape, names))})"
+    backbone = rf"language_model\..*\.({'|'.join(map(re.escape, names))})"
+    if model.meta_attention is None:
+        return backbone
+    # The meta-attention sublayers run from hooks on the backbone's layers, which call the very modules they were
+    # given: `modules_to_save` (a trained copy put beside the original) would never be called. LoRA wraps their
+    # projections in place, so they adapt like the backbone's attention.
+    return rf"{backbone}|meta_attention\.layers\.\d+\.({'|'.join(ATTENTION_PROJECTIONS)})"
 
 
 def lime_lora_config(model: LimePreTrainedModel, **lora_kwargs) -> LoraConfig:
