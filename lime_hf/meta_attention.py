@@ -41,6 +41,7 @@ class MetaAttentionState:
     is_meta: `(batch, seq)` which input positions are meta-tokens.
     index: `(batch, m)` each row's meta positions in order, padded (with non-meta positions) to the batch's
         largest count `m`.
+    valid: `(batch, m)` which entries of `index` are meta positions (the rest is padding).
     mask: `(batch, 1, m, past + m)` which cached and new meta keys each gathered query attends to.
     cache: the backbone's cache, holding the meta keys/values after the backbone's layers (or `None`).
     num_layers: the backbone's number of decoder layers.
@@ -48,6 +49,7 @@ class MetaAttentionState:
 
     is_meta: torch.BoolTensor
     index: torch.LongTensor
+    valid: torch.BoolTensor
     mask: torch.BoolTensor
     cache: Cache | None
     num_layers: int
@@ -57,10 +59,10 @@ class MetaAttentionState:
         cls, is_meta: torch.BoolTensor, cache: Cache | None, num_layers: int
     ) -> "MetaAttentionState | None":
         """The state of a call whose input has meta-tokens at `is_meta`; `None` when it has none (nothing to do)."""
-        counts = is_meta.sum(dim=1)
-        new = int(counts.max()) if is_meta.numel() else 0
-        if new == 0:
+        if not is_meta.any():  # most decoding steps
             return None
+        counts = is_meta.sum(dim=1)
+        new = int(counts.max())
         # A stable sort puts each row's meta positions first, in order; the rest pads the row.
         index = torch.sort((~is_meta).to(torch.int8), dim=1, stable=True).indices[:, :new]
         valid = torch.arange(new, device=is_meta.device) < counts[:, None]
@@ -81,7 +83,7 @@ class MetaAttentionState:
         key_position = torch.arange(past + new, device=is_meta.device)
         query_position = past + torch.arange(new, device=is_meta.device)[:, None]
         mask = (keys[:, None, :] & (key_position <= query_position)) | (key_position == query_position)
-        return cls(is_meta=is_meta, index=index, mask=mask[:, None], cache=cache, num_layers=num_layers)
+        return cls(is_meta, index, valid, mask[:, None], cache, num_layers)
 
 
 def _check_dynamic(cache: Cache) -> None:
@@ -120,7 +122,8 @@ class LimeMetaAttention(nn.Module):
         """
         batch, new = state.index.shape
         gather_index = state.index[..., None].expand(-1, -1, self.hidden_size)
-        x = self.norm(hidden_states.gather(1, gather_index))
+        gathered = hidden_states.gather(1, gather_index)
+        x = self.norm(gathered)
         shape = (batch, new, self.num_heads, self.head_dim)
         query = self.q_proj(x).view(shape).transpose(1, 2)
         key = self.k_proj(x).view(shape).transpose(1, 2)
@@ -129,8 +132,9 @@ class LimeMetaAttention(nn.Module):
             key, value = state.cache.layers[state.num_layers + 1 + self.layer_idx].update(key, value)
         attended = F.scaled_dot_product_attention(query, key, value, attn_mask=state.mask)
         output = self.o_proj(attended.transpose(1, 2).reshape(batch, new, self.hidden_size))
-        branch = torch.zeros_like(hidden_states).scatter(1, gather_index, output.to(hidden_states.dtype))
-        return torch.where(state.is_meta[..., None], hidden_states + branch, hidden_states)
+        # Padding entries write their own input back, so every non-meta position is copied bit for bit.
+        updated = torch.where(state.valid[..., None], gathered + output.to(gathered.dtype), gathered)
+        return hidden_states.scatter(1, gather_index, updated)
 
     def reset_parameters(self, std: float = 0.02) -> None:
         """Initialise every weight (used where the sublayers are built on the meta device, e.g. `from_backbone`)."""
@@ -176,11 +180,22 @@ class LimeMetaAttentionLayers(nn.Module):
         elif isinstance(getattr(base, "wpe", None), nn.Module):
             self.positional_kind = "absolute"
             base.wpe.register_forward_hook(_PositionalHook(self, "absolute"))
+        self.check_positional()
         base.register_forward_pre_hook(_CallScope(self, entering=True), with_kwargs=True)
         base.register_forward_hook(_CallScope(self, entering=False), with_kwargs=True)
 
+    def check_positional(self) -> None:
+        """Raise unless the backbone has the positional encoding that `meta_positional="zero"` acts on."""
+        if self.config.meta_positional == "zero" and self.positional_kind is None:
+            raise ValueError(
+                "meta_positional='zero' zeroes the rotary cos/sin (`rotary_emb`) or the learned position embedding "
+                "(`wpe`) at meta-tokens, and this backbone has neither (use meta_positional='keep')."
+            )
+
     def is_meta(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
         """`(batch, seq)` which ids are meta-tokens."""
+        if len(self.meta_token_ids) == 1:  # the usual case, one op
+            return input_ids == self.meta_token_ids[0]
         return torch.isin(input_ids, torch.tensor(self.meta_token_ids, device=input_ids.device))
 
     def mask_labels(self, labels: torch.LongTensor) -> torch.LongTensor:
@@ -206,11 +221,7 @@ class LimeMetaAttentionLayers(nn.Module):
             keep_cache: whether the backbone's layers write the cache in this call (not under gradient
                 checkpointing in training).
         """
-        if self.config.meta_positional == "zero" and self.positional_kind is None:
-            raise ValueError(
-                "meta_positional='zero' zeroes the rotary cos/sin (`rotary_emb`) or the learned position embedding "
-                "(`wpe`) at meta-tokens, and this backbone has neither."
-            )
+        self.check_positional()
         if labels is not None:
             labels = self.mask_labels(labels)
         if use_cache and cache is None:
@@ -234,12 +245,17 @@ class _SublayerHook:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output):
         state = kwargs.get(STATE_KEYWORD)
-        if state is None:
+        if state is None and not (module.training and torch.is_grad_enabled()):
             return None
         # Decoder layers return the hidden states, or a tuple that starts with them (older versions).
-        if isinstance(output, tuple):
-            return (self.sublayer(output[0], state), *output[1:])
-        return self.sublayer(output, state)
+        hidden = output[0] if isinstance(output, tuple) else output
+        if state is None:
+            # A training batch without meta-tokens: the sublayer joins the graph with an exact zero, so that DDP
+            # needs no `find_unused_parameters` for batches with and without meta-tokens.
+            hidden = hidden + sum(parameter.sum() for parameter in self.sublayer.parameters()) * 0.0
+        else:
+            hidden = self.sublayer(hidden, state)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
 class _CallScope:

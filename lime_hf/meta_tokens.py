@@ -76,23 +76,29 @@ class MetaTokenPlacement(LogitsProcessor):
         self.positions = None if positions is None else frozenset(positions)
         self.policy = policy
 
-    def forced(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
-        """`(batch,)` whether each row's next token is the meta-token."""
-        position = input_ids.shape[1]
+    def forced(self, input_ids: torch.LongTensor) -> bool | torch.BoolTensor:
+        """Whether the next token is the meta-token: one answer for every row (`every`, `positions`), or `(batch,)`
+        answers (`policy`)."""
         if self.policy is not None:
             return torch.tensor([bool(self.policy(row)) for row in input_ids], device=input_ids.device)
-        at = (position + 1) % (self.every + 1) == 0 if self.every is not None else position in self.positions
-        return torch.full((input_ids.shape[0],), at, device=input_ids.device)
+        position = input_ids.shape[1]
+        return (
+            (position + 1) % (self.every + 1) == 0 if self.every is not None else position in self.positions
+        )
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.meta_token_id >= scores.shape[-1]:
             raise ValueError(
                 f"Meta-token id {self.meta_token_id} is outside the model's vocabulary of {scores.shape[-1]} tokens."
             )
-        forced = self.forced(input_ids)[:, None]
+        forced = self.forced(input_ids)
+        if isinstance(forced, bool):  # the same for every row: two small ops per step
+            processed = torch.full_like(scores, float("-inf")) if forced else scores.clone()
+            processed[:, self.meta_token_id] = 0.0 if forced else float("-inf")
+            return processed
         is_meta = torch.arange(scores.shape[-1], device=scores.device) == self.meta_token_id
         only_meta = torch.where(is_meta, 0.0, float("-inf")).to(scores.dtype)
-        return torch.where(forced, only_meta, scores.masked_fill(is_meta, float("-inf")))
+        return torch.where(forced[:, None], only_meta, scores.masked_fill(is_meta, float("-inf")))
 
 
 def place_meta_tokens(

@@ -16,7 +16,7 @@ from transformers.utils import TransformersKwargs, logging
 
 from .configuration_lime import PAD_ID, SPECIAL_ID, UNKNOWN_ID, LimeConfig, check_inventories
 from .generation import MetadataTracker, parse_guidance, resolve_provider
-from .meta_attention import STATE_KEYWORD, LimeMetaAttention, LimeMetaAttentionLayers, check_meta_generation
+from .meta_attention import STATE_KEYWORD, LimeMetaAttentionLayers, check_meta_generation
 from .tag_heads import LimeTagHeads, ModelTagProvider, forward_with_tag_heads
 
 logger = logging.get_logger(__name__)
@@ -39,6 +39,15 @@ def cache_argument_name(parameters: frozenset[str]) -> str:
 # How `GenerationMixin` of the installed transformers carries the cache in its model kwargs.
 GENERATION_CACHE_NAME = cache_argument_name(
     frozenset(inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters)
+)
+
+
+# PEFT's prompt tuning and p-tuning put learned embeddings in front of the token embeddings (`inputs_embeds`)
+# and pass the tags on unchanged: no tag belongs to those positions, and guessing would misalign every other.
+PREPENDED_POSITIONS = (
+    " The input has {} more positions than the tags: if PEFT's prompt tuning or p-tuning put virtual tokens in "
+    "front of `inputs_embeds`, those have no tags, so a LIME model cannot be tuned that way. Use LoRA "
+    "(`lime_hf.integrations.peft.lime_lora_config`) or prefix tuning, whose virtual tokens live in the KV cache."
 )
 
 
@@ -147,10 +156,6 @@ class LimePreTrainedModel(PreTrainedModel):
         if isinstance(module, LimeTagHeads) and not getattr(module.start_state, "_is_hf_initialized", False):
             with torch.no_grad():
                 module.start_state.zero_()
-        if isinstance(module, LimeMetaAttention) and not getattr(
-            module.q_proj.weight, "_is_hf_initialized", False
-        ):
-            module.reset_parameters(getattr(self.config.get_text_config(), "initializer_range", 0.02))
 
     @property
     def _can_compile_fullgraph(self) -> bool:
@@ -298,9 +303,13 @@ class LimePreTrainedModel(PreTrainedModel):
             )
         for name, ids in metadata_ids.items():
             if tuple(ids.shape) != input_shape:
+                prepended = (
+                    ids.dim() == 2 and ids.shape[0] == input_shape[0] and ids.shape[1] < input_shape[1]
+                )
                 raise ValueError(
                     f"`{name}_ids` has shape {tuple(ids.shape)} but the input has shape {input_shape}: "
                     f"field '{name}' needs exactly one tag per input token."
+                    + (PREPENDED_POSITIONS.format(input_shape[1] - ids.shape[1]) if prepended else "")
                 )
             self._check_range(name, f"{name}_ids", ids)
         for name, ids in (next_metadata_ids or {}).items():
@@ -481,6 +490,12 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
                 `tokenizer` is given), `"unknown"`, or a callable `(input_ids, step) -> {field: labels}` giving
                 the tags of each row's last token (LIME) or of its next token (LIME+1).
         """
+        if "lime_tracker" not in inspect.signature(self.prepare_inputs_for_generation).parameters:
+            raise ValueError(
+                "This model's `prepare_inputs_for_generation` was replaced by one that does not feed the tags of "
+                "generated tokens (PEFT's prefix tuning, prompt tuning and p-tuning replace it), so LIME "
+                "`generate` cannot run on it. Generate with a LoRA-tuned model (`lime_hf.integrations.peft`)."
+            )
         prompt_ids = inputs if inputs is not None else kwargs.get("input_ids")
         prompt_metadata = self._collect_metadata(
             kwargs.pop("pos_ids", None), kwargs.pop("ner_ids", None), kwargs

@@ -21,6 +21,7 @@ from transformers.trainer_utils import EvalLoopOutput
 
 from .configuration_lime import check_inventories
 from .model_card import push_to_hub
+from .modeling_lime import LimePreTrainedModel
 from .tokenization_lime import LimeTokenizer
 
 
@@ -156,6 +157,12 @@ class LimeTrainer(Trainer):
             raise ValueError(
                 f"LimeTrainer.push_to_hub commits to the repository's main branch with the LIME model card; "
                 f"it does not take revision={revision!r} or {sorted(kwargs)}."
+            )
+        if not isinstance(self.model, LimePreTrainedModel):
+            raise ValueError(
+                f"LimeTrainer.push_to_hub pushes a LIME model with its model card; this trainer's model is a "
+                f"{type(self.model).__name__}. Push a PEFT adapter with `trainer.model.push_to_hub(repo_id)`, or "
+                "merge it (`trainer.model.merge_and_unload()`) and push that with `lime_hf.model_card.push_to_hub`."
             )
         if not self.is_world_process_zero():
             return None

@@ -7,7 +7,7 @@ import torch
 from tiny_models import VOCAB_SIZE, random_tags, run_without_lime_hf, tiny_lime
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from lime_hf import LimeConfig, LimeForCausalLM
+from lime_hf import LimeConfig, LimeForCausalLM, LimeModel
 from lime_hf.meta_attention import MetaAttentionState
 from lime_hf.meta_tokens import MetaTokenPlacement, place_meta_tokens
 
@@ -76,11 +76,26 @@ def test_inside_the_model_non_meta_states_pass_through_the_sublayer(arch):
     seen = {}
     before = layer.register_forward_hook(lambda m, a, o: seen.update(before=o), prepend=True)
     after = layer.register_forward_hook(lambda m, a, o: seen.update(after=o))
+    sublayer = model.meta_attention.layers[1]
+    masks = sublayer.register_forward_pre_hook(lambda m, args: seen.update(mask=args[1].mask.shape))
     model(input_ids=ids)
-    before.remove(), after.remove()
+    before.remove(), after.remove(), masks.remove()
+    assert seen["mask"] == (2, 1, 2, 2)  # 2 and 1 meta-tokens: a 2 x 2 mask, not 12 x 12
     is_meta = ids == META
     assert torch.equal(seen["after"][~is_meta], seen["before"][~is_meta])
     assert not torch.equal(seen["after"][is_meta], seen["before"][is_meta])
+
+
+def test_a_training_batch_without_meta_tokens_still_reaches_every_sublayer():
+    """DDP without `find_unused_parameters`: every sublayer gets a (zero) gradient, and the loss is the plain one."""
+    model = meta_lime("llama").train()
+    ids = torch.randint(3, META, (2, 10))
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    sublayer_grads = [p.grad for p in model.meta_attention.parameters()]
+    assert all(grad is not None and not grad.any() for grad in sublayer_grads)
+    plain = plain_with_weights_of(model).train()
+    assert torch.equal(out.logits, plain(input_ids=ids, labels=ids).logits)
 
 
 @pytest.mark.parametrize("arch", ARCHS + ["qwen2"])
@@ -126,6 +141,7 @@ def test_zeroed_positional_encoding_at_meta_tokens(arch):
     model.config.meta_positional = "zero"  # read at each call: a switch at inference
     zero = model(input_ids=ids).logits
     handle.remove()
+    assert model.meta_attention._positional is None  # scoped to the call: a direct backbone call sees nothing
     if arch == "llama":
         (cos, sin), (kept_cos, kept_sin) = seen["out"], kept
         assert torch.equal(cos[is_meta], torch.ones_like(cos[is_meta]))
@@ -157,6 +173,20 @@ def test_the_loss_leaves_out_meta_token_targets(arch):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.meta_attention.parameters())
 
 
+def test_metadata_tag_heads_and_meta_tokens_in_one_model():
+    model = meta_lime("qwen2", tag_head_fields=["pos"])
+    ids = ids_with_meta()
+    tags = random_tags(model, ids.shape)
+    out = model(input_ids=ids, labels=ids, output_hidden_states=True, **tags)
+    logits, targets = out.logits[:, :-1].reshape(-1, VOCAB_SIZE), ids[:, 1:].reshape(-1)
+    expected = torch.nn.functional.cross_entropy(logits[targets != META], targets[targets != META])
+    assert torch.allclose(out.lm_loss, expected, atol=1e-6, rtol=0) and "pos" in out.tag_losses
+    base = LimeModel(model.config).eval()
+    base.load_state_dict(model.state_dict())
+    assert torch.equal(base(input_ids=ids, **tags).last_hidden_state, out.last_hidden_state)
+    assert torch.equal(out.hidden_states[-1], out.last_hidden_state)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     grads = []
     for checkpointing in (False, True):
@@ -179,7 +209,7 @@ def test_step_by_step_with_the_cache_equals_one_forward(arch, positional):
     ids = ids_with_meta(meta=((0, 3), (0, 4), (0, 9), (1, 6)))
     full = model(input_ids=ids, use_cache=False).logits
     out = model(input_ids=ids[:, :5], use_cache=True)
-    steps, cache = [out.logits], out.cache
+    steps, cache = [out.logits], out.get("cache", out.get("past_key_values"))  # its name since 5.24 / before
     for i in range(5, ids.shape[1]):
         out = model(input_ids=ids[:, i : i + 1], cache=cache, use_cache=True)
         steps.append(out.logits)
@@ -232,6 +262,32 @@ def test_generation_is_the_same_with_and_without_the_cache(arch, decoding):
         expected = (start + step + 1) % 4 == 0
         assert bool((generated[:, step] == META).all()) is expected
         assert bool((generated[:, step] == META).any()) is expected
+
+
+def after_an_odd_token(row: torch.LongTensor) -> bool:
+    return int(row[-1]) != META and int(row[-1]) % 2 == 1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_beams_with_per_row_meta_tokens_are_the_same_with_and_without_the_cache(arch):
+    """A policy puts meta-tokens at different steps in different beams: padded meta slots, reordered each step."""
+    model = meta_lime(arch)
+    ids = torch.randint(3, META, (2, 5), generator=torch.Generator().manual_seed(3))
+    runs = [
+        model.generate(
+            input_ids=ids,
+            max_new_tokens=10,
+            num_beams=3,
+            num_return_sequences=3,
+            use_cache=use_cache,
+            logits_processor=[MetaTokenPlacement(META, policy=after_an_odd_token)],
+            metadata_provider="unknown",
+        )
+        for use_cache in (True, False)
+    ]
+    assert torch.equal(runs[0], runs[1])
+    is_meta = runs[0][:, 5:] == META
+    assert (is_meta != is_meta[:1]).any()  # the rows have meta-tokens at different steps
 
 
 def test_placement_by_positions_and_by_policy():
@@ -299,6 +355,17 @@ def test_save_load_and_remote_code(tmp_path):
     assert out.strip() == "OK 2"
 
 
+def test_a_lime_checkpoint_grows_meta_attention_and_keeps_its_logits(tmp_path):
+    plain = tiny_lime("llama")
+    plain.save_pretrained(tmp_path / "plain")
+    grown = LimeForCausalLM.from_pretrained(tmp_path / "plain", meta_token_ids=[META]).eval()
+    assert grown.config.meta_token_ids == [META]
+    sublayer = grown.meta_attention.layers[0]
+    assert sublayer.q_proj.weight.std() > 0 and torch.equal(sublayer.norm.weight, torch.ones(32))
+    ids, tags = torch.randint(3, META, (2, 8)), random_tags(plain, (2, 8))
+    assert torch.equal(grown(input_ids=ids, **tags).logits, plain(input_ids=ids, **tags).logits)
+
+
 def test_a_deep_copy_and_a_retrofit_run_their_own_sublayers():
     model = meta_lime("gpt2")
     ids = ids_with_meta()
@@ -332,6 +399,17 @@ def test_bad_inputs_get_clear_errors():
         LimeConfig(text_config=text, meta_token_ids=[-1])
     with pytest.raises(ValueError, match=r"`meta_positional` must be 'keep' .* or 'zero'"):
         LimeConfig(text_config=text, meta_token_ids=[5], meta_positional="none")
+    bloom = {"model_type": "bloom", "vocab_size": VOCAB_SIZE, "hidden_size": 32, "n_layer": 2, "n_head": 4}
+    alibi = LimeForCausalLM(
+        LimeConfig(text_config=bloom, meta_token_ids=[META])
+    ).eval()  # no positional table
+    assert alibi(input_ids=ids_with_meta()).logits.shape == (2, 12, VOCAB_SIZE)
+    alibi.config.meta_positional = "zero"
+    no_zeroing = r"meta_positional='zero' zeroes the rotary .* and this backbone has neither"
+    with pytest.raises(ValueError, match=no_zeroing):
+        alibi(input_ids=ids_with_meta())
+    with pytest.raises(ValueError, match=no_zeroing):
+        LimeForCausalLM(LimeConfig(text_config=bloom, meta_token_ids=[META], meta_positional="zero"))
     ids = torch.randint(3, META, (1, 4))
     plain = tiny_lime("llama")
     with pytest.raises(
