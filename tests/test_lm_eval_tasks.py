@@ -2,11 +2,13 @@
 choice, generate_until, loglikelihood_rolling) and every tag source, the scores of a tiny trained LIME model
 equal a hand computation; a context's tags never depend on its continuation."""
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_lime
+from tiny_models import run_without_lime_hf, tiny_lime
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -174,3 +176,45 @@ def test_tag_source_options_are_checked_and_recorded(tmp_path, lime_offsets):
         LimeLM(pretrained=str(tmp_path / "lime"), tags="model", device="cpu")
     with pytest.raises(ValueError, match=r"tags must be one of \['prefix', 'model', 'none'\], got 'gold'"):
         LimeLM(pretrained=str(tmp_path / "lime"), tags="gold", device="cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shift", [0, 1])
+def test_stock_hf_model_with_remote_code_scores_the_self_tagged_reading(tmp_path, bpe_tokenizer, shift):
+    """`lm_eval --model hf --model_args pretrained=PATH,trust_remote_code=True`, in a Python where lime_hf cannot
+    be imported: the heads tag the harness's bare `input_ids` (and generate's prompt) themselves."""
+    model = tiny_lime("llama", metadata_shift=shift, text_config={"vocab_size": len(bpe_tokenizer)}, **HEADS)
+    model.save_pretrained(tmp_path / "model")
+    bpe_tokenizer.save_pretrained(tmp_path / "model")  # a plain tokenizer: the model needs no annotator
+    shutil.copytree(ROOT / "tests" / "data" / "lm_eval", tmp_path / "tests" / "data" / "lm_eval")
+    run_without_lime_hf(
+        """
+        import sys
+        from lm_eval.__main__ import cli_evaluate
+        sys.argv = ["lm_eval", "run", "--model", "hf", "--model_args", "pretrained=model,trust_remote_code=True",
+                    "--tasks", "lime_cloze,lime_choice,lime_generate", "--include_path", "tests/data/lm_eval",
+                    "--device", "cpu", "--batch_size", "1", "--output_path", "out", "--log_samples"]
+        cli_evaluate()
+        assert not [name for name in sys.modules if name.startswith("lime_hf")]
+        """,
+        cwd=tmp_path,
+    )
+    lm = LimeLM(pretrained=str(tmp_path / "model"), tags="model", batch_size=1, device="cpu")
+    samples = {
+        task: [json.loads(line) for line in next((tmp_path / "out").rglob(f"samples_{task}_*.jsonl")).open()]
+        for task in ("lime_cloze", "lime_choice", "lime_generate")
+    }
+    for sample in samples["lime_cloze"]:
+        expected = loglikelihood_by_hand(lm, sample["doc"]["context"], sample["doc"]["word"])
+        assert float(sample["resps"][0][0][0]) == pytest.approx(expected, rel=1e-4)
+    for sample in samples["lime_choice"]:
+        got = [float(resp[0][0]) for resp in sample["resps"]]
+        expected = [
+            loglikelihood_by_hand(lm, sample["doc"]["context"], f" {c}") for c in sample["doc"]["choices"]
+        ]
+        assert got == pytest.approx(expected, rel=1e-4)
+    for sample in samples["lime_generate"]:
+        assert sample["filtered_resps"] == [greedy_by_hand(lm, sample["doc"]["context"], ["\n", "."], 6)]
+    unknown = {f"{name}_ids": torch.full((1, 6), UNKNOWN_ID) for name in model.config.metadata_fields}
+    row = torch.tensor([lm.tok_encode("Anne Elliot was a woman")[:6]])
+    assert not torch.allclose(lm.model(row).logits, lm.model(row, **unknown).logits)  # self-tagging matters
