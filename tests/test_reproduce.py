@@ -80,8 +80,8 @@ def test_cloze_table_averages_seeds_per_model_and_tag_source():
     ]  # fmt: skip
     table = cloze_table({"mean_over_seeds": mean_over_seeds(rows)})
     assert table.splitlines()[2:] == [
-        "| baseline (`--model hf`) | 2 | 15.00 % | 60.0 |",
-        "| LIME+1 with heads, self-guided (`tags=model`) | 1 | 5.00 % | 900.0 |",
+        "| baseline (`--model hf`) | 2 | 15.00 % | 60 |",
+        "| LIME+1 with heads, self-guided (`tags=model`) | 1 | 5.00 % | 900 |",
     ]
 
 

@@ -166,5 +166,5 @@ def cloze_table(summary: dict) -> str:
     for row in summary["mean_over_seeds"]:
         label = LABELS.get((row["variant"], row["tags"]), f"{row['variant']}, {row['tags']}")
         seeds = len(row["seeds"])
-        lines.append(f"| {label} | {seeds} | {row['acc']:.2%} | {row['perplexity']:.1f} |".replace("%", " %"))
+        lines.append(f"| {label} | {seeds} | {row['acc']:.2%} | {row['perplexity']:.4g} |".replace("%", " %"))
     return "\n".join(lines)
