@@ -85,6 +85,35 @@ def test_cloze_table_averages_seeds_per_model_and_tag_source():
     ]
 
 
+@pytest.mark.slow
+def test_cloze_stage_scores_every_run_and_tag_source_through_lm_eval(tmp_path, lime_pretokenized):
+    """`reproduce.py cloze --smoke` on a cache holding a baseline and a LIME model with heads (tiny, random)."""
+    from tiny_models import TINY_TEXT_CONFIGS, tiny_lime
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cache = tmp_path / "smoke"
+    lime_pretokenized.save_pretrained(cache / "data" / "tokenizer")
+    (cache / "data" / "meta.json").write_text(json.dumps({"data_config": {"max_chars": 8000}}))
+    text_config = {**TINY_TEXT_CONFIGS["llama"], "vocab_size": len(lime_pretokenized)}
+    text_config.pop("model_type")
+    models = cache / "models" / "smoke"
+    AutoModelForCausalLM.from_config(LlamaConfig(**text_config)).save_pretrained(models / "lm-baseline-s0")
+    heads = tiny_lime(
+        "llama", text_config={"vocab_size": len(lime_pretokenized)}, tag_head_fields=["pos", "ner"]
+    )
+    heads.save_pretrained(models / "lm-lime_heads-s0")
+    env = {**os.environ, "LIME_AUSTEN": str(AUSTEN), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = run_script("cloze", "--smoke", "--cache", tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((cache / "results" / "reproduce_cloze.json").read_text())
+    assert summary["items"] == 40 and summary["preset"] == "smoke"
+    rows = [(row["variant"], row["model"], row["tags"], row["guidance"]) for row in summary["rows"]]
+    assert rows == [("baseline", "hf", None, None), ("lime_heads", "lime", "model", None),
+                    ("lime_heads", "lime", "prefix", None), ("lime_heads", "lime", "none", None)]  # fmt: skip
+    assert len({row["perplexity"] for row in summary["rows"][1:]}) == 3  # the tag source matters
+    assert "| LIME with heads, self-tagged (`tags=model`) | 1 |" in result.stdout
+
+
 def run_script(*args: object, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, env=env, timeout=900
