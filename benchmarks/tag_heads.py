@@ -38,8 +38,9 @@ from datasets import Dataset
 from transformers import TrainingArguments, set_seed
 
 from lime_hf import DataCollatorForLime, LimeConfig, LimeForCausalLM, LimeTokenizer
-from lime_hf.pretrain import DEFAULT_TEXT_CONFIG, LimeTrainer, prepare_lm_dataset
+from lime_hf.pretrain import DEFAULT_TEXT_CONFIG, prepare_lm_dataset
 from lime_hf.tag_heads import self_tagged_forward
+from lime_hf.trainer import LimeTrainer
 
 FIELDS = ("pos", "ner")
 TARGETS = {"pos": 0.90, "ner": 0.95}

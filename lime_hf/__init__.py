@@ -9,6 +9,7 @@ from .annotation import FieldAnnotator, NerField, PosField, SpacyAnnotator
 from .collator import DataCollatorForLime
 from .configuration_lime import DEFAULT_METADATA_FIELDS, LimeConfig, check_inventories, make_inventory
 from .data import align_dataset, annotate_dataset, pack_dataset
+from .meta_tokens import MetaTokenPlacement, place_meta_tokens
 from .model_card import push_to_hub, render_model_card
 from .modeling_lime import LimeForCausalLM, LimeModel, LimePreTrainedModel
 from .tokenization_lime import LimeTokenizer
@@ -33,6 +34,7 @@ __all__ = [
     "LimeModel",
     "LimePreTrainedModel",
     "LimeTokenizer",
+    "MetaTokenPlacement",
     "NerField",
     "PosField",
     "SpacyAnnotator",
@@ -41,6 +43,7 @@ __all__ = [
     "check_inventories",
     "make_inventory",
     "pack_dataset",
+    "place_meta_tokens",
     "push_to_hub",
     "render_model_card",
 ]

@@ -37,10 +37,16 @@ DEFAULT_METADATA_FIELDS: dict[str, list[str]] = {
 }
 
 
-def validate_metadata_fields(fields: dict[str, list[str]]) -> None:
-    """Raise ``ValueError`` unless every field is a valid name with a well-formed inventory."""
-    if not fields:
-        raise ValueError("`metadata_fields` is empty: give at least one field, e.g. {'pos': [...]}.")
+def validate_metadata_fields(fields: dict[str, list[str]], allow_empty: bool = False) -> None:
+    """Raise ``ValueError`` unless every field is a valid name with a well-formed inventory.
+
+    No field at all is allowed only where something else enriches the model (`allow_empty`: its meta-tokens).
+    """
+    if not fields and not allow_empty:
+        raise ValueError(
+            "`metadata_fields` is empty: give at least one field, e.g. {'pos': [...]}, or meta-tokens "
+            "(`meta_token_ids=[...]`) for a model without metadata."
+        )
     for name, labels in fields.items():
         if not name.isidentifier():
             raise ValueError(
@@ -71,6 +77,24 @@ def validate_tag_heads(
         raise ValueError(f"`tag_loss_weight` must be a number >= 0, got {loss_weight!r}.")
     if self_guidance not in ("argmax", "sample"):
         raise ValueError(f"`self_guidance` must be 'argmax' or 'sample', got {self_guidance!r}.")
+
+
+def validate_meta_tokens(meta_token_ids: list[int], meta_positional: str, vocab_size: int) -> None:
+    """Raise ``ValueError`` unless every meta-token id is in the vocabulary and the positional variant exists."""
+    for token_id in meta_token_ids:
+        if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < vocab_size:
+            raise ValueError(
+                f"`meta_token_ids` holds {token_id!r}, outside the vocabulary of {vocab_size} tokens: a meta-token "
+                f"id must be an integer in [0, {vocab_size}). Add the meta-token to the tokenizer (and resize the "
+                "embeddings) first."
+            )
+    if len(set(meta_token_ids)) != len(meta_token_ids):
+        raise ValueError(f"`meta_token_ids` repeats ids: {meta_token_ids}.")
+    if meta_positional not in ("keep", "zero"):
+        raise ValueError(
+            f"`meta_positional` must be 'keep' (meta-tokens keep their positional encoding) or 'zero' (it is zeroed "
+            f"at meta-token positions), got {meta_positional!r}."
+        )
 
 
 def check_inventories(tokenizer_fields: dict[str, list[str]], model_fields: dict[str, list[str]]) -> None:
@@ -124,6 +148,13 @@ class LimeConfig(PreTrainedConfig):
             Weight of the heads' summed cross-entropy in the training loss, `lm_loss + weight * sum(tag_losses)`.
         self_guidance (`str`, *optional*, defaults to `"argmax"`):
             How the heads choose a tag during generation: `"argmax"` or `"sample"` (from their softmax).
+        meta_token_ids (`list[int]`, *optional*):
+            Token ids of learned meta-tokens (see `meta_attention.py`). Non-empty: a meta-attention sublayer
+            follows every decoder layer, over the meta-token positions only, and meta-token targets are left out
+            of the loss. None or empty (the default): no meta-attention, the model is exactly LIME.
+        meta_positional (`str`, *optional*, defaults to `"keep"`):
+            `"keep"`: meta-tokens have the backbone's positional encoding; `"zero"`: it is zeroed at meta-token
+            positions (rotary cos/sin = 1/0, or a zero learned position embedding).
     """
 
     model_type = "lime"
@@ -145,13 +176,17 @@ class LimeConfig(PreTrainedConfig):
     tag_head_fields: list[str] | None = None
     tag_loss_weight: float = 0.2
     self_guidance: str = "argmax"
+    meta_token_ids: list[int] | None = None
+    meta_positional: str = "keep"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.metadata_fields is None:
             self.metadata_fields = {name: list(labels) for name, labels in DEFAULT_METADATA_FIELDS.items()}
         self.metadata_fields = {name: list(labels) for name, labels in self.metadata_fields.items()}
-        validate_metadata_fields(self.metadata_fields)
+        self.meta_token_ids = list(self.meta_token_ids or [])
+        validate_meta_tokens(self.meta_token_ids, self.meta_positional, self.text_config.vocab_size)
+        validate_metadata_fields(self.metadata_fields, allow_empty=bool(self.meta_token_ids))
         weights = self.metadata_weights or {}
         unknown = sorted(set(weights) - set(self.metadata_fields))
         if unknown:

@@ -43,15 +43,9 @@ from transformers import ProgressCallback, TrainerCallback, TrainingArguments, s
 
 from .collator import DataCollatorForLime
 from .modeling_lime import LimeForCausalLM
-from .pretrain import (
-    LimeTrainer,
-    ScriptArguments,
-    build_model,
-    next_token_metrics,
-    prepare_lm_dataset,
-    train_bpe,
-)
+from .pretrain import ScriptArguments, build_model, prepare_lm_dataset, train_bpe
 from .tokenization_lime import LimeTokenizer
+from .trainer import LimeTrainer, next_token_metrics
 
 MODEL_FOLDER = "lime-plus-1"
 PLOT_FILE = "accuracy.png"

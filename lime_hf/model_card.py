@@ -75,6 +75,7 @@ def render_model_card(
         spacy_model=DEFAULT_SPACY_MODEL if tokenizer is None else spacy_model(tokenizer),
         fields=describe_fields(model, tokenizer),
         tag_heads=describe_tag_heads(model),
+        meta_tokens=describe_meta_tokens(model),
         guidance_example=guidance_example(model.config.metadata_fields),
         training_data=list(training_data or []),
         metrics={name: format_value(value) for name, value in metrics.items()},
@@ -169,6 +170,8 @@ def card_tags(model: LimePreTrainedModel) -> list[str]:
         tags.insert(1, "lime-plus-one")
     if model.tag_heads is not None:
         tags.insert(-1, "tag-heads")
+    if model.meta_attention is not None:
+        tags.insert(-1, "meta-tokens")
     return tags + [tag for tag in model.model_tags or [] if tag not in tags]
 
 
@@ -219,6 +222,17 @@ def describe_tag_heads(model: LimePreTrainedModel) -> dict[str, Any] | None:
     }
 
 
+def describe_meta_tokens(model: LimePreTrainedModel) -> dict[str, Any] | None:
+    """The meta-token ids, positional variant and meta-attention parameter count; None without meta-tokens."""
+    if model.meta_attention is None:
+        return None
+    return {
+        "ids": ", ".join(str(token_id) for token_id in model.config.meta_token_ids),
+        "positional": model.config.meta_positional,
+        "parameters": abbreviate(sum(parameter.numel() for parameter in model.meta_attention.parameters())),
+    }
+
+
 def abbreviate(count: int) -> str:
     """`2_000_178_000` -> `"2.00B"`, `27_776` -> `"27.8K"`: three significant digits."""
     for suffix, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
@@ -242,8 +256,11 @@ def describe_fields(model: LimePreTrainedModel, tokenizer: LimeTokenizer | None)
     ]
 
 
-def guidance_example(metadata_fields: Mapping[str, Sequence[str]]) -> str:
-    """A `guidance=` value for the usage snippet: `VBZ` for a pos field, else the first field's first label."""
+def guidance_example(metadata_fields: Mapping[str, Sequence[str]]) -> str | None:
+    """A `guidance=` value for the usage snippet: `VBZ` for a pos field, else the first field's first label; None
+    for a model without metadata fields (meta-tokens only)."""
+    if not metadata_fields:
+        return None
     field = "pos" if "pos" in metadata_fields else next(iter(metadata_fields))
     labels = metadata_fields[field]
     label = "VBZ" if "VBZ" in labels else labels[len(RESERVED_LABELS)]

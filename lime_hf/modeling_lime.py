@@ -16,6 +16,7 @@ from transformers.utils import TransformersKwargs, logging
 
 from .configuration_lime import PAD_ID, SPECIAL_ID, UNKNOWN_ID, LimeConfig, check_inventories
 from .generation import MetadataTracker, parse_guidance, resolve_provider
+from .meta_attention import STATE_KEYWORD, LimeMetaAttentionLayers, check_meta_generation
 from .tag_heads import LimeTagHeads, ModelTagProvider, forward_with_tag_heads, self_tags
 
 logger = logging.get_logger(__name__)
@@ -38,6 +39,15 @@ def cache_argument_name(parameters: frozenset[str]) -> str:
 # How `GenerationMixin` of the installed transformers carries the cache in its model kwargs.
 GENERATION_CACHE_NAME = cache_argument_name(
     frozenset(inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters)
+)
+
+
+# PEFT's prompt tuning and p-tuning put learned embeddings in front of the token embeddings (`inputs_embeds`)
+# and pass the tags on unchanged: no tag belongs to those positions, and guessing would misalign every other.
+PREPENDED_POSITIONS = (
+    " The input has {} more positions than the tags: if PEFT's prompt tuning or p-tuning put virtual tokens in "
+    "front of `inputs_embeds`, those have no tags, so a LIME model cannot be tuned that way. Use LoRA "
+    "(`lime_hf.integrations.peft.lime_lora_config`) or prefix tuning, whose virtual tokens live in the KV cache."
 )
 
 
@@ -123,6 +133,9 @@ class LimePreTrainedModel(PreTrainedModel):
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.metadata_embeddings = LimeMetadataEmbeddings(config)
         self.tag_heads = LimeTagHeads(config) if config.tag_head_fields else None
+        self.meta_attention = LimeMetaAttentionLayers(config) if config.meta_token_ids else None
+        if self.meta_attention is not None:
+            self.meta_attention.attach(self.language_model)
         self.post_init()
 
     @property
@@ -182,6 +195,12 @@ class LimePreTrainedModel(PreTrainedModel):
             model.tag_heads.to_empty(device=backbone.device)
             model.tag_heads.to(backbone.dtype)
             model.tag_heads.reset_parameters(getattr(backbone.config, "initializer_range", 0.02))
+        if model.meta_attention is not None:  # random: a retrofit learns its meta-tokens from scratch
+            model.meta_attention.to_empty(device=backbone.device)
+            model.meta_attention.to(backbone.dtype)
+            for sublayer in model.meta_attention.layers:
+                sublayer.reset_parameters(getattr(backbone.config, "initializer_range", 0.02))
+            model.meta_attention.attach(backbone)
         return model
 
     def prepare_backbone_inputs(
@@ -213,7 +232,30 @@ class LimePreTrainedModel(PreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
         input_shape = tuple(inputs_embeds.shape[:2])
         self._check_metadata(input_shape, metadata_ids, next_metadata_ids)
+        if not self.config.metadata_fields:  # a model with meta-tokens only
+            return inputs_embeds
         return inputs_embeds + self.metadata_embeddings(metadata_ids, input_shape, next_metadata_ids)
+
+    def prepare_meta_attention(
+        self,
+        input_ids: torch.LongTensor | None,
+        labels: torch.LongTensor | None,
+        cache,
+        use_cache: bool | None,
+        kwargs: dict,
+    ) -> tuple[torch.LongTensor | None, object]:
+        """Labels without meta-token targets and the cache for the backbone; the call's meta-attention state goes
+        into the backbone's `kwargs` (see `meta_attention.py`). Without meta-tokens: both as given."""
+        if self.meta_attention is None:
+            return labels, cache
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        # Under gradient checkpointing in training the backbone's layers write no cache; neither do the sublayers.
+        checkpointing = getattr(self.language_model.base_model, "gradient_checkpointing", False)
+        writes_cache = not (checkpointing and self.training and torch.is_grad_enabled())
+        labels, cache, state = self.meta_attention.prepare(input_ids, labels, cache, use_cache, writes_cache)
+        if state is not None:
+            kwargs[STATE_KEYWORD] = state
+        return labels, cache
 
     def _collect_metadata(
         self, pos_ids: torch.LongTensor | None, ner_ids: torch.LongTensor | None, kwargs: dict
@@ -261,9 +303,13 @@ class LimePreTrainedModel(PreTrainedModel):
             )
         for name, ids in metadata_ids.items():
             if tuple(ids.shape) != input_shape:
+                prepended = (
+                    ids.dim() == 2 and ids.shape[0] == input_shape[0] and ids.shape[1] < input_shape[1]
+                )
                 raise ValueError(
                     f"`{name}_ids` has shape {tuple(ids.shape)} but the input has shape {input_shape}: "
                     f"field '{name}' needs exactly one tag per input token."
+                    + (PREPENDED_POSITIONS.format(input_shape[1] - ids.shape[1]) if prepended else "")
                 )
             self._check_range(name, f"{name}_ids", ids)
         for name, ids in (next_metadata_ids or {}).items():
@@ -315,7 +361,10 @@ class LimeModel(LimePreTrainedModel):
         inputs_embeds, kwargs = self.prepare_backbone_inputs(
             input_ids, inputs_embeds, pos_ids, ner_ids, next_metadata_ids, kwargs
         )
-        kwargs[cache_argument_name(self._backbone_parameters)] = merge_cache_arguments(cache, past_key_values)
+        cache_name = cache_argument_name(self._backbone_parameters)
+        _, kwargs[cache_name] = self.prepare_meta_attention(
+            input_ids, None, merge_cache_arguments(cache, past_key_values), use_cache, kwargs
+        )
         return backbone(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -387,7 +436,10 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
             fed_ids, fed_next = metadata_ids, next_metadata_ids
             if not metadata_ids and next_metadata_ids is None and input_ids is not None and cache is None:
                 fed_ids, fed_next = self_tags(self, input_ids, attention_mask)  # e.g. lm-eval's `--model hf`
-            kwargs[cache_argument_name(self._backbone_parameters)] = cache
+            cache_name = cache_argument_name(self._backbone_parameters)
+            labels, kwargs[cache_name] = self.prepare_meta_attention(
+                input_ids, labels, cache, use_cache, kwargs
+            )
             return forward_with_tag_heads(
                 self,
                 self.embed_inputs(None, token_embeds, fed_ids, fed_next),
@@ -403,7 +455,10 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
         inputs_embeds, kwargs = self.prepare_backbone_inputs(
             input_ids, inputs_embeds, pos_ids, ner_ids, next_metadata_ids, kwargs
         )
-        kwargs[cache_argument_name(self._backbone_parameters)] = merge_cache_arguments(cache, past_key_values)
+        cache_name = cache_argument_name(self._backbone_parameters)
+        labels, kwargs[cache_name] = self.prepare_meta_attention(
+            input_ids, labels, merge_cache_arguments(cache, past_key_values), use_cache, kwargs
+        )
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -450,6 +505,12 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
                 `tokenizer` is given), `"unknown"`, or a callable `(input_ids, step) -> {field: labels}` giving
                 the tags of each row's last token (LIME) or of its next token (LIME+1).
         """
+        if "lime_tracker" not in inspect.signature(self.prepare_inputs_for_generation).parameters:
+            raise ValueError(
+                "This model's `prepare_inputs_for_generation` was replaced by one that does not feed the tags of "
+                "generated tokens (PEFT's prefix tuning, prompt tuning and p-tuning replace it), so LIME "
+                "`generate` cannot run on it. Generate with a LoRA-tuned model (`lime_hf.integrations.peft`)."
+            )
         prompt_ids = inputs if inputs is not None else kwargs.get("input_ids")
         prompt_metadata = self._collect_metadata(
             kwargs.pop("pos_ids", None), kwargs.pop("ner_ids", None), kwargs
@@ -477,13 +538,13 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
         tokenizer = kwargs.get("tokenizer")
         if getattr(tokenizer, "metadata_fields", None) is not None:
             check_inventories(tokenizer.metadata_fields, self.config.metadata_fields)
-        if metadata_provider is None and tokenizer is None and not guidance:
+        if metadata_provider is None and tokenizer is None and not guidance and self.config.metadata_fields:
             logger.warning_once(
                 "LIME generate: no `tokenizer`, `guidance` or `metadata_provider` given, so generated tokens get "
                 "'unknown' metadata."
             )
         tracker = kwargs.pop("lime_tracker", None)  # set when a LIME model assists another one's generation
-        if tracker is None:
+        if tracker is None and self.config.metadata_fields:  # meta-tokens only: no tags to track
             tracker = MetadataTracker(
                 prompt_metadata=prompt_metadata,
                 prompt_ids=prompt_ids,
@@ -492,7 +553,7 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
                 provider=resolve_provider(metadata_provider, tokenizer, self.config.metadata_shift),
                 guidance=parse_guidance(guidance, self.config.metadata_fields, prompt_ids.shape[0]),
             )
-        elif (tracker.metadata_fields, tracker.shift) != (
+        elif tracker is not None and (tracker.metadata_fields, tracker.shift) != (
             self.config.metadata_fields,
             self.config.metadata_shift,
         ):
@@ -501,12 +562,13 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
                 f"metadata_shift (assisted model: shift {tracker.shift}, fields {list(tracker.metadata_fields)}; "
                 f"assistant: shift {self.config.metadata_shift}, fields {list(self.config.metadata_fields)})."
             )
+        check_meta_generation(self.config, kwargs)
         if GENERATION_CACHE_NAME == "past_key_values" and "cache" in kwargs:
             kwargs["past_key_values"] = merge_cache_arguments(
                 kwargs.pop("cache"), kwargs.get("past_key_values")
             )
         output = super().generate(inputs, generation_config, lime_tracker=tracker, **kwargs)
-        if isinstance(output, torch.Tensor):
+        if isinstance(output, torch.Tensor) or tracker is None:
             return output
         # The tags of every position of `sequences`, as `generate` fed them (or, for the last token of a LIME
         # model, as it would feed them next): continuing from `output` with them equals one longer call.

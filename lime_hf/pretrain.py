@@ -13,38 +13,28 @@ Example:
     lime-hf train emma.txt persuasion.txt --train-tokenizer 8000 --eval-fraction 0.05 \\
         --output-dir lime-austen --max-steps 2000 --per-device-train-batch-size 16
 
-`LimeTrainer` and `next_token_metrics` are reusable on their own with any `Trainer` setup.
+`LimeTrainer` and `next_token_metrics` (`lime_hf/trainer.py`) are reusable with any `Trainer` setup.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import datasets
-import evaluate
-import numpy as np
-import torch
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-from huggingface_hub import CommitInfo
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoTokenizer,
-    EvalPrediction,
     HfArgumentParser,
     PreTrainedTokenizerFast,
-    Trainer,
     TrainerCallback,
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_pt_utils import nested_gather
-from transformers.trainer_utils import EvalLoopOutput
 from transformers.utils import logging
 
 from lime_hf_cli import (
@@ -56,11 +46,11 @@ from lime_hf_cli import (
 
 from .annotation import SpacyAnnotator
 from .collator import DataCollatorForLime
-from .configuration_lime import LimeConfig, check_inventories
+from .configuration_lime import LimeConfig
 from .data import ANNOTATION_PREFIX, align_dataset, annotate_dataset, check_column, pack_dataset
-from .model_card import push_to_hub
 from .modeling_lime import LimeForCausalLM
 from .tokenization_lime import LimeTokenizer
+from .trainer import LimeTrainer, next_token_metrics
 
 logger = logging.get_logger(__name__)
 
@@ -370,182 +360,6 @@ def prepare_lm_dataset(
     return pack_dataset(aligned, block_size, eos_token_id=tokenizer.eos_token_id, num_proc=num_proc)
 
 
-# ---- Metrics and Trainer -------------------------------------------------------------------------------------
-
-
-class NextTokenAccuracy(evaluate.Metric):
-    """
-    Next-token accuracy as an `evaluate` metric: the share of positions whose predicted token is the reference;
-    references equal to -100 (padding, unlabelled positions) are ignored. One row per sequence.
-
-    `evaluate.load("accuracy")` downloads its script from the Hugging Face Hub (and needs scikit-learn), so it
-    fails offline unless cached; this metric is defined here and instantiated directly, which needs no network.
-    """
-
-    def _info(self) -> evaluate.MetricInfo:
-        sequence = datasets.List(datasets.Value("int64"))
-        return evaluate.MetricInfo(
-            description=self.__doc__,
-            citation="",
-            inputs_description="predictions, references: per sequence, the predicted and the true next token ids.",
-            features=datasets.Features({"predictions": sequence, "references": sequence}),
-        )
-
-    def _compute(self, predictions: list[list[int]], references: list[list[int]]) -> dict[str, float]:
-        predicted = np.concatenate([np.asarray(row, dtype=np.int64) for row in predictions] or [[]])
-        expected = np.concatenate([np.asarray(row, dtype=np.int64) for row in references] or [[]])
-        scored = expected != -100
-        return {
-            "accuracy": float((predicted[scored] == expected[scored]).mean()) if scored.any() else math.nan
-        }
-
-
-def preprocess_logits_for_metrics(logits: torch.Tensor | tuple, labels: torch.Tensor) -> torch.Tensor:
-    """Keep only the argmax token per position, so evaluation stores `(batch, seq)` ids instead of logits."""
-    if isinstance(logits, tuple):  # (logits, past_key_values, ...)
-        logits = logits[0]
-    return logits.argmax(dim=-1)
-
-
-def compute_next_token_accuracy(prediction: EvalPrediction) -> dict[str, float]:
-    """`accuracy`: the prediction at position i is scored against the label at i + 1."""
-    predictions, labels = prediction.predictions, prediction.label_ids
-    return NextTokenAccuracy(keep_in_memory=True).compute(
-        predictions=predictions[:, :-1], references=labels[:, 1:]
-    )
-
-
-def next_token_metrics() -> dict[str, Callable]:
-    """`Trainer(..., **next_token_metrics())`: reports `eval_accuracy` (next-token accuracy)."""
-    return {
-        "compute_metrics": compute_next_token_accuracy,
-        "preprocess_logits_for_metrics": preprocess_logits_for_metrics,
-    }
-
-
-def perplexity(loss: float) -> float:
-    """`exp(loss)`, infinite where that overflows a float."""
-    try:
-        return math.exp(loss)
-    except OverflowError:
-        return math.inf
-
-
-class LimeTrainer(Trainer):
-    """
-    `Trainer` for LIME models. Differences from `Trainer`:
-
-    - Custom metadata columns reach the model. `Trainer` (with `remove_unused_columns=True`, the default) keeps
-      only columns named in `model.forward`'s signature; `pos_ids`/`ner_ids` are, but custom fields travel as
-      `**kwargs` and would be dropped. `LimeTrainer` adds every `{field}_ids` of `model.config.metadata_fields`
-      to the kept columns (the extension point TRL's trainers use, `_set_signature_columns_if_needed`).
-    - Evaluation also reports `perplexity = exp(loss)` (`eval_perplexity`).
-    - A model with tag heads logs its loss parts next to `loss`: `lm_loss` and `{field}_tag_loss` per field
-      (training: averaged per optimizer step like `loss`; evaluation: `eval_lm_loss`, `eval_{field}_tag_loss`).
-    - A `LimeTokenizer` given as `processing_class` must have the model's metadata inventories.
-    - `push_to_hub` commits model, tokenizer and the LIME model card (fields, inventories, shift, backbone,
-      training data, the latest eval metrics) in one commit, in place of Transformers' generic card.
-    """
-
-    def __init__(self, *args, training_data: list[str] | None = None, **kwargs):
-        """`Trainer`'s arguments, plus `training_data`: names of the training data sets, for the model card."""
-        super().__init__(*args, **kwargs)
-        self.training_data = training_data
-        # Loss parts of models with tag heads, summed on device since the last log (train) or per evaluation.
-        self._loss_parts: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
-        self._loss_parts_step, self._eval_batches = 0, 0
-        if isinstance(self.processing_class, LimeTokenizer):
-            check_inventories(self.processing_class.metadata_fields, self.model.config.metadata_fields)
-
-    def _set_signature_columns_if_needed(self) -> None:
-        if self._signature_columns is None:
-            super()._set_signature_columns_if_needed()
-            fields = getattr(self.model.config, "metadata_fields", None) or {}
-            self._signature_columns += [
-                f"{name}_ids" for name in fields if f"{name}_ids" not in self._signature_columns
-            ]
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(
-            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-        )
-        if isinstance(outputs, dict) and outputs.get("lm_loss") is not None:
-            parts = {"lm_loss": outputs["lm_loss"]}
-            parts.update(
-                {f"{name}_tag_loss": value for name, value in (outputs.get("tag_losses") or {}).items()}
-            )
-            sums = self._loss_parts["train" if model.training else "eval"]
-            for key, value in parts.items():
-                sums[key] = sums.get(key, 0) + value.detach()
-            self._eval_batches += not model.training
-        return (loss, outputs) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        sums = self._loss_parts["train"]
-        if "loss" in logs and sums:
-            # Like `loss`: micro-batch losses normalised over the accumulated batch, summed, per optimizer step.
-            steps = max(self.state.global_step - self._loss_parts_step, 1)
-            for key, value in sums.items():
-                logs[key] = nested_gather(value, self.args.parallel_mode).mean().item() / steps
-            sums.clear()
-            self._loss_parts_step = self.state.global_step
-        super().log(logs, start_time)
-
-    def push_to_hub(
-        self,
-        commit_message: str | None = "End of training",
-        blocking: bool = True,
-        token: str | None = None,
-        revision: str | None = None,
-        private: bool | None = None,
-        **kwargs,
-    ) -> CommitInfo | None:
-        """Push the model, its tokenizer and the LIME model card to `hub_model_id` (from the main process)."""
-        if revision is not None or kwargs:
-            raise ValueError(
-                f"LimeTrainer.push_to_hub commits to the repository's main branch with the LIME model card; "
-                f"it does not take revision={revision!r} or {sorted(kwargs)}."
-            )
-        if not self.is_world_process_zero():
-            return None
-        if self.hub_model_id is None:
-            self.init_hf_repo(token=token, private=private)
-        evaluations = [entry for entry in self.state.log_history if "eval_loss" in entry]
-        metrics = {
-            key: value for key, value in (evaluations[-1] if evaluations else {}).items() if key != "epoch"
-        }
-        return push_to_hub(
-            self.model,
-            self.processing_class if isinstance(self.processing_class, LimeTokenizer) else None,
-            self.hub_model_id,
-            training_data=self.training_data,
-            metrics=metrics,
-            token=token if token is not None else self.args.hub_token,
-            commit_message=commit_message or "End of training",
-        )
-
-    def evaluation_loop(
-        self,
-        dataloader: torch.utils.data.DataLoader,
-        description: str,
-        prediction_loss_only: bool | None = None,
-        ignore_keys: list[str] | None = None,
-        metric_key_prefix: str = "eval",
-    ) -> EvalLoopOutput:
-        self._loss_parts["eval"].clear()
-        self._eval_batches = 0
-        output = super().evaluation_loop(
-            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
-        )
-        for key, value in self._loss_parts["eval"].items():
-            mean = nested_gather(value, self.args.parallel_mode).mean().item() / max(self._eval_batches, 1)
-            output.metrics[f"{metric_key_prefix}_{key}"] = mean
-        loss = output.metrics.get(f"{metric_key_prefix}_loss")
-        if loss is not None:
-            output.metrics[f"{metric_key_prefix}_perplexity"] = perplexity(loss)
-        return output
-
-
 # ---- The script ----------------------------------------------------------------------------------------------
 
 
@@ -641,12 +455,4 @@ def main(
         print(f"Saved the model, its tokenizer and the metrics to {training_args.output_dir}")
 
 
-__all__ = [
-    "LimeTrainer",
-    "NextTokenAccuracy",
-    "parse_args",
-    "load_texts",
-    "main",
-    "next_token_metrics",
-    "prepare_lm_dataset",
-]
+__all__ = ["load_texts", "main", "parse_args", "prepare_lm_dataset"]

@@ -26,14 +26,8 @@ from transformers import (
 
 from lime_hf import LimeConfig, LimeForCausalLM, LimeTokenizer
 from lime_hf.collator import DataCollatorForLime
-from lime_hf.pretrain import (
-    LimeTrainer,
-    check_launch,
-    compute_next_token_accuracy,
-    load_texts,
-    main,
-    prepare_lm_dataset,
-)
+from lime_hf.pretrain import check_launch, load_texts, main, prepare_lm_dataset
+from lime_hf.trainer import LimeTrainer, compute_next_token_accuracy
 from tests.conftest import AUSTEN
 from tests.test_custom_field import Capitalised
 

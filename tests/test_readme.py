@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from lime_hf import LimeForCausalLM, LimeTokenizer
 from tests.conftest import AUSTEN
@@ -52,3 +53,17 @@ def test_every_python_snippet_runs_as_written(hub, tmp_path, monkeypatch):
     assert namespace["trainer"].state.global_step == 4
     assert (hub.folder("me/lime-tiny-llama") / "model.safetensors").is_file()
     assert "README.md" in {path.name for path in hub.folder("me/lime-tiny-llama").iterdir()}
+    # Fine-tuning with PEFT: the adapter holds LoRA and the whole tables; the merged model has no PEFT left.
+    adapter = load_file(hub.folder("me/lime-tiny-llama-lora") / "adapter_model.safetensors")
+    assert any(".lora_A." in key for key in adapter)
+    assert {
+        "base_model.model.metadata_embeddings.tables.pos.weight",
+        "base_model.model.tag_heads.proj.weight",
+    } <= set(adapter)
+    assert namespace["lora_trainer"].state.global_step == 4
+    merged = namespace["merged"]
+    assert (
+        type(merged) is LimeForCausalLM
+        and torch.count_nonzero(merged.metadata_embeddings.tables["pos"].weight) > 0
+    )
+    assert (hub.folder("me/lime-tiny-llama-tuned") / "model.safetensors").is_file()

@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, TrainingArguments
 
 from lime_hf import LimeConfig, LimeForCausalLM
 from lime_hf.model_card import render_model_card
-from lime_hf.pretrain import LimeTrainer
 from lime_hf.tag_heads import self_tagged_forward
+from lime_hf.trainer import LimeTrainer
 
 HEADS = {"tag_head_fields": ["pos", "ner"]}
 
