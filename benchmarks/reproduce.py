@@ -14,6 +14,8 @@ Stages (each one resumable; run them in order, or `all`):
     meta      The meta-token experiment (arXiv 2509.16278, `reproduction/meta_tokens.py`), on its own: synthetic
               recall tasks generated from seeds (no `prepare`), its runs trained (resumable) and reported in
               `benchmarks/results/meta_tokens.{json,csv,png}`. One torch thread per run unless `--threads`.
+    cloze     CPU + spaCy. The held-out Persuasion cloze (last word of a sentence), every trained language model
+              scored by lm-evaluation-harness (`reproduce_cloze.json`). Not part of `all`.
 
     python benchmarks/reproduce.py all --smoke          # the whole pipeline on a tiny setting, ~2 min on CPU
     python benchmarks/reproduce.py all                  # the real thing (preset "gpu" on CUDA, else "cpu")
@@ -30,6 +32,7 @@ import json
 from pathlib import Path
 
 import torch
+from reproduction.cloze import cloze_stage
 from reproduction.free_generation import generate_stage
 from reproduction.harness import DEFAULT_CACHE, PRESETS, RESULTS
 from reproduction.meta_tokens import report_meta
@@ -43,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "stage", choices=["prepare", "train", "run-one", "generate", "report", "all", "table", "meta"]
+        "stage",
+        choices=["prepare", "train", "run-one", "generate", "report", "all", "table", "meta", "cloze"],
     )
     parser.add_argument(
         "--smoke", action="store_true", help="tiny data and models: the whole pipeline in minutes"
@@ -93,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
         train(cache, preset, args.jobs, args.only, args.run)
     if args.stage in ("generate", "all"):
         generate_stage(cache, preset)
+    if args.stage == "cloze":
+        cloze_stage(cache, preset, results)
     if args.stage in ("report", "all"):
         headline = report(cache, preset, results)
         keys = ["data_fraction_lime", "data_fraction_lime_prefix_tags", "addition_exact_match"]

@@ -17,7 +17,7 @@ from transformers.utils import TransformersKwargs, logging
 from .configuration_lime import PAD_ID, SPECIAL_ID, UNKNOWN_ID, LimeConfig, check_inventories
 from .generation import MetadataTracker, parse_guidance, resolve_provider
 from .meta_attention import STATE_KEYWORD, LimeMetaAttentionLayers, check_meta_generation
-from .tag_heads import LimeTagHeads, ModelTagProvider, forward_with_tag_heads
+from .tag_heads import LimeTagHeads, ModelTagProvider, forward_with_tag_heads, self_tags
 
 logger = logging.get_logger(__name__)
 
@@ -415,6 +415,15 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
                 position sees unknown otherwise.
             past_key_values: the KV cache under its name before transformers 5.24; give `cache` or this.
             kwargs: the backbone's extra arguments (`num_items_in_batch`, `output_hidden_states`, ...).
+
+        A model with tag heads given `input_ids` alone (no `<field>_ids`, no `next_metadata_ids`, no cache) tags
+        itself: its heads predict every position's tags causally, exactly as `tag_heads.self_tagged_forward`
+        (the honest mode: each tag depends on the tokens up to it only), and the forward then reads those
+        tags. This costs a second pass: one incremental step per position (the FLOPs of about one forward,
+        but `seq` sequential calls, no gradient) before the ordinary forward. So a harness that passes token
+        ids only (lm-eval's `--model hf`) scores the model as it generates. The tag losses then stay empty
+        (there are no given tags to learn); `position_ids` are derived from `attention_mask` for the tagging.
+        A model without heads reads unknown tags here, as for any missing field.
         """
         if self.tag_heads is not None:  # tag_heads.py: the heads read the token embeddings and hidden states
             kwargs = dict(kwargs)
@@ -423,13 +432,17 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
             if (input_ids is None) == (inputs_embeds is None):
                 raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
             token_embeds = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
+            cache = merge_cache_arguments(cache, past_key_values)
+            fed_ids, fed_next = metadata_ids, next_metadata_ids
+            if not metadata_ids and next_metadata_ids is None and input_ids is not None and cache is None:
+                fed_ids, fed_next = self_tags(self, input_ids, attention_mask)  # e.g. lm-eval's `--model hf`
             cache_name = cache_argument_name(self._backbone_parameters)
             labels, kwargs[cache_name] = self.prepare_meta_attention(
-                input_ids, labels, merge_cache_arguments(cache, past_key_values), use_cache, kwargs
+                input_ids, labels, cache, use_cache, kwargs
             )
             return forward_with_tag_heads(
                 self,
-                self.embed_inputs(None, token_embeds, metadata_ids, next_metadata_ids),
+                self.embed_inputs(None, token_embeds, fed_ids, fed_next),
                 token_embeds,
                 metadata_ids,
                 attention_mask,
@@ -479,6 +492,8 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
         Args:
             inputs, generation_config, kwargs: as for `GenerationMixin.generate`. The prompt's tags come in as
                 `pos_ids`/`ner_ids`/`<field>_ids` `(batch, prompt_len)`, e.g. `model.generate(**encoding)`.
+                With none of them, a model whose heads provide the tags tags the prompt itself first (one
+                incremental pass over the prompt, as `forward` does for untagged `input_ids`).
                 Pass `tokenizer=` (a `LimeTokenizer`) to let a LIME model re-annotate what it generates.
             guidance (`dict`, *optional*): LIME+1 only. Field -> the labels of the next generated tokens: one
                 list per batch row (lengths may differ), one list for every row, or a callable
@@ -517,6 +532,9 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
             )
         if metadata_provider == "model" or (metadata_provider is None and self.tag_heads is not None):
             metadata_provider = ModelTagProvider(self, kwargs.get("attention_mask"))
+        if isinstance(metadata_provider, ModelTagProvider) and not prompt_metadata:
+            # An untagged prompt (lm-eval's `--model hf`): the heads tag it causally, as `forward` does.
+            prompt_metadata, _ = self_tags(self, prompt_ids, kwargs.get("attention_mask"))
         tokenizer = kwargs.get("tokenizer")
         if getattr(tokenizer, "metadata_fields", None) is not None:
             check_inventories(tokenizer.metadata_fields, self.config.metadata_fields)

@@ -336,7 +336,7 @@ def self_tagged_forward(
             step["attention_mask"] = attention_mask[:, : i + 1]
             step["position_ids"] = positions[:, i : i + 1]
         outputs = model(**step)
-        cache = outputs.get("cache", outputs.get("past_key_values"))
+        cache = outputs["cache"] if "cache" in outputs else outputs.get("past_key_values")
         cache_kwargs = {_cache_argument(model): cache}
         logits.append(outputs.logits[:, -1:])
         previous = outputs.last_hidden_state[:, -1]
@@ -345,4 +345,28 @@ def self_tagged_forward(
     return torch.cat(logits, dim=1), fed
 
 
-__all__ = ["LimeCausalLMOutputWithPast", "LimeTagHeads", "ModelTagProvider", "self_tagged_forward"]
+def self_tags(
+    model, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+) -> tuple[dict[str, torch.LongTensor], dict[str, torch.LongTensor]]:
+    """The tags a model with heads gives `input_ids` itself, in the form `forward` takes them.
+
+    Runs `self_tagged_forward` (one incremental step per position) and returns field -> `(batch, seq)` tags of
+    the tokens themselves (`<field>_ids`) and field -> `(batch,)` `next_metadata_ids`: empty for LIME; for
+    LIME+1 the predicted tag of the token after the input (a LIME+1 model never reads its first token's own
+    tag, which is left unknown).
+    """
+    _, fed = self_tagged_forward(model, input_ids, attention_mask)
+    if not model.config.metadata_shift:
+        return fed, {}
+    unknown = torch.full_like(input_ids[:, :1], UNKNOWN_ID)
+    token_tags = {name: torch.cat([unknown, ids[:, :-1]], dim=1) for name, ids in fed.items()}
+    return token_tags, {name: ids[:, -1] for name, ids in fed.items()}
+
+
+__all__ = [
+    "LimeCausalLMOutputWithPast",
+    "LimeTagHeads",
+    "ModelTagProvider",
+    "self_tagged_forward",
+    "self_tags",
+]

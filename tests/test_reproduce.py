@@ -15,7 +15,8 @@ from tests.conftest import AUSTEN
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
 sys.path.append(str(SCRIPT.parent))  # the benchmark scripts import their shared `common` module
 
-from reproduction.harness import Checkpoint, optimizer_step  # noqa: E402
+from reproduction.cloze import cloze_items, cloze_table, mean_over_seeds  # noqa: E402
+from reproduction.harness import Checkpoint, optimizer_step, unwrap  # noqa: E402
 from reproduction.self_tagging import noisy  # noqa: E402
 
 
@@ -54,6 +55,64 @@ def test_tag_noise_replaces_the_given_share_of_real_tags_by_real_labels():
     assert 0.27 < replaced.float().mean() < 0.3  # a few draws hit the label they replace
     assert changed[:, 10:].min() >= 3 and changed.max() < 53
     assert torch.equal(noisy(tags, 0.3, 53, seed=0), changed)
+
+
+def test_cloze_items_are_sentence_final_words_with_their_paragraph_before_them():
+    text = unwrap((AUSTEN / "persuasion.txt").read_text(encoding="utf-8"))
+    items = cloze_items(text, 30)
+    assert len(items) == 30
+    paragraphs = text.split("\n\n")
+    for item in items:
+        word = item["word"]
+        assert word.startswith(" ") and word[1:].isalpha() and not item["context"].endswith(" ")
+        assert len(item["context"].split()) >= 12
+        (paragraph,) = [p for p in paragraphs if p.startswith(item["context"] + word)]
+        assert paragraph[len(item["context"] + word)] in ".!?"
+    assert items[0] == {"context": items[0]["context"], "word": " failed"}  # "... which never failed."
+    assert "Mr" not in {item["word"].strip() for item in items}
+
+
+def test_cloze_table_averages_seeds_per_model_and_tag_source():
+    rows = [
+        {"variant": "baseline", "seed": 0, "tags": None, "guidance": None, "acc": 0.1, "perplexity": 50.0},
+        {"variant": "baseline", "seed": 1, "tags": None, "guidance": None, "acc": 0.2, "perplexity": 70.0},
+        {"variant": "lime_plus1_heads", "seed": 0, "tags": "model", "guidance": "self-guided", "acc": 0.05,
+         "perplexity": 900.0},
+    ]  # fmt: skip
+    table = cloze_table({"mean_over_seeds": mean_over_seeds(rows)})
+    assert table.splitlines()[2:] == [
+        "| baseline (`--model hf`) | 2 | 15.00 % | 60 |",
+        "| LIME+1 with heads, self-guided (`tags=model`) | 1 | 5.00 % | 900 |",
+    ]
+
+
+@pytest.mark.slow
+def test_cloze_stage_scores_every_run_and_tag_source_through_lm_eval(tmp_path, lime_pretokenized):
+    """`reproduce.py cloze --smoke` on a cache holding a baseline and a LIME model with heads (tiny, random)."""
+    from tiny_models import TINY_TEXT_CONFIGS, tiny_lime
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cache = tmp_path / "smoke"
+    lime_pretokenized.save_pretrained(cache / "data" / "tokenizer")
+    (cache / "data" / "meta.json").write_text(json.dumps({"data_config": {"max_chars": 8000}}))
+    text_config = {**TINY_TEXT_CONFIGS["llama"], "vocab_size": len(lime_pretokenized)}
+    text_config.pop("model_type")
+    models = cache / "models" / "smoke"
+    AutoModelForCausalLM.from_config(LlamaConfig(**text_config)).save_pretrained(models / "lm-baseline-s0")
+    heads = tiny_lime(
+        "llama", text_config={"vocab_size": len(lime_pretokenized)}, tag_head_fields=["pos", "ner"]
+    )
+    heads.save_pretrained(models / "lm-lime_heads-s0")
+    env = {**os.environ, "LIME_AUSTEN": str(AUSTEN), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = run_script("cloze", "--smoke", "--cache", tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((cache / "results" / "reproduce_cloze.json").read_text())
+    assert summary["items"] == 40 and summary["preset"] == "smoke"
+    rows = [(row["variant"], row["model"], row["tags"], row["guidance"]) for row in summary["rows"]]
+    assert rows == [("baseline", "hf", None, None), ("lime_heads", "lime", "model", None),
+                    ("lime_heads", "lime", "prefix", None), ("lime_heads", "lime", "none", None)]  # fmt: skip
+    assert len({row["perplexity"] for row in summary["rows"][1:]}) == 3  # the tag source matters
+    assert "| LIME with heads, self-tagged (`tags=model`) | 1 |" in result.stdout
 
 
 def run_script(*args: object, env: dict) -> subprocess.CompletedProcess:

@@ -161,3 +161,24 @@ def test_model_provider_refuses_to_check_several_candidates_at_once():
             do_sample=False,
             assistant_model=tiny_lime("llama", seed=1),
         )
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_input_ids_alone_are_read_self_tagged_and_generate_tags_an_untagged_prompt(shift):
+    """What a harness that passes token ids only (lm-eval's `--model hf`) gets: the honest reading."""
+    model = tiny_lime("llama", metadata_shift=shift, **HEADS)
+    ids = prompt(model, length=7)["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    honest, fed = self_tagged_forward(model, ids, attention_mask=mask)
+    out = model(ids, attention_mask=mask)
+    torch.testing.assert_close(out.logits[mask.bool()], honest[mask.bool()])
+    unknown = {f"{name}_ids": torch.full_like(ids, 1) for name in ("pos", "ner")}
+    assert not torch.allclose(out.logits, model(ids, attention_mask=mask, **unknown).logits)
+    labelled = model(ids, labels=ids)  # no given tags to learn: the loss is the LM loss alone
+    assert labelled.tag_losses == {} and torch.allclose(labelled.loss, labelled.lm_loss)
+    generated = model.generate(ids[1:], max_new_tokens=6, do_sample=False)
+    logits, _ = self_tagged_forward(model, generated)
+    assert torch.equal(logits[:, 6:-1].argmax(-1), generated[:, 7:])
+    plain = tiny_lime("llama", metadata_shift=shift)  # without heads: missing tags are unknown, as before
+    assert torch.equal(plain(ids).logits, plain(ids, **unknown).logits)

@@ -1,16 +1,19 @@
 """lm-evaluation-harness model `lime`: an `HFLM` that feeds a LIME model its tags without leaking.
 
-    lime-hf eval --model lime --model_args pretrained=PATH,tags=prefix --tasks T --include_path DIR
+    lime-hf eval run --model lime --model_args pretrained=PATH,tags=prefix --tasks T --include_path DIR
 
-lm-eval hands the model token ids only. Here every position's tags are annotated causally: token i takes the
-tags spaCy gives it in the decoded text of tokens 0..i (the last `window` of them), the same rule as
-`generate`'s annotating provider. A token's tags thus never come from text after it, so a continuation is
-never scored with tags read from itself or what follows. `tags` (a `model_args` option, hence recorded in
-the results' `config.model_args`):
+lm-eval hands the model token ids only. `tags` (a `model_args` option) says where each position's tags come
+from; it is recorded in the results twice: in `config.model_args` (where given) and as `config.lime_tags`,
+with `config.lime_guidance` (how a LIME+1 model is guided: `self-guided` or `unguided`; `None` for LIME).
 
-- `prefix` (default for LIME): causal annotation as above;
-- `none`: every tag unknown (embeds to zero: the backbone alone). LIME+1 always runs this way, *unguided*:
-  it reads the tags of the next token, which the harness cannot supply without the answer.
+- `prefix` (default for LIME without tag heads): token i takes the tags spaCy gives it in the decoded text of
+  tokens 0..i (the last `window` of them), the same rule as `generate`'s annotating provider. A token's tags
+  never come from text after it, so a continuation is never scored with tags read from itself;
+- `model` (default for a model with tag heads): the heads' own causal predictions, exactly as the model's
+  forward tags `input_ids` alone (`tag_heads.self_tagged_forward`); the same as stock `--model hf`.
+  For LIME+1 this is *self-guided*: the heads predict the next token's tags;
+- `none`: every tag unknown (embeds to zero: the backbone alone). A LIME+1 model without heads always runs
+  this way, *unguided*: it reads the tags of the next token, which the harness cannot supply without the answer.
 """
 
 from __future__ import annotations
@@ -19,36 +22,46 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-TAG_SOURCES = ("prefix", "none")
+# Importing lime_hf (this package) registers the "lime" Auto classes that HFLM loads checkpoints with.
+from ..configuration_lime import UNKNOWN_ID
+
+TAG_SOURCES = ("prefix", "model", "none")
 
 
 @register_model("lime")
 class LimeLM(HFLM):
-    """`HFLM` for `LimeForCausalLM` checkpoints saved with their `LimeTokenizer`.
+    """`HFLM` for `LimeForCausalLM` checkpoints saved with their `LimeTokenizer` (`tags=prefix` needs it).
 
     Args:
-        tags (`str`, *optional*): `"prefix"` (LIME default) or `"none"` (LIME+1 allows only this).
-        window (`int`, *optional*, defaults to 32): tokens decoded and annotated to tag each position.
+        tags (`str`, *optional*): `"prefix"`, `"model"` (needs tag heads) or `"none"`; LIME+1 takes `"model"`
+            (self-guided) or `"none"` (unguided). Default: `"model"` with heads, else `"prefix"` for LIME and
+            `"none"` for LIME+1.
+        window (`int`, *optional*, defaults to 32): tokens decoded and annotated to tag each position (`prefix`).
         kwargs: every `HFLM` argument (`pretrained`, `batch_size`, `device`, ...).
     """
 
     def __init__(self, *args, tags: str | None = None, window: int = 32, **kwargs):
-        import lime_hf  # noqa: F401 - registers the "lime" Auto classes before HFLM loads the checkpoint
-
         super().__init__(*args, **kwargs)
-        shift = getattr(self.model.config, "metadata_shift", None)
+        config = self.model.config
+        shift = getattr(config, "metadata_shift", None)
         if shift is None:
             raise ValueError(
-                f"--model lime needs a LIME checkpoint (model_type 'lime'); got {self.model.config.model_type!r}. "
+                f"--model lime needs a LIME checkpoint (model_type 'lime'); got {config.model_type!r}. "
                 "Use --model hf for other models."
             )
-        tags = tags or ("none" if shift else "prefix")
+        heads = bool(config.tag_head_fields)
+        tags = tags or ("model" if heads else "none" if shift else "prefix")
         if tags not in TAG_SOURCES:
             raise ValueError(f"tags must be one of {list(TAG_SOURCES)}, got {tags!r}.")
-        if shift and tags != "none":
+        if tags == "model" and not heads:
+            raise ValueError(
+                "tags=model uses the model's tag heads, and this checkpoint has none (config.tag_head_fields "
+                "is empty): use tags=prefix (LIME) or tags=none."
+            )
+        if shift and tags == "prefix":
             raise ValueError(
                 "A LIME+1 model reads the tags of the next token, which the harness can only know from the "
-                "answer itself: it runs unguided here (tags=none)."
+                "answer itself: run it unguided (tags=none) or, with tag heads, self-guided (tags=model)."
             )
         if tags == "prefix" and not hasattr(self.tokenizer, "metadata_for_ids"):
             raise ValueError("tags=prefix annotates text and needs the checkpoint's LimeTokenizer.")
@@ -56,29 +69,45 @@ class LimeLM(HFLM):
         self.window = int(window)
 
     def causal_tags(self, input_ids: torch.LongTensor) -> dict[str, torch.LongTensor]:
-        """`<field>_ids` `(batch, seq)`: token i tagged from the decoded text of tokens `i-window+1..i` alone."""
-        if self.tags == "none":
+        """The `<field>_ids` `(batch, seq)` the forward is given for `input_ids`.
+
+        `prefix`: token i tagged from the decoded text of tokens `i-window+1..i` alone; `none`: unknown
+        everywhere (given explicitly, so that a model with heads does not tag itself); `model`: none given,
+        so the model's forward tags the input with its heads.
+        """
+        fields = self.model.config.metadata_fields
+        if self.tags == "model":
             return {}
-        fields = self.tokenizer.metadata_fields
-        rows = {field: [] for field in fields}
+        if self.tags == "none":
+            return {f"{field}_ids": torch.full_like(input_ids, UNKNOWN_ID) for field in fields}
+        rows = {field: [] for field in self.tokenizer.metadata_fields}
         for row in input_ids.tolist():
             tagged = [
                 self.tokenizer.metadata_for_ids(row[max(0, i + 1 - self.window) : i + 1])
                 for i in range(len(row))
             ]
-            for field in fields:
+            for field in rows:
                 rows[field].append([tags[field][-1] for tags in tagged])
-        return {f"{field}_ids": torch.tensor(rows[field], device=input_ids.device) for field in fields}
+        return {f"{field}_ids": torch.tensor(ids, device=input_ids.device) for field, ids in rows.items()}
+
+    def get_model_info(self) -> dict:
+        """`HFLM`'s model information (`results["config"]`) plus where the tags came from."""
+        guidance = None
+        if self.model.config.metadata_shift:
+            guidance = "self-guided" if self.tags == "model" else "unguided"
+        return {**super().get_model_info(), "lime_tags": self.tags, "lime_guidance": guidance}
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
         with torch.no_grad():
             return self.model(inps, **self.causal_tags(inps)).logits
 
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
-        if self.tags == "prefix":
-            generation_kwargs.update(self.causal_tags(context), tokenizer=self.tokenizer)
-        else:
-            generation_kwargs["metadata_provider"] = "unknown"
+        if self.tags == "prefix":  # the prompt annotated causally, then each generated token re-annotated
+            generation_kwargs.update(
+                self.causal_tags(context), tokenizer=self.tokenizer, metadata_provider="annotate"
+            )
+        else:  # `model`: the heads tag the untagged prompt and every generated token; `none`: all unknown
+            generation_kwargs["metadata_provider"] = "model" if self.tags == "model" else "unknown"
         return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
 
