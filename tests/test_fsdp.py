@@ -130,12 +130,15 @@ def test_readme_fsdp_config_on_two_cpu_processes(corpus, tmp_path):  # noqa: F81
         logits = saved(**ranks[0]["inputs"]).logits
     torch.testing.assert_close(logits, ranks[0]["logits"], rtol=0, atol=1e-6)
 
-    # 3 steps of 2 x 4 blocks equal 3 steps of 8 blocks on one process: same batches, same weights.
+    # 3 steps of 2 x 4 blocks equal 3 steps of 8 blocks on one process: same batches, same weights. The all-reduce
+    # sums gradients in another order than one batch does, and Adam divides by sqrt(v), so a weight near zero
+    # can move by a few 1e-6 (measured 3.1e-6); 1e-5 is still 1/300 of one step (lr 3e-3), so a missed or
+    # repeated step or batch fails.
     reference = AutoModelForCausalLM.from_pretrained(single_dir).state_dict()
     weights = saved.state_dict()
     assert weights.keys() == reference.keys()
     for name, tensor in reference.items():
-        torch.testing.assert_close(weights[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
 
 
 @pytest.mark.slow
