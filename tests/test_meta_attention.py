@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from tiny_models import VOCAB_SIZE, random_tags, run_without_lime_hf, tiny_lime
+from tiny_models import VOCAB_SIZE, enable_checkpointing, random_tags, run_without_lime_hf, tiny_lime
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lime_hf import LimeConfig, LimeForCausalLM, LimeModel
@@ -192,10 +192,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for checkpointing in (False, True):
         model = meta_lime("llama").train()
         if checkpointing:
-            enable = (
-                getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            )
-            enable()
+            enable_checkpointing(model)
         ids = ids_with_meta()
         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.meta_attention.parameters()]))

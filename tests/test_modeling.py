@@ -3,7 +3,14 @@ import re
 
 import pytest
 import torch
-from tiny_models import TINY_TEXT_CONFIGS, VOCAB_SIZE, random_tags, run_without_lime_hf, tiny_lime
+from tiny_models import (
+    TINY_TEXT_CONFIGS,
+    VOCAB_SIZE,
+    enable_checkpointing,
+    random_tags,
+    run_without_lime_hf,
+    tiny_lime,
+)
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 
 from lime_hf import DEFAULT_METADATA_FIELDS, LimeConfig, LimeForCausalLM, LimeModel, make_inventory
@@ -169,9 +176,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
         return loss.detach(), model.metadata_embeddings.tables["pos"].weight.grad.clone()
 
     plain_loss, plain_grad = loss_and_grad()
-    # `activation_checkpointing_enable` since transformers 5.21; `gradient_checkpointing_enable` before.
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable()
+    enable_checkpointing(model)
     assert model.language_model.model.gradient_checkpointing
     ckpt_loss, ckpt_grad = loss_and_grad()
     assert torch.allclose(plain_loss, ckpt_loss) and torch.allclose(plain_grad, ckpt_grad, atol=1e-6)

@@ -13,7 +13,7 @@ from peft import (
     PromptTuningConfig,
     get_peft_model,
 )
-from tiny_models import TINY_TEXT_CONFIGS, random_tags
+from tiny_models import TINY_TEXT_CONFIGS, enable_checkpointing, random_tags
 from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback, TrainingArguments
 
 from lime_hf import DataCollatorForLime, LimeForCausalLM
@@ -225,7 +225,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(checkpoint):
         torch.manual_seed(0)  # the same random tag head
         peft_model = randomised_lora(LimeForCausalLM.from_backbone(checkpoint, **HEADS)).train()
         if checkpointing:
-            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            enable_checkpointing(peft_model, use_reentrant=True)
         inputs = batch(peft_model)
         loss = peft_model(**inputs, labels=inputs["input_ids"]).loss
         loss.backward()

@@ -32,6 +32,19 @@ def tiny_lime(arch: str = "llama", seed: int = 0, **config_kwargs) -> LimeForCau
     return LimeForCausalLM(LimeConfig(text_config=text_config, **config_kwargs)).eval()
 
 
+def enable_checkpointing(model, use_reentrant: bool | None = None) -> None:
+    """Turn on activation checkpointing under the name the installed transformers has.
+
+    `activation_checkpointing_enable(activation_checkpointing_kwargs=)` since 5.21, where the older
+    `gradient_checkpointing_enable(gradient_checkpointing_kwargs=)` warns; a PeftModel hands either to its base model.
+    """
+    kwargs = None if use_reentrant is None else {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def random_tags(model: LimeForCausalLM, shape: tuple[int, int], seed: int = 0) -> dict[str, torch.Tensor]:
     """Random valid tag ids (special and real labels, no padding/unknown) for every field of `model`."""
     generator = torch.Generator().manual_seed(seed)
