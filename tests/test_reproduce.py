@@ -74,15 +74,17 @@ def test_cloze_items_are_sentence_final_words_with_their_paragraph_before_them()
 
 def test_cloze_table_averages_seeds_per_model_and_tag_source():
     rows = [
-        {"variant": "baseline", "seed": 0, "tags": None, "guidance": None, "acc": 0.1, "perplexity": 50.0},
-        {"variant": "baseline", "seed": 1, "tags": None, "guidance": None, "acc": 0.2, "perplexity": 70.0},
+        {"variant": "baseline", "seed": 0, "tags": None, "guidance": None, "acc": 0.1, "acc_stderr": 0.01,
+         "perplexity": 50.0},
+        {"variant": "baseline", "seed": 1, "tags": None, "guidance": None, "acc": 0.2, "acc_stderr": 0.03,
+         "perplexity": 70.0},
         {"variant": "lime_plus1_heads", "seed": 0, "tags": "model", "guidance": "self-guided", "acc": 0.05,
-         "perplexity": 900.0},
+         "acc_stderr": 0.004, "perplexity": 900.0},
     ]  # fmt: skip
     table = cloze_table({"mean_over_seeds": mean_over_seeds(rows)})
     assert table.splitlines()[2:] == [
-        "| baseline (`--model hf`) | 2 | 15.00 % | 60 |",
-        "| LIME+1 with heads, self-guided (`tags=model`) | 1 | 5.00 % | 900 |",
+        "| baseline (`--model hf`) | 2 | 15.00 % ± 2.00 % | 60 |",
+        "| LIME+1 with heads, self-guided (`tags=model`) | 1 | 5.00 % ± 0.40 % | 900 |",
     ]
 
 

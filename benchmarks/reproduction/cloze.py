@@ -135,13 +135,15 @@ def cloze_stage(cache: Path, preset: str, results: Path, device: str = "cpu") ->
 
 
 def mean_over_seeds(rows: list[dict]) -> list[dict]:
-    """One row per (variant, tags): accuracy and perplexity averaged over the seeds that have the run."""
+    """One row per (variant, tags): accuracy, its standard error and perplexity averaged over the seeds that have
+    the run (every seed scores the same items, so a mean's item-sampling error is about one seed's)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["variant"], row["tags"], row["guidance"]), []).append(row)
     return [
         {"variant": variant, "tags": tags, "guidance": guidance, "seeds": [row["seed"] for row in group],
          "acc": float(np.mean([row["acc"] for row in group])),
+         "acc_stderr": float(np.mean([row["acc_stderr"] for row in group])),
          "perplexity": float(np.mean([row["perplexity"] for row in group]))}
         for (variant, tags, guidance), group in groups.items()
     ]  # fmt: skip
@@ -162,9 +164,10 @@ LABELS = {
 
 def cloze_table(summary: dict) -> str:
     """The README's Markdown table of the cloze results (means over seeds)."""
-    lines = ["| model, tags | seeds | accuracy | word perplexity |", "| --- | --- | --- | --- |"]
+    lines = ["| model, tags | seeds | accuracy ± s.e. | word perplexity |", "| --- | --- | --- | --- |"]
     for row in summary["mean_over_seeds"]:
         label = LABELS.get((row["variant"], row["tags"]), f"{row['variant']}, {row['tags']}")
         seeds = len(row["seeds"])
-        lines.append(f"| {label} | {seeds} | {row['acc']:.2%} | {row['perplexity']:.4g} |".replace("%", " %"))
+        accuracy = f"{row['acc']:.2%} ± {row['acc_stderr']:.2%}".replace("%", " %")
+        lines.append(f"| {label} | {seeds} | {accuracy} | {row['perplexity']:.4g} |")
     return "\n".join(lines)
