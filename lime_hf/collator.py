@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .configuration_lime import SPECIAL_ID, UNKNOWN_ID
-from .meta_tokens import IGNORE_INDEX, check_meta_token_id, inject_meta_tokens
+from .meta_tokens import IGNORE_INDEX, check_meta_fraction, check_meta_token_id, inject_meta_tokens
 
 
 class DataCollatorForLime:
@@ -53,10 +53,7 @@ class DataCollatorForLime:
         if not 0.0 <= metadata_dropout <= 1.0:
             raise ValueError(f"`metadata_dropout` is a probability in [0, 1], got {metadata_dropout}.")
         if meta_token_id is not None:
-            if not 0.0 <= meta_fraction < 1.0:
-                raise ValueError(
-                    f"`meta_fraction` (meta-tokens per token) must lie in [0, 1), got {meta_fraction!r}."
-                )
+            check_meta_fraction(meta_fraction, "meta_fraction")
             check_meta_token_id(meta_token_id, len(tokenizer))
             if meta_token_id not in tokenizer.all_special_ids:
                 raise ValueError(

@@ -171,8 +171,8 @@ class LimeMetaAttentionLayers(nn.Module):
                 f"or `h` (GPT-2) on its base model; {type(base).__name__} has no such list of "
                 f"{len(self.layers)} layers."
             )
-        for layer, sublayer in zip(decoder_layers, self.layers, strict=True):
-            layer.register_forward_hook(_SublayerHook(sublayer), with_kwargs=True)
+        for index, layer in enumerate(decoder_layers):
+            layer.register_forward_hook(_SublayerHook(self, index), with_kwargs=True)
         self.positional_kind = None
         if isinstance(getattr(base, "rotary_emb", None), nn.Module):
             self.positional_kind = "rotary"
@@ -235,15 +235,18 @@ class LimeMetaAttentionLayers(nn.Module):
 
 
 class _SublayerHook:
-    """Forward hook of a decoder layer: its output goes through the meta-attention sublayer.
+    """Forward hook of a decoder layer: its output goes through the meta-attention sublayer `index`.
 
-    An object (not a closure), so that a deep copy of the model hooks the copy's own sublayer.
+    An object (not a closure), so that a deep copy of the model hooks the copy's own sublayers. The sublayer is
+    looked up at each call, so that a module put in its place (PEFT's trained copy in `modules_to_save`, then the
+    merged module) is the one that runs.
     """
 
-    def __init__(self, sublayer: LimeMetaAttention):
-        self.sublayer = sublayer
+    def __init__(self, layers: "LimeMetaAttentionLayers", index: int):
+        self.layers, self.index = layers, index
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output):
+        sublayer = self.layers.layers[self.index]
         state = kwargs.get(STATE_KEYWORD)
         if state is None and not (module.training and torch.is_grad_enabled()):
             return None
@@ -252,9 +255,9 @@ class _SublayerHook:
         if state is None:
             # A training batch without meta-tokens: the sublayer joins the graph with an exact zero, so that DDP
             # needs no `find_unused_parameters` for batches with and without meta-tokens.
-            hidden = hidden + sum(parameter.sum() for parameter in self.sublayer.parameters()) * 0.0
+            hidden = hidden + sum(parameter.sum() for parameter in sublayer.parameters()) * 0.0
         else:
-            hidden = self.sublayer(hidden, state)
+            hidden = sublayer(hidden, state)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
@@ -292,10 +295,11 @@ class _PositionalHook:
         )  # `(batch or 1, seq, hidden)`
 
 
-def check_meta_generation(config, generate_kwargs: dict) -> None:
-    """Raise unless `generate(**generate_kwargs)` suits this model's meta-tokens: every meta-token placement in
-    `logits_processor` places one of them, and no candidate decoding rolls the cache back (a crop counts tokens,
-    and the meta slots are not one per token)."""
+def check_meta_generation(config, generate_kwargs: dict, generation_config) -> None:
+    """Raise unless `generate(generation_config, **generate_kwargs)` suits this model's meta-tokens: every
+    meta-token placement in `logits_processor` places one of them, and no candidate decoding rolls the cache back
+    (a crop counts tokens, and the meta slots are not one per token), asked for in the keywords or in the
+    generation config."""
     for processor in generate_kwargs.get("logits_processor") or []:
         token_id = getattr(processor, "meta_token_id", None)
         if token_id is not None and token_id not in config.meta_token_ids:
@@ -308,7 +312,11 @@ def check_meta_generation(config, generate_kwargs: dict) -> None:
                     else "build the model with `LimeConfig(meta_token_ids=[...])` to give it meta-attention."
                 )
             )
-    candidates = [key for key in ("assistant_model", "prompt_lookup_num_tokens") if generate_kwargs.get(key)]
+    candidates = [
+        key
+        for key in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+        if generate_kwargs.get(key) or getattr(generation_config, key, None)
+    ]
     if config.meta_token_ids and candidates:
         raise ValueError(
             f"Assisted and prompt-lookup decoding ({candidates}) crop the KV cache by tokens, which the meta-attention "

@@ -19,13 +19,12 @@ import torch
 from transformers import LogitsProcessor
 
 from .configuration_lime import PAD_ID, SPECIAL_ID
+from .tag_heads import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 
-
-def _check_placement(meta_token_id: int, every: int | None, positions, policy=None) -> None:
-    if isinstance(meta_token_id, bool) or not isinstance(meta_token_id, int) or meta_token_id < 0:
-        raise ValueError(f"`meta_token_id` must be a token id (an integer >= 0), got {meta_token_id!r}.")
+def _check_placement(meta_token_id: int, every: int | None, positions, policy=None) -> list[int] | None:
+    """Raise on a bad placement; return `positions` as a list (a generator is read once, here)."""
+    check_meta_token_id(meta_token_id)
     given = [
         name
         for name, value in (("every", every), ("positions", positions), ("policy", policy))
@@ -38,29 +37,34 @@ def _check_placement(meta_token_id: int, every: int | None, positions, policy=No
             else "`every` or `positions`"
         )
         raise ValueError(f"Give exactly one of {allowed} to place meta-tokens; got {given or 'none'}.")
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-        raise ValueError(
-            f"`every` is the number of ordinary tokens between meta-tokens: an integer >= 1, got {every!r}."
-        )
-    if positions is not None and any(
-        isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in positions
-    ):
-        raise ValueError(f"`positions` must be integer positions >= 0, got {list(positions)!r}.")
+    check_every(every)
+    if positions is None:
+        return None
+    positions = list(positions)
+    if any(isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in positions):
+        raise ValueError(f"`positions` must be integer positions >= 0, got {positions!r}.")
+    if len(set(positions)) != len(positions):
+        raise ValueError(f"`positions` must be distinct (one meta-token per position), got {positions!r}.")
+    return positions
 
 
 class MetaTokenPlacement(LogitsProcessor):
     """Force a meta-token at chosen positions of the generated text, and forbid it everywhere else.
 
-    A position is the index the next token takes in the row of `sequences` (prompt and any left padding included),
-    so `every` and `positions` place the same steps in every row; `policy` decides per row.
+    A position is the index the next token takes in its row of `sequences`, counted without the row's left padding
+    when `attention_mask` is given (as `place_meta_tokens` counts), so that a stride placed in the prompts goes on
+    in every row; without it, prompt padding included. `policy` decides per row.
 
     Args:
         meta_token_id: the meta-token to place (one of the model's `config.meta_token_ids`).
         every: a meta-token after every `every` ordinary tokens: at positions `p` with `(p + 1) % (every + 1) == 0`.
         positions: the positions that take a meta-token.
         policy: a callable `(input_ids_row) -> bool`: whether the row's next token is a meta-token.
+        attention_mask: `(batch, prompt_len)` the prompts' mask given to `generate` (left padding, 0 there);
+            the rows of beams and `num_return_sequences` take their prompt's.
 
-    Example: `model.generate(**inputs, logits_processor=[MetaTokenPlacement(meta_id, every=4)])`.
+    Example: `model.generate(**prompt, logits_processor=[MetaTokenPlacement(meta_id, every=4,
+    attention_mask=prompt["attention_mask"])])`, with `prompt = place_meta_tokens(ids, meta_id, every=4)`.
     """
 
     def __init__(
@@ -69,22 +73,39 @@ class MetaTokenPlacement(LogitsProcessor):
         every: int | None = None,
         positions: Sequence[int] | None = None,
         policy: Callable[[torch.LongTensor], bool] | None = None,
+        attention_mask: torch.Tensor | None = None,
     ):
-        _check_placement(meta_token_id, every, positions, policy)
+        positions = _check_placement(meta_token_id, every, positions, policy)
         self.meta_token_id = meta_token_id
         self.every = every
         self.positions = None if positions is None else frozenset(positions)
         self.policy = policy
+        # Each prompt's left padding, subtracted from the sequence index (nothing when no row is padded).
+        padding = None if attention_mask is None else (attention_mask == 0).sum(dim=1)
+        self.padding = padding if padding is not None and bool(padding.any()) else None
 
     def forced(self, input_ids: torch.LongTensor) -> bool | torch.BoolTensor:
         """Whether the next token is the meta-token: one answer for every row (`every`, `positions`), or `(batch,)`
         answers (`policy`)."""
         if self.policy is not None:
             return torch.tensor([bool(self.policy(row)) for row in input_ids], device=input_ids.device)
-        position = input_ids.shape[1]
-        return (
-            (position + 1) % (self.every + 1) == 0 if self.every is not None else position in self.positions
-        )
+        if self.padding is None:
+            position = input_ids.shape[1]
+            return (
+                (position + 1) % (self.every + 1) == 0
+                if self.every is not None
+                else position in self.positions
+            )
+        rows, prompts = input_ids.shape[0], self.padding.shape[0]
+        if rows % prompts:
+            raise ValueError(
+                f"`attention_mask` has {prompts} prompt rows, and generation has {rows} rows: give the mask of "
+                "the prompts passed to `generate`."
+            )
+        position = input_ids.shape[1] - self.padding.to(input_ids.device).repeat_interleave(rows // prompts)
+        if self.every is not None:
+            return (position + 1) % (self.every + 1) == 0
+        return torch.tensor([int(p) in self.positions for p in position], device=input_ids.device)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.meta_token_id >= scores.shape[-1]:
@@ -128,7 +149,7 @@ def place_meta_tokens(
         `{"input_ids", "attention_mask", **metadata_ids}`, left-padded (as `generate` wants), ready for
         `model.generate(**placed)`.
     """
-    _check_placement(meta_token_id, every, positions)
+    positions = _check_placement(meta_token_id, every, positions)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     metadata_ids = metadata_ids or {}
@@ -191,11 +212,25 @@ def add_meta_tokens(tokenizer: Any, tokens: Sequence[str] = ("<meta>",)) -> list
 def check_meta_token_id(meta_token_id: int, vocab_size: int | None = None) -> None:
     """Raise `ValueError` unless `meta_token_id` is a token id (in `[0, vocab_size)` when the size is known)."""
     if isinstance(meta_token_id, bool) or not isinstance(meta_token_id, int) or meta_token_id < 0:
-        raise ValueError(f"`meta_token_id` must be a token id (an int >= 0), got {meta_token_id!r}.")
+        raise ValueError(f"`meta_token_id` must be a token id (an integer >= 0), got {meta_token_id!r}.")
     if vocab_size is not None and meta_token_id >= vocab_size:
         raise ValueError(
             f"`meta_token_id` {meta_token_id} is outside the vocabulary of {vocab_size} ids (allowed: 0 to "
             f"{vocab_size - 1}); add the meta-token to the tokenizer first (`add_meta_tokens(tokenizer)`)."
+        )
+
+
+def check_meta_fraction(fraction: float, name: str = "fraction") -> None:
+    """Raise `ValueError` unless `fraction` (meta-tokens per token) lies in `[0, 1)`."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"`{name}` (meta-tokens per token) must lie in [0, 1), got {fraction!r}.")
+
+
+def check_every(every: int | None) -> None:
+    """Raise `ValueError` unless `every` (ordinary tokens between meta-tokens) is `None` or an integer >= 1."""
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(
+            f"`every` is the number of ordinary tokens between meta-tokens: an integer >= 1, got {every!r}."
         )
 
 
@@ -247,11 +282,9 @@ def inject_meta_tokens(
         `dict[str, torch.LongTensor]`: `input_ids`, `attention_mask`, `labels` (if given) and the `metadata`
         columns, each `(length + m,)` or `(batch_size, length + max m)`.
     """
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"`fraction` (meta-tokens per token) must lie in [0, 1), got {fraction!r}.")
+    check_meta_fraction(fraction)
     check_meta_token_id(meta_token_id, vocab_size)
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-        raise ValueError(f"`every` (tokens between meta-tokens) must be an int >= 1, got {every!r}.")
+    check_every(every)
     ids = torch.as_tensor(input_ids, dtype=torch.long)
     if ids.dim() not in (1, 2):
         raise ValueError(

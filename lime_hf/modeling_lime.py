@@ -562,7 +562,7 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
                 f"metadata_shift (assisted model: shift {tracker.shift}, fields {list(tracker.metadata_fields)}; "
                 f"assistant: shift {self.config.metadata_shift}, fields {list(self.config.metadata_fields)})."
             )
-        check_meta_generation(self.config, kwargs)
+        check_meta_generation(self.config, kwargs, generation_config or self.generation_config)
         if GENERATION_CACHE_NAME == "past_key_values" and "cache" in kwargs:
             kwargs["past_key_values"] = merge_cache_arguments(
                 kwargs.pop("cache"), kwargs.get("past_key_values")

@@ -55,7 +55,8 @@ def test_lime_hf_eval_subprocess_records_tag_source(tmp_path, lime_offsets):
     lime_offsets.save_pretrained(tmp_path / "m")
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-c", "import sys; from lime_hf_cli import main; sys.exit(main())", "eval", "run",
+    # The README's form: lm-eval inserts its `run` subcommand itself when none is given.
+    command = [sys.executable, "-c", "import sys; from lime_hf_cli import main; sys.exit(main())", "eval",
                "--model", "lime", "--model_args", f"pretrained={tmp_path / 'm'},tags=prefix", "--tasks",
                "lime_cloze", "--include_path", "tests/data/lm_eval", "--device", "cpu", "--batch_size", "1",
                "--output_path", str(tmp_path / "out")]  # fmt: skip
@@ -66,4 +67,5 @@ def test_lime_hf_eval_subprocess_records_tag_source(tmp_path, lime_offsets):
     assert results["config"]["model_args"]["tags"] == "prefix" or "tags=prefix" in str(
         results["config"]["model_args"]
     )
+    assert results["config"]["lime_tags"] == "prefix" and results["config"]["lime_guidance"] is None
     assert set(results["results"]["lime_cloze"]) >= {"acc,none"}

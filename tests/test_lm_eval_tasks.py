@@ -115,13 +115,6 @@ def test_every_request_type_matches_a_hand_computation(evaluations, tags):
         ]
         assert got == pytest.approx(expected, rel=1e-4)
         assert sample["acc"] == float(max(range(len(got)), key=got.__getitem__) == sample["doc"]["answer"])
-    print(
-        "DBG",
-        [(s["filtered_resps"], s["resps"]) for s in samples["lime_generate"]],
-        [s["resps"] for s in samples["lime_rolling"]],
-        [s["resps"] for s in samples["lime_choice"]],
-        results["results"],
-    )
     for sample in samples["lime_generate"]:
         (got,) = sample["filtered_resps"]
         assert got == greedy_by_hand(lm, sample["doc"]["context"], ["\n", "."], max_tokens=6)

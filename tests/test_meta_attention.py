@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 from tiny_models import VOCAB_SIZE, enable_checkpointing, random_tags, run_without_lime_hf, tiny_lime
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from lime_hf import LimeConfig, LimeForCausalLM, LimeModel
 from lime_hf.meta_attention import MetaAttentionState
@@ -241,7 +241,7 @@ def test_generation_is_the_same_with_and_without_the_cache(arch, decoding):
                 **prompt,
                 max_new_tokens=9,
                 use_cache=use_cache,
-                logits_processor=[MetaTokenPlacement(META, every=3)],
+                logits_processor=[MetaTokenPlacement(META, every=3, attention_mask=prompt["attention_mask"])],
                 metadata_provider="unknown",
                 return_dict_in_generate=True,
                 output_scores=True,
@@ -253,12 +253,14 @@ def test_generation_is_the_same_with_and_without_the_cache(arch, decoding):
         finite = torch.isfinite(with_cache)
         assert torch.equal(finite, torch.isfinite(without))
         assert torch.allclose(with_cache[finite], without[finite], atol=1e-4)
-    start = prompt["input_ids"].shape[1]
-    generated = runs[0].sequences[:, start:]
-    for step in range(generated.shape[1]):
-        expected = (start + step + 1) % 4 == 0
-        assert bool((generated[:, step] == META).all()) is expected
-        assert bool((generated[:, step] == META).any()) is expected
+    # The stride placed in the prompts goes on through the generated tokens of every row, the padded one too
+    # (rows of beams and return sequences repeat their prompt's padding).
+    sequences = runs[0].sequences
+    padding = (prompt["attention_mask"] == 0).sum(dim=1).repeat_interleave(sequences.shape[0] // 2)
+    assert padding.tolist()[-1] > 0
+    for row, pad in zip(sequences, padding.tolist(), strict=True):
+        tokens = row[pad:]
+        assert (tokens == META).tolist() == [(p + 1) % 4 == 0 for p in range(len(tokens))]
 
 
 def after_an_odd_token(row: torch.LongTensor) -> bool:
@@ -291,7 +293,9 @@ def test_placement_by_positions_and_by_policy():
     model = meta_lime("llama")
     ids = torch.randint(3, META, (2, 4), generator=torch.Generator().manual_seed(2))
     at = model.generate(
-        input_ids=ids, max_new_tokens=6, logits_processor=[MetaTokenPlacement(META, positions=[5, 8])]
+        input_ids=ids,
+        max_new_tokens=6,
+        logits_processor=[MetaTokenPlacement(META, positions=(p for p in (5, 8)))],  # any iterable, read once
     )
     assert (at == META).nonzero()[:, 1].tolist() == [5, 8, 5, 8]
 
@@ -420,12 +424,25 @@ def test_bad_inputs_get_clear_errors():
         MetaTokenPlacement(META, every=2, positions=[3])
     with pytest.raises(ValueError, match=r"`every` .* an integer >= 1, got 0"):
         MetaTokenPlacement(META, every=0)
+    with pytest.raises(ValueError, match=r"`positions` must be distinct .*, got \[3, 5, 3\]"):
+        MetaTokenPlacement(META, positions=[3, 5, 3])
+    with pytest.raises(ValueError, match=r"`positions` must be distinct"):
+        place_meta_tokens(ids, META, positions=[1, 1])
+    with pytest.raises(ValueError, match=r"`attention_mask` has 2 prompt rows, and generation has 3 rows"):
+        MetaTokenPlacement(META, every=2, attention_mask=torch.tensor([[0, 1], [1, 1]]))(
+            torch.ones(3, 4, dtype=torch.long), torch.zeros(3, VOCAB_SIZE)
+        )
     with pytest.raises(ValueError, match=r"Meta-token id 500 is outside the model's vocabulary of 97"):
         MetaTokenPlacement(500, every=2)(ids, torch.zeros(1, VOCAB_SIZE))
     with pytest.raises(
         ValueError, match=r"Assisted and prompt-lookup decoding \(\['assistant_model'\]\) crop"
     ):
         model.generate(input_ids=ids, max_new_tokens=2, assistant_model=meta_lime("llama", seed=1))
+    lookup = GenerationConfig(prompt_lookup_num_tokens=2, max_new_tokens=2)
+    with pytest.raises(
+        ValueError, match=r"Assisted and prompt-lookup decoding \(\['prompt_lookup_num_tokens'\]\)"
+    ):
+        model.generate(ids, lookup)  # asked for in the generation config, not as a keyword
     with pytest.raises(ValueError, match=r"extra layers of a `DynamicCache`, and a StaticCache"):
         model.generate(
             input_ids=ids_with_meta()[:1], max_new_tokens=2, cache_implementation="static", do_sample=False

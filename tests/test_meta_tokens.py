@@ -38,14 +38,15 @@ def meta_tokenizer(bpe_tokenizer, annotator) -> tuple[LimeTokenizer, int]:
     return tokenizer, meta_id
 
 
+# round(k n), rounded half up: 512 x 0.1 = 51.2 -> 51, 37 x 0.25 = 9.25 -> 9, 5 x 0.1 = 0.5 -> 1, 1 x 0.5 -> 1
 @pytest.mark.parametrize(
-    ("length", "fraction"), [(10, 0.1), (512, 0.1), (37, 0.25), (5, 0.1), (7, 0.0), (1, 0.5)]
+    ("length", "fraction", "count"),
+    [(10, 0.1, 1), (512, 0.1, 51), (37, 0.25, 9), (5, 0.1, 1), (7, 0.0, 0), (1, 0.5, 1)],
 )
-def test_injection_rate_is_exact_and_the_tokens_keep_their_order(length, fraction):
+def test_injection_rate_is_exact_and_the_tokens_keep_their_order(length, fraction, count):
     ids = torch.arange(length) + META + 1
     out = inject_meta_tokens(ids, META, fraction, seed=0)
-    count = meta_token_count(length, fraction)
-    assert count == int(fraction * length + 0.5)  # rounded half up: 5 x 0.1 -> 1, 1 x 0.5 -> 1
+    assert meta_token_count(length, fraction) == count
     assert out["input_ids"].shape == (length + count,)
     assert int((out["input_ids"] == META).sum()) == count
     assert torch.equal(out["input_ids"][out["input_ids"] != META], ids)
@@ -104,7 +105,7 @@ def test_labels_are_ignored_and_tags_special_at_meta_positions():
 
 
 def test_a_padded_batch_grows_inside_the_real_tokens_and_keeps_its_padding_side():
-    pad = 0
+    pad = 50  # not the default pad id 0: padding added to a row copies the row's own
     rows = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [5, 6, 7, 8, 9, pad, pad, pad, pad, pad]]
     masks = [[1] * 10, [1] * 5 + [0] * 5]
     for side in ("right", "left"):
@@ -224,13 +225,16 @@ def test_tokenizer_knows_the_meta_token_as_special(meta_tokenizer, bpe_tokenizer
     [
         (dict(fraction=1.0), r"`fraction` .* must lie in \[0, 1\), got 1.0"),
         (dict(fraction=-0.1), r"`fraction` .* must lie in \[0, 1\), got -0.1"),
-        (dict(meta_token_id=-1), r"`meta_token_id` must be a token id \(an int >= 0\), got -1"),
+        (dict(meta_token_id=-1), r"`meta_token_id` must be a token id \(an integer >= 0\), got -1"),
         (dict(meta_token_id="<meta>"), r"must be a token id .* got '<meta>'"),
         (dict(vocab_size=99), r"`meta_token_id` 99 is outside the vocabulary of 99 ids \(allowed: 0 to 98\)"),
         (dict(labels=[1, 2]), r"`labels` has shape \(2,\), but `input_ids` has \(4,\)"),
         (dict(attention_mask=[1, 0, 1, 1]), r"real tokens .* must be contiguous"),
         (dict(attention_mask=[1, 2, 1, 1]), r"must hold 0 and 1 only"),
-        (dict(every=0), r"`every` \(tokens between meta-tokens\) must be an int >= 1, got 0"),
+        (
+            dict(every=0),
+            r"`every` is the number of ordinary tokens between meta-tokens: an integer >= 1, got 0",
+        ),
     ],
 )
 def test_bad_input(kwargs, message):

@@ -76,33 +76,59 @@ def test_lora_adapts_the_attention_and_trains_the_lime_modules_whole(arch):
     assert not any(name.startswith("base_model.model.tag_heads.original_module") for name in trainable)
 
 
-def test_lora_reaches_the_meta_attention_sublayers_and_merges():
-    """The sublayers run from hooks on the backbone's layers; LoRA wraps their projections in place, so it acts."""
+def meta_retrofit():
     torch.manual_seed(0)
     backbone = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_TEXT_CONFIGS["llama"]))
     meta = backbone.config.vocab_size - 1
-    model = LimeForCausalLM.from_backbone(backbone, meta_token_ids=[meta]).eval()
-    projections = ADAPTED["llama"].split("|")
-    layers = backbone.config.num_hidden_layers
-    sublayers = {f"meta_attention.layers.{i}.{name}" for i in range(layers) for name in projections}
+    return LimeForCausalLM.from_backbone(backbone, meta_token_ids=[meta]).eval(), meta
+
+
+def test_meta_attention_sublayers_and_meta_token_rows_train_whole_save_and_merge(tmp_path):
+    """New parts of a retrofit with meta-tokens: its sublayers train in full (PEFT's copy is the one the hooks
+    run), the meta-token's embedding row trains alone; adapter reload and merge give the same logits."""
+    model, meta = meta_retrofit()
+    layers = len(model.meta_attention.layers)
     config = lime_lora_config(model, r=4)
-    assert sublayers <= {
-        name for name, _ in model.named_modules() if re.fullmatch(config.target_modules, name)
-    }
+    sublayers = [f"meta_attention.layers.{index}" for index in range(layers)]
+    assert config.modules_to_save == ["metadata_embeddings", *sublayers] == lime_modules_to_save(model)
+    assert config.trainable_token_indices == [meta]
+    assert config.target_modules == lime_target_modules(model) == rf"language_model\..*\.({ADAPTED['llama']})"
 
     inputs = batch(model)
     inputs["input_ids"][:, 4] = meta
     with torch.no_grad():
         before = model(**inputs).logits
-    only_meta = r"meta_attention\.layers\.\d+\.(q_proj|k_proj|v_proj|o_proj)"
-    peft_model = get_peft_model(
-        model, lime_lora_config(model, r=4, target_modules=only_meta, init_lora_weights=False)
-    )
+    peft_model = get_peft_model(model, config).eval()
+    trainable = {name for name, parameter in peft_model.named_parameters() if parameter.requires_grad}
+    copies = {name for name in trainable if ".meta_attention.layers." in name}
+    assert {name.split(".modules_to_save.default.")[1] for name in copies} == {
+        name for name, _ in model.meta_attention.layers[0].original_module.named_parameters()
+    }
+    assert len(copies) == 6 * layers  # norm weight and bias, q/k/v/o
+    assert {name for name in trainable if "token_adapter" in name} == {
+        "base_model.model.language_model.model.embed_tokens.token_adapter.trainable_tokens_delta.default"
+    }
     with torch.no_grad():
-        adapted = peft_model.eval()(**inputs).logits
-        assert torch.equal(adapted[:, :4], before[:, :4])  # before the first meta-token nothing changes
-        assert not torch.allclose(adapted[:, 4:], before[:, 4:], atol=1e-4)
+        assert torch.equal(peft_model(**inputs).logits, before)  # LoRA B = 0, copies equal, zero delta
+        for index in range(layers):
+            peft_model.base_model.model.meta_attention.layers[index].modules_to_save[
+                "default"
+            ].o_proj.weight.normal_()
+        with_copies = peft_model(**inputs).logits
+        assert torch.equal(with_copies[:, :4], before[:, :4])  # before the first meta-token nothing changes
+        assert not torch.allclose(with_copies[:, 4:], before[:, 4:], atol=1e-3)  # the trained copies run
+        embedding = peft_model.base_model.model.language_model.model.embed_tokens
+        embedding.token_adapter.trainable_tokens_delta["default"].normal_()
+        adapted = peft_model(**inputs).logits
+        assert not torch.allclose(adapted[:, 4:], with_copies[:, 4:], atol=1e-3)
+
+        peft_model.save_pretrained(tmp_path / "adapter")
+        reloaded = PeftModel.from_pretrained(meta_retrofit()[0], tmp_path / "adapter").eval()
+        assert torch.allclose(reloaded(**inputs).logits, adapted, atol=1e-5)
         merged = peft_model.merge_and_unload()
+        assert all(
+            type(sublayer).__name__ == "LimeMetaAttention" for sublayer in merged.meta_attention.layers
+        )
         assert torch.allclose(merged(**inputs).logits, adapted, atol=1e-5)
 
 

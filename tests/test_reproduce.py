@@ -68,7 +68,11 @@ def test_cloze_items_are_sentence_final_words_with_their_paragraph_before_them()
         assert len(item["context"].split()) >= 12
         (paragraph,) = [p for p in paragraphs if p.startswith(item["context"] + word)]
         assert paragraph[len(item["context"] + word)] in ".!?"
-    assert items[0] == {"context": items[0]["context"], "word": " failed"}  # "... which never failed."
+    assert items[0]["word"] == " failed"  # the novel's first sentence: "... an interest which never failed."
+    assert items[0]["context"].startswith(
+        "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who,"
+    )
+    assert items[0]["context"].endswith("he could read his own history with an interest which never")
     assert "Mr" not in {item["word"].strip() for item in items}
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from common import AUSTEN
 
-from .harness import EVAL_NOVEL, PRESETS, log, unwrap, write_json
+from .harness import EVAL_NOVEL, PRESETS, log, unwrap, write_csv, write_json
 
 TASK = "austen_cloze"
 ITEMS = {"smoke": 40, "default": 300}
@@ -118,6 +118,11 @@ def cloze_stage(cache: Path, preset: str, results: Path, device: str = "cpu") ->
                 log(
                     f"cloze: {variant} s{seed} tags={tags}: acc {rows[-1]['acc']:.4f} ppl {rows[-1]['perplexity']:.1f}"
                 )
+    if not rows:
+        raise SystemExit(
+            f"cloze: no trained language model in {cache / 'models' / preset} (looked for lm-<variant>-s<seed> "
+            f"with variants {list(ROWS)}): run `reproduce.py train` first."
+        )
     summary = {
         "task": TASK, "preset": preset, "items": len(items), "example": items[0] if items else None,
         "novel": EVAL_NOVEL, "items_from": "the first sentence-final words of the novel",
@@ -127,9 +132,7 @@ def cloze_stage(cache: Path, preset: str, results: Path, device: str = "cpu") ->
     }  # fmt: skip
     results.mkdir(parents=True, exist_ok=True)
     write_json(results / "reproduce_cloze.json", summary)
-    with open(results / "reproduce_cloze.csv", "w") as handle:
-        handle.write(",".join(rows[0]) + "\n")
-        handle.writelines(",".join(str(value) for value in row.values()) + "\n" for row in rows)
+    write_csv(results / "reproduce_cloze.csv", rows)
     print(cloze_table(summary))
     return summary
 

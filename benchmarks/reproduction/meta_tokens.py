@@ -27,14 +27,13 @@ the fixed stride, each with its positional encoding kept and zeroed at the meta-
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 import torch
 from common import parameter_matched_width
 
-from .harness import RESULTS, environment, log, optimizer_step, start_run, write_json
+from .harness import RESULTS, environment, log, optimizer_step, start_run, write_csv, write_json
 
 PAD, BOS, EOS, SEP, QUERY, COPY, META = range(7)
 SYMBOLS = 16
@@ -188,14 +187,17 @@ def evaluate(model, variant: str, task: str, cfg: dict, seed: int, device) -> di
             batch = batch_of(
                 task, size, cfg["test_problems"], [10**6, scale, TASKS.index(task)], placement, cfg
             )
-            if mode.endswith("_zero"):
-                model.config.meta_positional = "zero"
-            exact, token_accuracy = exact_match(model, batch, device)
+            zero = mode.endswith("_zero")
+            if zero:
+                model.config.meta_positional = "zero"  # read at every call
+            try:
+                exact, token_accuracy = exact_match(model, batch, device)
+            finally:
+                if zero:
+                    model.config.meta_positional = "keep"  # as every model here is trained
             results[f"{mode}/{scale}x"] = exact
             results[f"token_accuracy/{mode}/{scale}x"] = token_accuracy
             results[f"length/{scale}x"] = int(batch["input_ids"].shape[1])
-            if mode.endswith("_zero"):
-                model.config.meta_positional = "keep"
     return results
 
 
@@ -291,11 +293,7 @@ def report_meta(cache: Path, preset: str, results: Path = RESULTS) -> dict:
             for mode in eval_modes(variant):
                 for scale in ("1x", "2x"):
                     values = [r["history"][-1][f"{mode}/{scale}"] for r in chosen]
-                    # Runs from before token accuracy was recorded have single-token answers: it is exact match.
-                    tokens = [
-                        r["history"][-1].get(f"token_accuracy/{mode}/{scale}", v)
-                        for r, v in zip(chosen, values, strict=True)
-                    ]
+                    tokens = [r["history"][-1][f"token_accuracy/{mode}/{scale}"] for r in chosen]
                     final.setdefault(task, {}).setdefault(f"{variant}/{mode}", {})[scale] = float(
                         np.mean(values)
                     )
@@ -337,10 +335,7 @@ def report_meta(cache: Path, preset: str, results: Path = RESULTS) -> dict:
     }
     results.mkdir(parents=True, exist_ok=True)
     write_json(results / "meta_tokens.json", headline)
-    with open(results / "meta_tokens.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(results / "meta_tokens.csv", rows)
     plot_meta(results / "meta_tokens.png", final)
     log(f"report: wrote {results}/meta_tokens.json")
     return headline

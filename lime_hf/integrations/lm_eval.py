@@ -1,6 +1,6 @@
 """lm-evaluation-harness model `lime`: an `HFLM` that feeds a LIME model its tags without leaking.
 
-    lime-hf eval run --model lime --model_args pretrained=PATH,tags=prefix --tasks T --include_path DIR
+    lime-hf eval --model lime --model_args pretrained=PATH,tags=prefix --tasks T --include_path DIR
 
 lm-eval hands the model token ids only. `tags` (a `model_args` option) says where each position's tags come
 from; it is recorded in the results twice: in `config.model_args` (where given) and as `config.lime_tags`,

@@ -7,9 +7,9 @@ Why `modules_to_save` and not `trainable_token_indices`: the latter trains chose
 already trained (new tokens added to a vocabulary) and keeps the rest frozen. A retrofitted model's metadata
 tables are new and start at zero, every row has to be learnt, and they are small (a few dozen rows per field):
 PEFT's mechanism for modules trained in full is `modules_to_save`. It trains a copy of each module, saves it in
-the adapter and puts it in place of the original on `merge_and_unload`. The tag heads, new too, go the same way.
-Meta-attention sublayers are the exception: they run from hooks on the backbone's layers, which would keep
-calling the originals, so they get LoRA on their q/k/v/o projections instead (wrapped in place, so the hooks reach it).
+the adapter and puts it in place of the original on `merge_and_unload`. The tag heads and the meta-attention
+sublayers, new too, go the same way (the hooks that run a sublayer look it up at each call, so they run PEFT's
+copy). The meta-tokens are new rows of the token embedding: `trainable_token_indices` trains those rows only.
 
 Prompt-learning methods: prefix tuning trains and scores as it is; its virtual tokens exist only in the KV
 cache, so the tags stay on the real tokens they belong to. Prompt tuning and p-tuning put virtual tokens in
@@ -43,16 +43,20 @@ def _check_lime(model: LimePreTrainedModel) -> None:
 
 
 def lime_modules_to_save(model: LimePreTrainedModel) -> list[str]:
-    """The modules a LIME model adds to its backbone: `metadata_embeddings`, and `tag_heads` if it has them."""
+    """The modules a LIME model adds to its backbone: `metadata_embeddings`, `tag_heads` if it has them, and each
+    meta-attention sublayer (`meta_attention.layers.<i>`) if it has meta-tokens."""
     _check_lime(model)
-    return ["metadata_embeddings"] + (["tag_heads"] if model.tag_heads is not None else [])
+    modules = ["metadata_embeddings"] + (["tag_heads"] if model.tag_heads is not None else [])
+    if model.meta_attention is not None:
+        modules += [f"meta_attention.layers.{index}" for index in range(len(model.meta_attention.layers))]
+    return modules
 
 
 def lime_target_modules(model: LimePreTrainedModel) -> str:
     """A `target_modules` regex of the backbone's attention projections (the LIME modules are never matched).
 
     q/k/v/o projections where the backbone has them (Llama, Qwen2, ...); else PEFT's default for the backbone's
-    `model_type` (GPT-2: `c_attn`). A model with meta-attention also gets LoRA on its sublayers' q/k/v/o.
+    `model_type` (GPT-2: `c_attn`).
     """
     _check_lime(model)
     backbone_type = model.config.text_config.model_type
@@ -70,23 +74,19 @@ def lime_target_modules(model: LimePreTrainedModel) -> str:
             f"{list(ATTENTION_PROJECTIONS)} and PEFT's defaults for {backbone_type!r}). Pass `target_modules=` "
             "to `lime_lora_config`: the names of the backbone's linear layers to adapt."
         )
-    backbone = rf"language_model\..*\.({'|'.join(map(re.escape, names))})"
-    if model.meta_attention is None:
-        return backbone
-    # The meta-attention sublayers run from hooks on the backbone's layers, which call the very modules they were
-    # given: `modules_to_save` (a trained copy put beside the original) would never be called. LoRA wraps their
-    # projections in place, so they adapt like the backbone's attention.
-    return rf"{backbone}|meta_attention\.layers\.\d+\.({'|'.join(ATTENTION_PROJECTIONS)})"
+    return rf"language_model\..*\.({'|'.join(map(re.escape, names))})"
 
 
 def lime_lora_config(model: LimePreTrainedModel, **lora_kwargs) -> LoraConfig:
-    """A `LoraConfig` for `model`: LoRA on the backbone's attention, metadata tables and tag heads trained whole.
+    """A `LoraConfig` for `model`: LoRA on the backbone's attention; metadata tables, tag heads and meta-attention
+    sublayers trained whole; the meta-tokens' rows of the token embedding trained (`trainable_token_indices`).
 
     Args:
         model (`LimeForCausalLM`): typically fresh from `LimeForCausalLM.from_backbone`.
         lora_kwargs: any `LoraConfig` argument (`r`, `lora_alpha`, `lora_dropout`, ...). `target_modules`
             replaces the attention projections found by `lime_target_modules`; `modules_to_save` is added to
-            `lime_modules_to_save(model)`. `task_type` is `"CAUSAL_LM"`.
+            `lime_modules_to_save(model)`; `trainable_token_indices` defaults to `model.config.meta_token_ids`
+            (new tokens, e.g. after `resize_token_embeddings`). `task_type` is `"CAUSAL_LM"`.
 
     Returns:
         The config for `peft.get_peft_model(model, config)`.
@@ -101,6 +101,8 @@ def lime_lora_config(model: LimePreTrainedModel, **lora_kwargs) -> LoraConfig:
         )
     if lora_kwargs.get("target_modules") is None:
         lora_kwargs["target_modules"] = lime_target_modules(model)
+    if lora_kwargs.get("trainable_token_indices") is None and model.config.meta_token_ids:
+        lora_kwargs["trainable_token_indices"] = list(model.config.meta_token_ids)
     return LoraConfig(modules_to_save=modules_to_save, **lora_kwargs)
 
 
