@@ -6,6 +6,7 @@
     lime-hf tag "The king left." --tokenizer MODEL_DIR     # how a text is tagged and aligned
     lime-hf demo                                           # baseline vs LIME vs LIME+1 in a few minutes
     lime-hf app MODEL_DIR                                  # a web page for guided generation
+    lime-hf eval --model lime --model_args pretrained=MODEL_DIR --tasks T   # lm-eval's own command line
 
 This module sits beside the `lime_hf` package, not in it, and imports only the standard library: importing
 `lime_hf` registers its Auto classes, which imports torch and transformers (seconds), so `--help` and usage

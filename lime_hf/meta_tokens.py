@@ -85,8 +85,8 @@ class MetaTokenPlacement(LogitsProcessor):
         self.padding = padding if padding is not None and bool(padding.any()) else None
 
     def forced(self, input_ids: torch.LongTensor) -> bool | torch.BoolTensor:
-        """Whether the next token is the meta-token: one answer for every row (`every`, `positions`), or `(batch,)`
-        answers (`policy`)."""
+        """Whether the next token is the meta-token: one answer for every row (`every`, `positions` on unpadded
+        prompts), or `(batch,)` answers (`policy`, or rows with their own padding)."""
         if self.policy is not None:
             return torch.tensor([bool(self.policy(row)) for row in input_ids], device=input_ids.device)
         if self.padding is None:
