@@ -1,0 +1,67 @@
+"""The rules of a generation request, each written once with one message.
+
+`LimeForCausalLM.generate` checks them against its config, the CLI against a saved `config.json` before it loads
+anything, so both say the same thing. Standard library only: the CLI's pre-flight must not import torch, and
+`save_pretrained` copies this file next to the model's other code.
+"""
+
+from collections.abc import Iterable
+
+PROVIDER_NAMES = ("annotate", "unknown", "model")
+
+
+def check_generation_request(
+    *,
+    fields: Iterable[str],
+    metadata_shift: int,
+    has_tag_heads: bool,
+    guidance_fields: Iterable[str] = (),
+    provider: object = None,
+) -> None:
+    """Raise `ValueError` if guidance or a metadata provider asks something of a model that it cannot do.
+
+    Args:
+        fields: the model's metadata fields (`config.metadata_fields`).
+        metadata_shift: 0 for LIME (position i reads token i's tags), 1 for LIME+1 (token i+1's).
+        has_tag_heads: whether the model predicts its own tags (`config.tag_head_fields` is not empty).
+        guidance_fields: the fields that guidance (`guidance=` / `--guide`) gives tags for.
+        provider: the metadata provider asked for: one of `PROVIDER_NAMES`, a callable, or `None` (the default).
+    """
+    fields, guidance_fields = list(fields), list(guidance_fields)
+    if guidance_fields and not metadata_shift:
+        raise ValueError(
+            "guidance (--guide) gives the tags of the next token, which only a LIME+1 model (metadata_shift=1) "
+            "reads; this is a LIME model (metadata_shift=0), which reads the tags of tokens it wrote: drop the "
+            "guidance and let a metadata provider tag them"
+        )
+    for field in guidance_fields:
+        if field not in fields:
+            raise ValueError(
+                f"guidance (--guide) for {field!r}: the model has no metadata field {field!r}; "
+                f"its fields: {', '.join(fields) or 'none'}"
+            )
+    if provider is None or callable(provider):
+        return
+    if provider not in PROVIDER_NAMES:
+        raise ValueError(
+            f"metadata provider (--provider) {provider!r} is not one of {', '.join(PROVIDER_NAMES)} "
+            "(or, in Python, a callable (input_ids, step) -> tags)"
+        )
+    if provider == "model" and not has_tag_heads:
+        raise ValueError(
+            "metadata provider 'model' reads the model's tag heads, and this model has none "
+            "(config.tag_head_fields is empty): use 'annotate' or 'unknown', or train tag heads"
+        )
+    if provider == "annotate" and metadata_shift:
+        alternatives = (
+            "guidance (--guide), 'model' (its tag heads) or 'unknown'"
+            if has_tag_heads
+            else ("guidance (--guide) or 'unknown'")
+        )
+        raise ValueError(
+            "metadata provider 'annotate' tags tokens that exist, and a LIME+1 model (metadata_shift=1) reads "
+            f"the tags of the token it is about to write: use {alternatives}"
+        )
+
+
+__all__ = ["PROVIDER_NAMES", "check_generation_request"]
