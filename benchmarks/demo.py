@@ -40,7 +40,9 @@ class Tee(io.TextIOBase):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="lime-demo-benchmark")
     args = parser.parse_args()
@@ -77,7 +79,8 @@ def main() -> None:
         "curves": {name: [[step, accuracy] for step, accuracy in curve] for name, curve in curves.items()},
         "final_accuracy": final,
         "lime_steps_to_baseline_final": reached,
-        "generated": {name: ast.literal_eval(text) for name, text in GENERATED.findall(output)},  # the printed repr
+        # The texts as printed (their repr), read back.
+        "generated": {name: ast.literal_eval(text) for name, text in GENERATED.findall(output)},
         "guided_tags_spacy_agrees": agree,
         "guided_tags_asked": asked,
         "wall_s": wall_s,
