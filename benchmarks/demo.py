@@ -21,7 +21,10 @@ from common import save_results  # the benchmarks' shared helpers
 from lime_hf import demo
 
 # The three texts `guided_generation` prints, e.g. "  LIME+1, guided:      'After these things, ...'".
-GENERATED = re.compile(r"^  (LIME\+1, guided|LIME\+1, self-guided|baseline):\s+('.*'|\".*\")", re.MULTILINE)
+GENERATED = re.compile(
+    r"^  (LIME\+1, guided|LIME\+1, self-guided|baseline):\s+('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")",
+    re.MULTILINE,
+)
 AGREEMENT = re.compile(r"spaCy finds the asked tag on (\d+) of (\d+) tokens")
 
 
