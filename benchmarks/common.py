@@ -13,16 +13,41 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-# The six public-domain novels lie in ../shared beside the checkout; LIME_AUSTEN points elsewhere.
+# The folder of the six novels: LIME_AUSTEN, else ../shared/data/austen beside the checkout (the machine the
+# committed results come from). A clone has only the tests' excerpts; docs/reproduction.md says where to get them.
 AUSTEN = Path(
     os.environ.get("LIME_AUSTEN", Path(__file__).resolve().parents[2] / "shared" / "data" / "austen")
 )
+# File name -> (title, Project Gutenberg ebook number); the committed results used the janeaustenr 1.0.0 texts.
+NOVELS = {
+    "emma.txt": ("Emma", 158),
+    "mansfieldpark.txt": ("Mansfield Park", 141),
+    "northangerabbey.txt": ("Northanger Abbey", 121),
+    "persuasion.txt": ("Persuasion", 105),
+    "prideprejudice.txt": ("Pride and Prejudice", 1342),
+    "sensesensibility.txt": ("Sense and Sensibility", 161),
+}
 EVAL_NOVEL = "persuasion.txt"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def check_corpus(corpus_dir: Path = AUSTEN) -> None:
+    """Stop with one line naming the first missing novel and where to get it (a clone does not ship them)."""
+    for name, (title, ebook) in NOVELS.items():
+        if not (corpus_dir / name).is_file():
+            raise SystemExit(
+                f"benchmarks: {corpus_dir / name} is missing: save {title} (Project Gutenberg ebook #{ebook}) "
+                f"and the other five Austen novels there as UTF-8 text, or set LIME_AUSTEN to their folder "
+                f"(docs/reproduction.md)"
+            )
+
+
 def load_paragraphs(corpus_dir: Path, max_words: int) -> list[str]:
     """Paragraphs (blank-line separated) of the training novels (all but Persuasion), up to ~`max_words`."""
+    if corpus_dir == AUSTEN:
+        check_corpus(corpus_dir)
+    elif not any(corpus_dir.glob("*.txt")):
+        raise SystemExit(f"benchmarks: no .txt files in {corpus_dir}")
     paragraphs, words = [], 0
     for path in sorted(corpus_dir.glob("*.txt")):
         if path.name == EVAL_NOVEL:

@@ -32,6 +32,7 @@ import json
 from pathlib import Path
 
 import torch
+from common import check_corpus
 from reproduction.cloze import cloze_stage
 from reproduction.free_generation import generate_stage
 from reproduction.harness import DEFAULT_CACHE, PRESETS, RESULTS
@@ -82,6 +83,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             preset = trained[0]
     results = args.results or (cache / "results" if args.smoke else RESULTS)
+    # These stages read the novels (train: the plain-BPE baseline's tokenizer); stop early if one is missing.
+    training_lm = args.stage == "train" and args.only in (None, "lm")
+    if args.stage in ("prepare", "all", "generate", "cloze") or training_lm:
+        check_corpus()
     if args.stage == "meta":
         # Tiny models: one thread each is fastest, and more threads than free cores slow a shared machine down.
         train(cache, preset, args.jobs, "meta", args.run, args.threads or 1)

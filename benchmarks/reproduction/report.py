@@ -332,8 +332,13 @@ def self_tagged_efficiency(reproduce: dict | None) -> str | None:
     if fraction is not None:
         return f"{fraction:.1%}"
     finals = reproduce["self_tagging_final_eval_metrics"]
-    own = np.mean([run["self_tags"]["accuracy"] for name, run in finals.items() if "lime_heads-" in name])
-    return f"never reached (final accuracy {own:.2%} vs the baseline's {dig(reproduce, 'final_eval_metrics', 'baseline/plain', 'accuracy', 'mean'):.2%})"
+    seeds = [int(name.rsplit("-s", 1)[1]) for name in finals if "lime_heads-" in name]
+    own = np.mean([finals[f"lm-lime_heads-s{seed}"]["self_tags"]["accuracy"] for seed in seeds])
+    # The baseline of the same seeds (same initial backbone and data order), not the mean over every seed.
+    per_seed = dig(reproduce, "final_eval_metrics", "baseline/plain", "accuracy", "per_seed")
+    paired = reproduce["config"]["seeds"]["lm"]
+    baseline = np.mean([per_seed[paired.index(seed)] for seed in seeds])
+    return f"never reached (final accuracy {own:.2%} vs {baseline:.2%} for the baseline of the same seed)"
 
 
 def datatrove_speedup(datatrove: dict | None) -> str | None:
