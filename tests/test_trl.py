@@ -324,5 +324,5 @@ def test_dpo_with_lora_reads_the_tags_with_and_without_the_adapter(annotator, tm
     for first, second in zip(policy, reference, strict=True):
         assert all(torch.equal(first[key], second[key]) for key in ("input_ids", *FIELDS))
         assert first["pos_ids"].gt(UNKNOWN_ID).any()
-    trained = model.base_model.model.metadata_embeddings.tables["pos"].modules_to_save["default"].weight
+    trained = model.base_model.model.metadata_embeddings.modules_to_save["default"].tables["pos"].weight
     assert not torch.equal(trained, tables_before)
