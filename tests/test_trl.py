@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 pytest.importorskip("trl")
 from peft import get_peft_model  # noqa: E402
 from trl import DPOConfig, SFTConfig  # noqa: E402
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling  # noqa: E402
 
 from lime_hf import LimeConfig, LimeForCausalLM  # noqa: E402
 from lime_hf.configuration_lime import UNKNOWN_ID  # noqa: E402
@@ -252,6 +253,14 @@ def test_what_cannot_carry_tags_is_refused(annotator, bpe_tokenizer, tmp_path):
             num_attention_heads=4,
         )
     )
+    with pytest.raises(ValueError, match="needs a `LimeTokenizer`"):
+        LimeSFTTrainer(model=model, args=arguments(SFTConfig, tmp_path), train_dataset=data)
+    trainer = LimeSFTTrainer(
+        model=model, args=arguments(SFTConfig, tmp_path), train_dataset=data, processing_class=tok,
+        data_collator=DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="dropped the tags"):
+        trainer.train()
     with pytest.raises(ValueError, match="Expected a LIME model"):
         LimeSFTTrainer(
             model=llama, args=arguments(SFTConfig, tmp_path), train_dataset=data, processing_class=tok

@@ -439,6 +439,12 @@ class LimeTagLossMixin:
             use_lime_fused_lm_head(unwrap_lime(self.ref_model))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        missing = [column for column in metadata_columns(self.processing_class) if column not in inputs]
+        if missing:
+            raise ValueError(
+                f"The batch has no {missing}: the data collator dropped the tags. Leave `data_collator` unset (the "
+                "trainer's collator pads the tags) or make yours pass every `<field>_ids` column."
+            )
         self._lime_tag_losses.clear()
         result = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
@@ -482,8 +488,7 @@ class LimeSFTTrainer(LimeTagLossMixin, SFTTrainer):
         processing_class=None,
         **kwargs,
     ):
-        if processing_class is not None:
-            check_lime_tokenizer(processing_class)
+        check_lime_tokenizer(processing_class)
         if args is not None and (args.dataset_kwargs or {}).get("skip_prepare_dataset"):
             raise ValueError(
                 "`skip_prepare_dataset=True` skips the preparation that tags the dataset: LimeSFTTrainer tokenises "
@@ -655,8 +660,8 @@ class LimeDPOTrainer(LimeTagLossMixin, DPOTrainer):
         processing_class=None,
         **kwargs,
     ):
-        tokenizer = check_lime_tokenizer(processing_class) if processing_class is not None else None
-        if data_collator is None and tokenizer is not None:
+        tokenizer = check_lime_tokenizer(processing_class)
+        if data_collator is None:
             pad_token = (
                 (args.pad_token if args is not None else None) or tokenizer.pad_token or tokenizer.eos_token
             )
