@@ -14,15 +14,25 @@ from typing import Any
 import numpy as np
 from transformers import TokenizersBackend
 from transformers.tokenization_utils_base import BatchEncoding
+from transformers.utils.chat_template_utils import render_jinja_template
 
 from .alignment import (
     batch_segment_offsets,
     fill_reserved,
+    first_non_whitespace,
     join_annotations,
     label_to_id_maps,
     tags_from_offsets,
 )
 from .annotation import BUILTIN_FIELDS, FieldAnnotator, SpacyAnnotator, check_texts, resolve_fields
+from .chat_template import (
+    added_token_pattern,
+    assistant_mask,
+    complement,
+    keep_whole,
+    locate_messages,
+    place_annotations,
+)
 from .configuration_lime import DEFAULT_METADATA_FIELDS, PAD_ID, validate_metadata_fields
 
 ALIGNMENTS = ("pretokenized", "offsets")
@@ -45,8 +55,10 @@ class LimeTokenizer(TokenizersBackend):
       tags of the linguistic token holding its first non-whitespace character; whitespace-only tokens take the
       whitespace tag (`_SP` for pos, `O` for ner).
 
-    Special tokens get tag id 2 and padding tag id 0 in every field. `offset_mapping` (when requested) holds
-    absolute character offsets into the input text in both modes. Create one with [`~LimeTokenizer.from_tokenizer`].
+    Special tokens get tag id 2 and padding tag id 0 in every field. Added tokens written in the text (`<|eos|>`,
+    role markers) stay whole tokens in both modes, as the base tokenizer encodes them. `offset_mapping` (when
+    requested) holds absolute character offsets into the input text in both modes. Chats go through
+    [`~LimeTokenizer.apply_chat_template`]. Create one with [`~LimeTokenizer.from_tokenizer`].
 
     Args:
         alignment (`str`, *optional*, defaults to `"pretokenized"`): `"pretokenized"` or `"offsets"`.
@@ -183,6 +195,7 @@ class LimeTokenizer(TokenizersBackend):
         return_overflowing_tokens: bool = False,
         return_tensors: str | None = None,
         annotations: Sequence[dict] | dict | None = None,
+        template_spans: Sequence[Sequence[tuple[int, int]]] | None = None,
         **kwargs,
     ) -> BatchEncoding:
         if text_pair is not None:
@@ -208,8 +221,12 @@ class LimeTokenizer(TokenizersBackend):
             list(annotations), [len(text) for text in texts], list(self.metadata_fields)
         )
         joined_text = "".join(texts)
+        # `template_spans` (per text, from `apply_chat_template`): the chat template's own text, tagged special.
+        template_spans = template_spans or [()] * len(texts)
         if self.alignment == "pretokenized":
-            segments = batch_segment_offsets(annotation, bases, joined_text)
+            segments = self._keep_whole(
+                batch_segment_offsets(annotation, bases, joined_text), texts, template_spans
+            )
             absolute = np.concatenate([segment + base for segment, base in zip(segments, bases, strict=True)])
             pieces = list(map(joined_text.__getitem__, map(slice, *absolute.T.tolist())))
             inputs = split_rows(pieces, [len(segment) for segment in segments])
@@ -224,8 +241,19 @@ class LimeTokenizer(TokenizersBackend):
         )
         sample_of_row = list(encoded.get("overflow_to_sample_mapping", range(len(texts))))
         lengths = [len(encoding) for encoding in encoded.encodings]
+        template_chars = np.zeros(len(joined_text), dtype=bool)
+        for base, spans in zip(bases.tolist(), template_spans, strict=True):
+            for start, end in spans:
+                template_chars[base + start : base + end] = True
         tags, offsets = self._align_batch(
-            encoded.encodings, lengths, sample_of_row, annotation, bases, joined_text, segments
+            encoded.encodings,
+            lengths,
+            sample_of_row,
+            annotation,
+            bases,
+            joined_text,
+            segments,
+            template_chars,
         )
         data = dict(encoded)
         data.update({f"{name}_ids": field_tags for name, field_tags in tags.items()})
@@ -239,6 +267,153 @@ class LimeTokenizer(TokenizersBackend):
             )
         return output
 
+    def _keep_whole(
+        self,
+        segments: list[np.ndarray],
+        texts: list[str],
+        template_spans: Sequence[Sequence[tuple[int, int]]],
+    ) -> list[np.ndarray]:
+        """
+        Pretokenized segments re-cut so that added tokens written in a text (`<|eos|>`, role markers) and chat
+        template spans are whole segments: spaCy would split `<|eos|>` into `<`, `|`, ..., which the backend would
+        then encode as characters. Inside a whole segment the backend extracts added tokens as it always does.
+        """
+        pattern = added_token_pattern(self.added_tokens_decoder.values(), bool(self.split_special_tokens))
+        if pattern is None and not any(template_spans):
+            return segments
+        return [
+            keep_whole(
+                text_segments,
+                [*spans, *(match.span() for match in (pattern.finditer(text) if pattern else ()))],
+                len(text),
+            )
+            for text_segments, text, spans in zip(segments, texts, template_spans, strict=True)
+        ]
+
+    def apply_chat_template(
+        self,
+        conversation: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        tools: list[dict | Any] | None = None,
+        documents: list[dict[str, str]] | None = None,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool | str = False,
+        tokenize: bool = True,
+        padding: bool | str = False,
+        truncation: bool = False,
+        max_length: int | None = None,
+        return_tensors: str | None = None,
+        return_dict: bool = True,
+        return_assistant_tokens_mask: bool = False,
+        tokenizer_kwargs: dict[str, Any] | None = None,
+        **kwargs,
+    ) -> str | list[str] | list[int] | list[list[int]] | BatchEncoding:
+        """
+        `PreTrainedTokenizerBase.apply_chat_template` with the metadata ids (`pos_ids`, `ner_ids`, ...) beside
+        `input_ids` (with `return_dict=True`, the default; `return_dict=False` returns the `input_ids` alone).
+
+        The chat is rendered by the template exactly as the base tokenizer renders it (`tokenize=False` returns that
+        text). Each message's text is found in it and annotated on its own, so no tag crosses a message boundary;
+        the template's own text (role markers, special tokens, separators) is tagged special (id 2). In the
+        `offsets` alignment the `input_ids` are the base tokenizer's; in `pretokenized` the template's added tokens
+        stay whole tokens and the message texts are cut at their linguistic boundaries. `add_generation_prompt`,
+        `continue_final_message`, `tools`, `documents`, padding, truncation and `return_assistant_tokens_mask`
+        (templates with `{% generation %}`) work as for the base tokenizer; `sanitize_control_tokens` does not.
+        Only message text (`content`, or the text blocks of a content list) is annotated: other fields the
+        template writes (tool calls, reasoning) are template text.
+        """
+        if kwargs.get("sanitize_control_tokens"):
+            raise ValueError(
+                "LimeTokenizer.apply_chat_template does not support `sanitize_control_tokens=True`: added tokens "
+                "written in a message stay tokens (tagged special). Remove them from the messages instead."
+            )
+        render_kwargs = dict(
+            tools=tools,
+            documents=documents,
+            chat_template=chat_template,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            **kwargs,
+        )
+        rendered = super().apply_chat_template(conversation, tokenize=False, **render_kwargs)
+        if not tokenize:
+            return rendered
+        is_batched = isinstance(rendered, list)
+        texts = rendered if is_batched else [rendered]
+        chats = [getattr(chat, "messages", chat) for chat in (conversation if is_batched else [conversation])]
+        message_spans = [locate_messages(text, chat) for text, chat in zip(texts, chats, strict=True)]
+        generation_spans = (
+            self._generation_spans(conversation if is_batched else [conversation], texts, render_kwargs)
+            if return_assistant_tokens_mask
+            else None
+        )
+        flat_spans = [span for spans in message_spans for span in spans]
+        message_annotations = iter(
+            self.annotator(
+                [texts[row][start:end] for row, spans in enumerate(message_spans) for start, end in spans]
+            )
+            if flat_spans
+            else []
+        )
+        annotations = [
+            place_annotations(
+                [next(message_annotations) for _ in spans],
+                [start for start, _ in spans],
+                list(self.metadata_fields),
+            )
+            for spans in message_spans
+        ]
+        tokenizer_kwargs = dict(tokenizer_kwargs or {})
+        return_offsets = tokenizer_kwargs.pop("return_offsets_mapping", False)
+        encoded = self(
+            texts,
+            annotations=annotations,
+            template_spans=[
+                complement(spans, len(text)) for spans, text in zip(message_spans, texts, strict=True)
+            ],
+            padding=padding,
+            truncation=truncation,
+            max_length=max_length,
+            add_special_tokens=False,
+            return_offsets_mapping=return_offsets or generation_spans is not None,
+            **tokenizer_kwargs,
+        )
+        data = dict(encoded)
+        if generation_spans is not None:
+            data["assistant_masks"] = [
+                assistant_mask(offsets, spans, mask)
+                for offsets, spans, mask in zip(
+                    data["offset_mapping"], generation_spans, data["attention_mask"], strict=True
+                )
+            ]
+            if not return_offsets:
+                del data["offset_mapping"]
+        if not return_dict:
+            data = {"input_ids": data["input_ids"]}
+        if not is_batched and not return_tensors and len(data["input_ids"]) == 1:
+            data = {key: value[0] for key, value in data.items()}
+        output = BatchEncoding(data, encoded.encodings, tensor_type=return_tensors)
+        return output if return_dict else output["input_ids"]
+
+    def _generation_spans(
+        self, conversations: list[Any], texts: list[str], render_kwargs: dict[str, Any]
+    ) -> list[list[tuple[int, int]]]:
+        """The `{% generation %}` character spans of each rendered chat (the assistant turns of the template)."""
+        render_kwargs = dict(render_kwargs)
+        chat_template = self.get_chat_template(render_kwargs.pop("chat_template"), render_kwargs["tools"])
+        rendered, spans = render_jinja_template(
+            conversations=conversations,
+            chat_template=chat_template,
+            return_assistant_tokens_mask=True,
+            **{**self.special_tokens_map, **render_kwargs},
+        )
+        if rendered != texts:
+            raise ValueError(
+                "The chat template renders these messages differently when asked for the assistant mask; "
+                "`return_assistant_tokens_mask=True` cannot be supported for them."
+            )
+        return [[tuple(span) for span in chat_spans] for chat_spans in spans]
+
     def _align_batch(
         self,
         encodings: list[Any],
@@ -248,12 +423,14 @@ class LimeTokenizer(TokenizersBackend):
         bases: np.ndarray,
         joined_text: str,
         segments: list[np.ndarray] | None,
+        template_chars: np.ndarray,
     ) -> tuple[dict[str, list[list[int]]], np.ndarray]:
         """
         Tag ids per field (one list per row) and absolute character offsets of every encoded row (Rust
         `Encoding`s of `lengths` tokens; offsets of all rows concatenated, shape `(sum(lengths), 2)`), computed
         in one vectorised pass over the batch's texts joined end to end (`joined_text`, its `annotation`, and
-        `bases`, the start of each text; see `join_annotations`).
+        `bases`, the start of each text; see `join_annotations`). A unit whose first non-whitespace character (or
+        first character, if it has none) is a chat template's (`template_chars`, per joined character) is special.
 
         A row's "units" are its tokens (offsets mode) or its sample's segments (pretokenized mode, where a
         token's word id indexes its segment and its offsets are relative to the segment).
@@ -281,6 +458,10 @@ class LimeTokenizer(TokenizersBackend):
         )
         input_ids = np.array(flatten_rows(encodings, "ids"), dtype=np.int64)
         is_special = np.isin(input_ids, self.all_special_ids) | (unit_of_token < 0)
+        if template_chars.any():
+            anchors = first_non_whitespace(joined_text, units)
+            anchors = np.where(anchors >= 0, anchors, np.minimum(units[:, 0], len(joined_text) - 1))
+            is_special |= (unit_of_token >= 0) & template_chars[anchors][unit_of_token]
         is_padding = np.array(flatten_rows(encodings, "attention_mask"), dtype=np.int64) == 0
         tags = {
             name: split_rows(fill_reserved(field_tags[unit_of_token], is_special, is_padding), lengths)
