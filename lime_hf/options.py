@@ -149,6 +149,11 @@ def check_train_options(options: TrainOptions) -> None:
             "--train-tokenizer VOCAB_SIZE (train a byte-level BPE on the corpus)."
         )
     check_sources(options.sources)
+    saved = Path(options.tokenizer or "") / "tokenizer_config.json"
+    if options.tokenizer and saved.is_file():  # a folder here: a Hub id is checked once it is loaded
+        config = json.loads(saved.read_text(encoding="utf-8"))
+        if config.get("tokenizer_class") == "LimeTokenizer":
+            check_saved_tokenizer(config.get("alignment"), config.get("spacy_model"), options)
     if options.eval_file is not None:
         check_sources([options.eval_file])
     backbone_config = Path(options.from_backbone or "") / "config.json"
@@ -161,6 +166,26 @@ def check_train_options(options: TrainOptions) -> None:
                 f"{config.get('metadata_shift', 0)}): --from-backbone retrofits a plain causal LM; continue "
                 "a LIME run from one of its checkpoint-N folders with --resume-from-checkpoint"
             )
+
+
+def check_saved_tokenizer(
+    saved_alignment: str | None, saved_spacy_model: str | None, options: TrainOptions
+) -> None:
+    """
+    `--tokenizer` names a saved LimeTokenizer, which `train` uses as it is: its alignment and spaCy pipeline made
+    the tags its model reads. Refuse `--alignment` / `--spacy-model` asking for others rather than ignore them.
+    """
+    if options.alignment not in (None, saved_alignment):
+        raise ValueError(
+            f"--alignment {options.alignment} differs from the saved LimeTokenizer's {saved_alignment!r}; "
+            "drop --alignment, or pass the base tokenizer to wrap it anew."
+        )
+    if options.spacy_model not in (None, saved_spacy_model):
+        pipeline = repr(saved_spacy_model) if saved_spacy_model else "the default (en_core_web_sm)"
+        raise ValueError(
+            f"--spacy-model {options.spacy_model} differs from the saved LimeTokenizer's pipeline, {pipeline}, "
+            "which tags the texts its way; drop --spacy-model, or pass the base tokenizer to wrap it anew."
+        )
 
 
 def check_sources(sources: Sequence[str]) -> bool:
@@ -249,6 +274,7 @@ __all__ = [
     "SOURCES_HELP",
     "TrainOptions",
     "check_model_folder",
+    "check_saved_tokenizer",
     "check_sources",
     "check_train_options",
     "check_utf8_text",

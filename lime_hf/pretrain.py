@@ -34,12 +34,12 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from .annotation import DEFAULT_SPACY_MODELS, SpacyAnnotator
+from .annotation import SpacyAnnotator
 from .collator import DataCollatorForLime
 from .configuration_lime import LimeConfig
 from .data import ANNOTATION_PREFIX, align_dataset, annotate_dataset, check_column, pack_dataset
 from .modeling_lime import LimeForCausalLM
-from .options import TrainOptions, check_sources
+from .options import TrainOptions, check_saved_tokenizer, check_sources
 from .tokenization_lime import LimeTokenizer
 from .trainer import LimeTrainer, next_token_metrics
 
@@ -190,48 +190,27 @@ def cached_bpe(texts: Dataset, vocab_size: int) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_tokenizer(
-    train_texts: Dataset,
-    *,
-    tokenizer: str | None = None,
-    train_tokenizer: int | None = None,
-    alignment: str | None = None,
-    spacy_model: str | None = None,
-) -> LimeTokenizer:
+def build_tokenizer(options: TrainOptions, train_texts: Dataset) -> LimeTokenizer:
     """
-    The `LimeTokenizer` of `tokenizer` (a saved LimeTokenizer, or a fast tokenizer to wrap; path or Hub id) or a
-    byte-level BPE of `train_tokenizer` tokens trained on `train_texts` (give exactly one), wrapped with
-    `alignment` (default: pretokenized) and `spacy_model`. A saved LimeTokenizer is used as it is, so `alignment`
-    and `spacy_model` must match its own (or be `None`): its tags are the ones its model was trained on.
+    The `LimeTokenizer` of `options.tokenizer` (a saved LimeTokenizer, used as it is, or a fast tokenizer to wrap;
+    path or Hub id) or a byte-level BPE of `options.train_tokenizer` tokens trained on `train_texts`, wrapped with
+    `options.alignment` (default: pretokenized) and `options.spacy_model`.
     """
-    if tokenizer is not None:
-        base = AutoTokenizer.from_pretrained(tokenizer)
+    if options.tokenizer is not None:
+        base = AutoTokenizer.from_pretrained(options.tokenizer)
         if isinstance(base, LimeTokenizer):
-            check_saved_tokenizer(base, alignment, spacy_model)
+            check_saved_tokenizer(base.alignment, base.spacy_model, options)
             return base
     else:
-        base = cached_bpe(train_texts, train_tokenizer)
-        if len(base) < train_tokenizer:
+        base = cached_bpe(train_texts, options.train_tokenizer)
+        if len(base) < options.train_tokenizer:
             logger.warning(
-                f"--train-tokenizer {train_tokenizer}: the corpus is too small for that many tokens; the BPE "
-                f"learned every merge it offers and has {len(base)} tokens, not {train_tokenizer}."
+                f"--train-tokenizer {options.train_tokenizer}: the corpus is too small for that many tokens; the "
+                f"BPE learned every merge it offers and has {len(base)} tokens, not {options.train_tokenizer}."
             )
-    return LimeTokenizer.from_tokenizer(base, alignment=alignment or "pretokenized", spacy_model=spacy_model)
-
-
-def check_saved_tokenizer(base: LimeTokenizer, alignment: str | None, spacy_model: str | None) -> None:
-    """A saved LimeTokenizer keeps its alignment and spaCy pipeline: refuse options that ask for others."""
-    if alignment not in (None, base.alignment):
-        raise ValueError(
-            f"--alignment {alignment} differs from the saved LimeTokenizer's {base.alignment!r}; "
-            "drop --alignment, or pass the base tokenizer to wrap it anew."
-        )
-    saved_model = base.spacy_model or DEFAULT_SPACY_MODELS[0]
-    if spacy_model not in (None, saved_model):
-        raise ValueError(
-            f"--spacy-model {spacy_model} differs from the saved LimeTokenizer's {saved_model!r}, whose tags "
-            "the model reads; drop --spacy-model, or pass the base tokenizer to wrap it anew."
-        )
+    return LimeTokenizer.from_tokenizer(
+        base, alignment=options.alignment or "pretokenized", spacy_model=options.spacy_model
+    )
 
 
 # ---- Model ---------------------------------------------------------------------------------------------------
@@ -402,13 +381,7 @@ def run(
     # Processes other than the main one wait here, then find every step below in the datasets cache.
     with training_args.main_process_first(desc="loading texts and the tokenizer"):
         train_texts, eval_texts = load_train_and_eval_texts(options, training_args.seed)
-        tokenizer = build_tokenizer(
-            train_texts,
-            tokenizer=options.tokenizer,
-            train_tokenizer=options.train_tokenizer,
-            alignment=options.alignment,
-            spacy_model=options.spacy_model,
-        )
+        tokenizer = build_tokenizer(options, train_texts)
     model = build_model(
         tokenizer,
         model_config=options.model_config,

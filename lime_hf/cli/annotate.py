@@ -79,9 +79,9 @@ def check(args: argparse.Namespace) -> None:
         return
     if flags := given(args, DATASETS_ONLY):
         raise ValueError(
-            f"--executor {args.executor} reads a folder of .parquet or .jsonl shards, and {', '.join(flags)} "
-            "apply to a `datasets` source on one machine: drop them (spread the work with --tasks and --workers), "
-            "or annotate without --executor"
+            f"--executor {args.executor} reads a folder of .parquet or .jsonl shards; {', '.join(flags)} only apply "
+            "without it (a `datasets` source or .txt files, on this machine): drop them and spread the work with "
+            "--tasks and --workers, or annotate without --executor"
         )
     if args.executor != "slurm" and (flags := given(args, SLURM_ONLY)):
         raise ValueError(f"{', '.join(flags)} apply to --executor slurm only, not {args.executor}")
