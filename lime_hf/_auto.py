@@ -15,12 +15,15 @@ registers when the outermost of them has finished, once the Auto module is there
 from __future__ import annotations
 
 import copy
-import importlib.abc
-import importlib.machinery
 import sys
 import threading
 from collections.abc import Sequence
-from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from importlib.abc import Loader
+    from importlib.machinery import ModuleSpec
+    from types import ModuleType
 
 AUTO_MODULE = "transformers.models.auto"
 WATCHED = ("transformers", "lime_hf")  # the packages whose imports registering must not interrupt
@@ -46,7 +49,7 @@ def register() -> None:
     _registered = True
 
 
-class AutoHook(importlib.abc.MetaPathFinder):
+class AutoHook:  # a `sys.meta_path` finder (not importing `importlib.abc` keeps `lime-hf --help` fast)
     """Registers "lime" after the outermost import of a transformers or lime_hf module, once the Auto module is in."""
 
     def __init__(self) -> None:
@@ -54,7 +57,7 @@ class AutoHook(importlib.abc.MetaPathFinder):
 
     def find_spec(
         self, name: str, path: Sequence[str] | None, target: ModuleType | None = None
-    ) -> importlib.machinery.ModuleSpec | None:
+    ) -> ModuleSpec | None:
         """The spec the other finders give, its loader counting the execution; `None` for modules not watched."""
         if name.partition(".")[0] not in WATCHED:
             return None
@@ -70,7 +73,7 @@ class AutoHook(importlib.abc.MetaPathFinder):
             spec.loader = self.counting(spec.loader)
         return spec
 
-    def counting(self, loader: importlib.abc.Loader) -> importlib.abc.Loader:
+    def counting(self, loader: Loader) -> Loader:
         """A copy of `loader` (which may serve other modules too) whose `exec_module` the hook counts."""
         counted = copy.copy(loader)  # the same class, so `isinstance` checks on `__loader__` still hold
         original = counted.exec_module

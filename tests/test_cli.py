@@ -15,9 +15,11 @@ from datasets import load_from_disk
 from tiny_models import TINY_TEXT_CONFIGS
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-from lime_hf import LimeConfig, LimeForCausalLM, LimeTokenizer, pretrain
+from lime_hf import LimeConfig, LimeForCausalLM, LimeTokenizer, pretrain, tokenization_lime
+from lime_hf.annotation import BUILTIN_FIELDS
 from lime_hf.cli import main, train
 from lime_hf.cli.train import parse_train_arguments
+from lime_hf.options import ALIGNMENTS, FIELDS
 from tests.conftest import AUSTEN, share_annotator
 
 LIME_HF = shutil.which("lime-hf", path=Path(sys.executable).parent) or shutil.which("lime-hf")
@@ -376,3 +378,8 @@ def test_tag_prints_every_token_with_its_tags(alignment, bpe_tokenizer, annotato
     ]
     assert table_rows(result.stdout) == expected
     assert [row[4] for row in expected[:3]] == ["NNP", "NNP", "NNP"] and expected[-1][4] == "."
+
+
+def test_the_cli_copies_of_the_tokenizer_names_agree_with_the_library():
+    """`lime_hf.options` repeats them so that the parsers need not import the tokenizer (torch, transformers)."""
+    assert ALIGNMENTS == tokenization_lime.ALIGNMENTS and tuple(BUILTIN_FIELDS) == FIELDS

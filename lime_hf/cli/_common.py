@@ -10,6 +10,18 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
+# Every command, in the order `lime-hf --help` lists them, with its line there. The module `lime_hf.cli.<name>`
+# holds the command's arguments and work; only the module of the command being run is imported.
+COMMANDS = {
+    "annotate": "annotate text with spaCy and save the tag spans as an Arrow dataset",
+    "train": "pretrain a LIME model (see `lime-hf train --help`)",
+    "generate": "generate text with a saved LIME / LIME+1 model, optionally guided by tags",
+    "tag": "show how a text is tokenized and tagged (a table of tokens with their POS/NER tags)",
+    "demo": "train baseline, LIME and LIME+1 tiny models on the World English Bible and compare them",
+    "app": "serve a web page for guided generation with a saved model",
+    "eval": "lm-eval's command line with the `lime` model (--model lime; see `lime-hf eval --help`)",
+}
+
 
 class Parser(argparse.ArgumentParser):
     """An `ArgumentParser` whose errors are one line and a pointer to `--help`, without the usage block."""
@@ -30,7 +42,7 @@ def add_command(
     (standard library only: it refuses mistakes before anything heavy loads; a `ValueError` is a usage error),
     then `run(args)`, the work; `args.parser` is this parser, for one-line errors.
     """
-    parser = subparsers.add_parser(name, **kwargs)
+    parser = subparsers.add_parser(name, help=COMMANDS[name], **kwargs)
     parser.set_defaults(parser=parser, run=run, check=check)
     return parser
 

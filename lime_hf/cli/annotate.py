@@ -16,7 +16,6 @@ def add_parser(subparsers: Any) -> None:
         "annotate",
         run,
         check,
-        help="annotate text with spaCy and save the tag spans as an Arrow dataset",
         description=(
             "Run spaCy once over a corpus and save it with one column of character-span tags per field "
             "(`lime_pos`, `lime_ner`, ...), ready for `lime_hf.align_dataset` with any LimeTokenizer."

@@ -15,7 +15,6 @@ def add_parser(subparsers: Any) -> None:
         "app",
         run,
         check,
-        help="serve a web page for guided generation with a saved model",
         description=(
             "Serve a local web page: type a prompt, edit the guide tags per step, and see the generated tokens "
             "coloured by tag, with spaCy's tags of the output beside the asked ones."

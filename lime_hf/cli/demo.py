@@ -14,7 +14,6 @@ def add_parser(subparsers: Any) -> None:
         subparsers,
         "demo",
         run,
-        help="train baseline, LIME and LIME+1 tiny models on the World English Bible and compare them",
         description=(
             "Train a byte-level BPE, annotate a public-domain corpus (World English Bible) with spaCy, train "
             "three tiny Llama models on the same token stream (baseline without metadata, LIME, LIME+1), "

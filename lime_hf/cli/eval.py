@@ -13,7 +13,6 @@ def add_parser(subparsers: Any) -> None:
         subparsers,
         "eval",
         run,
-        help="lm-eval's command line with the `lime` model (--model lime; see `lime-hf eval --help`)",
         add_help=False,
         prefix_chars="\0",  # every argument, `--help` included, reaches lm-eval unchanged
     )

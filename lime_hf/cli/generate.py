@@ -18,7 +18,6 @@ def add_parser(subparsers: Any) -> None:
         "generate",
         run,
         check,
-        help="generate text with a saved LIME / LIME+1 model, optionally guided by tags",
         description=(
             "Load a saved LIME model and its LimeTokenizer, tag the prompt with spaCy and generate. A LIME+1 "
             "model can be guided: `--guide pos=NNP,VBD` asks for a proper noun, then a past-tense verb, one "

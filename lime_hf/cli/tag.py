@@ -22,7 +22,6 @@ def add_parser(subparsers: Any) -> None:
         "tag",
         run,
         check,
-        help="show how a text is tokenized and tagged (a table of tokens with their POS/NER tags)",
         description=(
             "Tokenize TEXT with a LimeTokenizer (or a fast tokenizer, wrapped in one) and print every token "
             "with its metadata tags, as the model receives them."

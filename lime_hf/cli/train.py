@@ -36,7 +36,6 @@ def add_parser(subparsers: Any) -> None:
         "train",
         run,
         check,
-        help="pretrain a LIME model (see `lime-hf train --help`)",
         add_help=False,
         prefix_chars="\0",  # `--help` and the rest reach `build_train_parser` untouched
     )
