@@ -2,8 +2,9 @@
 
 Every command runs as a fresh process, the commands interleaved round by round so that a busy moment of the
 shared machine hits all of them alike; the table shows the median and the fastest run of each, and the median's
-ratio to `python -c pass`. `import lime_hf` (which registers the Auto classes, so imports torch and
-transformers) is timed too: it is what the parsers in `lime_hf_cli` avoid.
+ratio to `python -c pass`. `import lime_hf` is timed too: a lazy package (`lime_hf/__init__.py`) that registers
+"lime" with the Auto classes when transformers' are first imported, which the last row pays (torch and
+transformers); `import_lime_hf_importtime_us` is `python -X importtime`'s own count for `import lime_hf`.
 
     python benchmarks/cli_startup.py --repeats 10
 """
@@ -30,7 +31,18 @@ COMMANDS = {
     "lime-hf generate no/such/folder x (usage error)": [LIME_HF, "generate", "no/such/folder", "x"],
     "lime-hf train (usage error: no tokenizer)": [LIME_HF, "train", "corpus.txt"],
     "python -c 'import lime_hf'": [sys.executable, "-c", "import lime_hf"],
-}
+    "import lime_hf + AutoConfig (registers lime)": [
+        sys.executable, "-c", "import lime_hf; from transformers import AutoConfig; AutoConfig.for_model('lime')",
+    ],
+}  # fmt: skip
+IMPORTTIME = [sys.executable, "-X", "importtime", "-c", "import lime_hf"]
+
+
+def importtime_us() -> int:
+    """`-X importtime`'s cumulative microseconds for the top-level `lime_hf` import."""
+    result = subprocess.run(IMPORTTIME, capture_output=True, text=True, check=True)
+    line = next(line for line in reversed(result.stderr.splitlines()) if line.rstrip().endswith("| lime_hf"))
+    return int(line.split("|")[1])
 
 
 def time_once(command: list[str]) -> float:
@@ -53,11 +65,13 @@ def main() -> None:
     args = parser.parse_args()
 
     times: dict[str, list[float]] = {name: [] for name in COMMANDS}
+    importtimes = []
     for command in COMMANDS.values():  # one warm-up round: page cache, .pyc files
         time_once(command)
     for _ in range(args.repeats):
         for name, command in COMMANDS.items():
             times[name].append(time_once(command))
+        importtimes.append(importtime_us())
 
     baseline = statistics.median(times["python -c pass"])
     rows = [
@@ -75,8 +89,10 @@ def main() -> None:
             f"{row['command']:<50} {row['median_ms']:>7.1f}ms {row['min_ms']:>7.1f}ms "
             f"{row['median_over_python_pass']:>16.2f}x"
         )
+    print(f"python -X importtime -c 'import lime_hf': median {statistics.median(importtimes)} us")
     summary = {
         "repeats": args.repeats,
+        "import_lime_hf_importtime_us": statistics.median(importtimes),
         "rows": rows,
         "runs_s": times,
         "python": platform.python_version(),

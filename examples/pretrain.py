@@ -1,4 +1,4 @@
-"""Pretrain a LIME model: the script itself is `lime_hf/pretrain.py` (also `lime-hf train`); see `--help`.
+"""Pretrain a LIME model: `lime-hf train` as a script (`lime_hf/cli/train.py`, the pipeline `lime_hf/pretrain.py`).
 
 One process (GPU if there is one, else CPU):
 
@@ -15,7 +15,7 @@ stops, as each process would otherwise train its own model). The main process an
 the others read its results from the datasets cache.
 """
 
-from lime_hf.pretrain import main
+from lime_hf.cli.train import main
 
 if __name__ == "__main__":
     main()

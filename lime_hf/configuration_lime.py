@@ -158,6 +158,7 @@ class LimeConfig(PreTrainedConfig):
     """
 
     model_type = "lime"
+    _auto_class = "AutoConfig"  # `save_pretrained` copies the code files, for `trust_remote_code=True` users
     # `Trainer.evaluate` need not gather the KV cache: `cache` since transformers 5.24, `past_key_values` before.
     keys_to_ignore_at_inference = [
         "cache",

@@ -43,7 +43,7 @@ from transformers import ProgressCallback, TrainerCallback, TrainingArguments, s
 
 from .collator import DataCollatorForLime
 from .modeling_lime import LimeForCausalLM
-from .pretrain import ScriptArguments, build_model, prepare_lm_dataset, train_bpe
+from .pretrain import build_model, prepare_lm_dataset, train_bpe
 from .tokenization_lime import LimeTokenizer
 from .trainer import LimeTrainer, next_token_metrics
 
@@ -233,13 +233,13 @@ def train_variant(
 ) -> tuple[LimeForCausalLM, list[tuple[int, float]]]:
     """Train one variant from the seed's initial weights; returns the model and its `(step, accuracy)` curve."""
     set_seed(seed)  # identical initial backbone weights for every variant
-    options = ScriptArguments(
+    model = build_model(
+        tokenizer,
         model_config=json.dumps(settings.text_config),
         metadata_shift=variant.metadata_shift,
         # LIME+1 learns to predict the next token's tags too, so it can guide itself where no guidance is given.
-        tag_heads="pos,ner" if variant.metadata_shift else None,
+        tag_head_fields=("pos", "ner") if variant.metadata_shift else (),
     )
-    model = build_model(options, tokenizer)
     collator = DataCollatorForLime(tokenizer)
     with tempfile.TemporaryDirectory() as scratch:
         trainer = LimeTrainer(

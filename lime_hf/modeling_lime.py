@@ -342,6 +342,8 @@ class LimeModel(LimePreTrainedModel):
     It holds the same modules as `LimeForCausalLM`, so the two load each other's checkpoints.
     """
 
+    _auto_class = "AutoModel"  # `save_pretrained` copies the code files, for `trust_remote_code=True` users
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -376,6 +378,8 @@ class LimeModel(LimePreTrainedModel):
 
 class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
     """A LIME decoder with its LM head. Attention, MLPs, head and loss are the backbone's, untouched."""
+
+    _auto_class = "AutoModelForCausalLM"  # `save_pretrained` copies the code files (remote code)
 
     def get_output_embeddings(self) -> nn.Module:
         return self.language_model.get_output_embeddings()

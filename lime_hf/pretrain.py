@@ -3,12 +3,10 @@
     texts (.txt files or a dataset) ─► annotate with spaCy (once, cached) ─► align to the tokenizer
         ─► pack into blocks ─► LimeForCausalLM ─► LimeTrainer ─► output dir: model + tokenizer + metrics
 
-Run it as `lime-hf train ...`, `python examples/pretrain.py ...`, or on several processes with
-`accelerate launch --multi_gpu --num_processes N examples/pretrain.py ...` / `torchrun --nproc_per_node N ...`.
-Every `TrainingArguments` option is accepted too (`--learning_rate`, `--per_device_train_batch_size`,
-`--gradient_accumulation_steps`, `--save_steps`, `--eval_strategy`, `--bf16`, `--deepspeed`, `--fsdp`, ...).
-
-Example:
+`run(options, training_args)` is the pipeline; its options are a `TrainOptions` (`lime_hf.options`) and a
+`TrainingArguments`. The command line that fills both is `lime-hf train` (`lime_hf.cli.train`), also run as
+`python examples/pretrain.py ...` or on several processes with `accelerate launch --multi_gpu --num_processes N
+examples/pretrain.py ...` / `torchrun --nproc_per_node N ...`:
 
     lime-hf train emma.txt persuasion.txt --train-tokenizer 8000 --eval-fraction 0.05 \\
         --output-dir lime-austen --max-steps 2000 --per-device-train-batch-size 16
@@ -20,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,6 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoTokenizer,
-    HfArgumentParser,
     PreTrainedTokenizerFast,
     TrainerCallback,
     TrainingArguments,
@@ -37,18 +34,12 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from lime_hf_cli import (
-    ScriptArguments,
-    check_sources,
-    check_train_arguments,
-    parse_train_arguments,
-)
-
 from .annotation import SpacyAnnotator
 from .collator import DataCollatorForLime
 from .configuration_lime import LimeConfig
 from .data import ANNOTATION_PREFIX, align_dataset, annotate_dataset, check_column, pack_dataset
 from .modeling_lime import LimeForCausalLM
+from .options import TrainOptions, check_saved_tokenizer, check_sources
 from .tokenization_lime import LimeTokenizer
 from .trainer import LimeTrainer, next_token_metrics
 
@@ -68,35 +59,6 @@ DEFAULT_TEXT_CONFIG: dict[str, Any] = {
 # Special tokens of a tokenizer trained by --train-tokenizer (GPT-2 style: one token begins and ends texts).
 EOS_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|pad|>"
 BYTE_ALPHABET_SIZE = 256
-
-
-def trainer_parser(prog: str) -> HfArgumentParser:
-    """The `TrainingArguments` options, with this script's defaults: output folder, 20 logs per run."""
-    parser = HfArgumentParser(TrainingArguments, prog=prog, usage=f"{prog} SOURCE ... [options]")
-    parser.set_defaults(output_dir="lime-pretrain", logging_steps=0.05, logging_first_step=True)
-    return parser
-
-
-def parse_args(
-    argv: list[str] | None = None, prog: str = "lime-hf train"
-) -> tuple[ScriptArguments, TrainingArguments]:
-    """
-    Parse `argv` (default: `sys.argv[1:]`): the sources and LIME options (`lime_hf_cli.parse_train_arguments`),
-    then every `TrainingArguments` option from what is left. `ValueError` for a bad combination or an unknown option.
-    """
-    args, rest = parse_train_arguments(sys.argv[1:] if argv is None else argv, prog)
-    check_train_arguments(args)
-    training_args, unknown = trainer_parser(prog).parse_args_into_dataclasses(
-        args=rest, return_remaining_strings=True
-    )
-    if unknown:
-        raise ValueError(
-            f"Unrecognized arguments {unknown}: `{prog} --help` lists the LIME options, "
-            f"`{prog} --help-trainer` the Trainer's."
-        )
-    if training_args.device.type == "cpu":  # pinned memory only speeds copies to an accelerator
-        training_args.dataloader_pin_memory = False
-    return args, training_args
 
 
 # ---- Texts ---------------------------------------------------------------------------------------------------
@@ -228,53 +190,64 @@ def cached_bpe(texts: Dataset, vocab_size: int) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_tokenizer(args: ScriptArguments, train_texts: Dataset) -> LimeTokenizer:
-    """The `LimeTokenizer` of `--tokenizer` (loaded or wrapped) or `--train-tokenizer` (trained on the texts)."""
-    if args.tokenizer is not None:
-        base = AutoTokenizer.from_pretrained(args.tokenizer)
+def build_tokenizer(options: TrainOptions, train_texts: Dataset) -> LimeTokenizer:
+    """
+    The `LimeTokenizer` of `options.tokenizer` (a saved LimeTokenizer, used as it is, or a fast tokenizer to wrap;
+    path or Hub id) or a byte-level BPE of `options.train_tokenizer` tokens trained on `train_texts`, wrapped with
+    `options.alignment` (default: pretokenized) and `options.spacy_model`.
+    """
+    if options.tokenizer is not None:
+        base = AutoTokenizer.from_pretrained(options.tokenizer)
         if isinstance(base, LimeTokenizer):
-            if args.alignment not in (None, base.alignment):
-                raise ValueError(
-                    f"--alignment {args.alignment} differs from the saved LimeTokenizer's {base.alignment!r}; "
-                    "drop --alignment, or pass the base tokenizer to wrap it anew."
-                )
+            check_saved_tokenizer(base.alignment, base.spacy_model, options)
             return base
     else:
-        base = cached_bpe(train_texts, args.train_tokenizer)
-        if len(base) < args.train_tokenizer:
+        base = cached_bpe(train_texts, options.train_tokenizer)
+        if len(base) < options.train_tokenizer:
             logger.warning(
-                f"--train-tokenizer {args.train_tokenizer}: the corpus is too small for that many tokens; the BPE "
-                f"learned every merge it offers and has {len(base)} tokens, not {args.train_tokenizer}."
+                f"--train-tokenizer {options.train_tokenizer}: the corpus is too small for that many tokens; the "
+                f"BPE learned every merge it offers and has {len(base)} tokens, not {options.train_tokenizer}."
             )
     return LimeTokenizer.from_tokenizer(
-        base, alignment=args.alignment or "pretokenized", spacy_model=args.spacy_model
+        base, alignment=options.alignment or "pretokenized", spacy_model=options.spacy_model
     )
 
 
 # ---- Model ---------------------------------------------------------------------------------------------------
 
 
-def build_model(args: ScriptArguments, tokenizer: LimeTokenizer) -> LimeForCausalLM:
-    """A new LIME model (`--model-config`, default a tiny Llama) or a retrofitted `--from-backbone` checkpoint."""
-    if args.from_backbone is not None:
-        if args.model_config is not None:
+def build_model(
+    tokenizer: LimeTokenizer,
+    *,
+    model_config: str | None = None,
+    from_backbone: str | None = None,
+    metadata_shift: int = 0,
+    tag_head_fields: Sequence[str] = (),
+) -> LimeForCausalLM:
+    """
+    A new LIME model for `tokenizer`'s fields: a backbone of `model_config` (a JSON file or string; default a tiny
+    Llama), or the causal-LM checkpoint `from_backbone` (path or Hub id) retrofitted; with `metadata_shift` (0 LIME,
+    1 LIME+1) and tag heads for `tag_head_fields`.
+    """
+    if from_backbone is not None:
+        if model_config is not None:
             raise ValueError(
                 "Give either --model-config (a new model) or --from-backbone (retrofit), not both."
             )
         model = LimeForCausalLM.from_backbone(
-            args.from_backbone,
+            from_backbone,
             metadata_fields=tokenizer.metadata_fields,
-            metadata_shift=args.metadata_shift,
-            tag_head_fields=tag_head_fields(args),
+            metadata_shift=metadata_shift,
+            tag_head_fields=list(tag_head_fields),
         )
         vocab_size = model.get_input_embeddings().num_embeddings
         if len(tokenizer) > vocab_size:
             raise ValueError(
-                f"The tokenizer has {len(tokenizer)} tokens but the backbone {args.from_backbone} embeds only "
+                f"The tokenizer has {len(tokenizer)} tokens but the backbone {from_backbone} embeds only "
                 f"{vocab_size}: pass the backbone's own tokenizer."
             )
         return model
-    text_config = read_text_config(args.model_config) if args.model_config else dict(DEFAULT_TEXT_CONFIG)
+    text_config = read_text_config(model_config) if model_config else dict(DEFAULT_TEXT_CONFIG)
     text_config.update(
         vocab_size=max(text_config.get("vocab_size", 0), len(tokenizer)),
         bos_token_id=tokenizer.bos_token_id,
@@ -284,15 +257,10 @@ def build_model(args: ScriptArguments, tokenizer: LimeTokenizer) -> LimeForCausa
     config = LimeConfig(
         text_config=text_config,
         metadata_fields=tokenizer.metadata_fields,
-        metadata_shift=args.metadata_shift,
-        tag_head_fields=tag_head_fields(args),
+        metadata_shift=metadata_shift,
+        tag_head_fields=list(tag_head_fields),
     )
     return LimeForCausalLM(config)
-
-
-def tag_head_fields(args: ScriptArguments) -> list[str]:
-    """The fields named by `--tag-heads` (empty: no heads)."""
-    return [name.strip() for name in (args.tag_heads or "").split(",") if name.strip()]
 
 
 def read_text_config(spec: str) -> dict[str, Any]:
@@ -363,17 +331,17 @@ def prepare_lm_dataset(
 # ---- The script ----------------------------------------------------------------------------------------------
 
 
-def load_train_and_eval_texts(args: ScriptArguments, seed: int) -> tuple[Dataset, Dataset | None]:
+def load_train_and_eval_texts(options: TrainOptions, seed: int) -> tuple[Dataset, Dataset | None]:
     """The training documents and the held-out ones (`--eval-file` or `--eval-fraction`), if any."""
     source_options = dict(
-        dataset_config=args.dataset_config,
-        split=args.split,
-        text_column=args.text_column,
-        cache_dir=args.cache_dir,
+        dataset_config=options.dataset_config,
+        split=options.split,
+        text_column=options.text_column,
+        cache_dir=options.cache_dir,
     )
-    texts = load_texts(args.sources, **source_options)
-    eval_texts = load_texts([args.eval_file], **source_options) if args.eval_file else None
-    return split_texts(texts, eval_texts, args.eval_fraction, seed)
+    texts = load_texts(options.sources, **source_options)
+    eval_texts = load_texts([options.eval_file], **source_options) if options.eval_file else None
+    return split_texts(texts, eval_texts, options.eval_fraction, seed)
 
 
 def check_launch(training_args: TrainingArguments) -> None:
@@ -394,38 +362,43 @@ def setup_logging(training_args: TrainingArguments) -> None:
     datasets.utils.logging.set_verbosity(log_level)
 
 
-def main(
-    argv: list[str] | None = None,
+def run(
+    options: TrainOptions,
+    training_args: TrainingArguments,
     callbacks: list[TrainerCallback] | None = None,
-    prog: str = "lime-hf train",
 ) -> None:
     """
-    Run the pretraining script with `argv` (default `sys.argv[1:]`); see `--help`.
+    Pretrain with `options` (checked with `lime_hf.options.check_train_options`) and `training_args`.
 
-    Writes to `--output-dir`: the model (safetensors + code files), the tokenizer, `train_results.json`,
-    `eval_results.json` (`eval_loss`, `eval_accuracy`, `eval_perplexity`) when there is an eval set, the
-    trainer state, and `checkpoint-*` folders every `--save-steps`. `callbacks` are passed on to the Trainer;
-    `prog` names the command in usage and error lines.
+    Writes to `training_args.output_dir`: the model (safetensors + code files), the tokenizer,
+    `train_results.json`, `eval_results.json` (`eval_loss`, `eval_accuracy`, `eval_perplexity`) when there is an
+    eval set, the trainer state, and `checkpoint-*` folders every `save_steps`. `callbacks` are passed on to the
+    Trainer.
     """
-    args, training_args = parse_args(argv, prog)
     check_launch(training_args)
     setup_logging(training_args)
     set_seed(training_args.seed)  # before the model is built, so its initialisation is reproducible
     # Processes other than the main one wait here, then find every step below in the datasets cache.
     with training_args.main_process_first(desc="loading texts and the tokenizer"):
-        train_texts, eval_texts = load_train_and_eval_texts(args, training_args.seed)
-        tokenizer = build_tokenizer(args, train_texts)
-    model = build_model(args, tokenizer)
-    check_block_size(args.block_size, model.config)
+        train_texts, eval_texts = load_train_and_eval_texts(options, training_args.seed)
+        tokenizer = build_tokenizer(options, train_texts)
+    model = build_model(
+        tokenizer,
+        model_config=options.model_config,
+        from_backbone=options.from_backbone,
+        metadata_shift=options.metadata_shift,
+        tag_head_fields=options.tag_head_fields,
+    )
+    check_block_size(options.block_size, model.config)
     with training_args.main_process_first(desc="annotating, aligning and packing"):
-        train_dataset = prepare_lm_dataset(train_texts, tokenizer, args.block_size, args.num_proc)
+        train_dataset = prepare_lm_dataset(train_texts, tokenizer, options.block_size, options.num_proc)
         eval_dataset = (
-            prepare_lm_dataset(eval_texts, tokenizer, args.block_size, args.num_proc)
+            prepare_lm_dataset(eval_texts, tokenizer, options.block_size, options.num_proc)
             if eval_texts is not None
             else None
         )
     logger.info(
-        f"{len(train_dataset)} training blocks of {args.block_size} tokens, "
+        f"{len(train_dataset)} training blocks of {options.block_size} tokens, "
         f"{0 if eval_dataset is None else len(eval_dataset)} eval blocks; model: {model.num_parameters():,} parameters."
     )
     trainer = LimeTrainer(
@@ -433,13 +406,13 @@ def main(
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=DataCollatorForLime(tokenizer, metadata_dropout=args.metadata_dropout),
+        data_collator=DataCollatorForLime(tokenizer, metadata_dropout=options.metadata_dropout),
         processing_class=tokenizer,
         callbacks=callbacks,
-        training_data=[Path(source).name if Path(source).exists() else source for source in args.sources],
+        training_data=[Path(source).name if Path(source).exists() else source for source in options.sources],
         **next_token_metrics(),
     )
-    checkpoint = training_args.resume_from_checkpoint or (True if args.resume else None)
+    checkpoint = training_args.resume_from_checkpoint or (True if options.resume else None)
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
@@ -455,4 +428,4 @@ def main(
         print(f"Saved the model, its tokenizer and the metrics to {training_args.output_dir}")
 
 
-__all__ = ["load_texts", "main", "parse_args", "prepare_lm_dataset"]
+__all__ = ["build_model", "build_tokenizer", "load_texts", "prepare_lm_dataset", "run"]

@@ -12,8 +12,8 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lime_hf import LimeTokenizer
-from lime_hf.cli import generate_with_tags
 from lime_hf.integrations.app import AppServer, parse_request
+from lime_hf.tagged_generation import generate_with_tags
 from tests.conftest import share_annotator
 from tests.test_cli_errors import save_tiny_lime
 

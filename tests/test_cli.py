@@ -15,8 +15,11 @@ from datasets import load_from_disk
 from tiny_models import TINY_TEXT_CONFIGS
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-from lime_hf import LimeConfig, LimeForCausalLM, LimeTokenizer, pretrain
-from lime_hf_cli import main, parse_train_arguments
+from lime_hf import LimeConfig, LimeForCausalLM, LimeTokenizer, pretrain, tokenization_lime
+from lime_hf.annotation import BUILTIN_FIELDS
+from lime_hf.cli import main, train
+from lime_hf.cli.train import parse_train_arguments
+from lime_hf.options import ALIGNMENTS, FIELDS
 from tests.conftest import AUSTEN, share_annotator
 
 LIME_HF = shutil.which("lime-hf", path=Path(sys.executable).parent) or shutil.which("lime-hf")
@@ -59,11 +62,12 @@ def test_each_command_has_its_own_help(command, capsys):
     assert f"usage: lime-hf {command}" in capsys.readouterr().out
 
 
-def test_help_imports_neither_torch_nor_lime_hf():
-    code = (
-        "import sys; from lime_hf_cli import main\ntry: main(['train', '--help'])\nexcept SystemExit: pass\n"
-    )
-    code += "print(sorted(name for name in ('torch', 'transformers', 'lime_hf') if name in sys.modules))"
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["train", "--help"], ["generate", "--help"], ["train", "x.txt"]]
+)
+def test_help_and_usage_errors_import_neither_torch_nor_transformers(argv):
+    code = f"import sys; from lime_hf.cli import main\ntry: main({argv!r})\nexcept SystemExit: pass\n"
+    code += "print(sorted(name for name in ('torch', 'transformers') if name in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.splitlines()[-1] == "[]", result.stderr
 
@@ -122,14 +126,18 @@ def test_train_reads_sources_first_then_lime_and_trainer_options():
     assert rest == ["--max-steps", "10", "--bf16"]
 
 
-def test_train_hands_every_argument_to_the_pretraining_script(monkeypatch, tmp_path):
+def test_train_hands_every_argument_to_the_pretraining_pipeline(monkeypatch, tmp_path):
     received = []
-    monkeypatch.setattr(pretrain, "main", received.append)
+    monkeypatch.setattr(pretrain, "run", lambda *args, **kwargs: received.append((args, kwargs)))
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("Emma was happy.\n", encoding="utf-8")
-    argv = [str(corpus), "--train-tokenizer", "400", "--max-steps", "3", "--", "--odd"]
+    argv = [str(corpus), "--train-tokenizer", "400", "--max_steps", "3", "--block-size", "64", "--use-cpu"]
     assert main(["train", *argv]) == 0
-    assert received == [argv]
+    assert len(received) == 1
+    (options, training_args), kwargs = received[0]
+    assert kwargs == {}
+    assert options.sources == [str(corpus)] and options.train_tokenizer == 400 and options.block_size == 64
+    assert training_args.max_steps == 3 and training_args.use_cpu
 
 
 def test_generate_follows_the_guidance(lime_plus_one_dir, annotator, tmp_path):
@@ -242,7 +250,7 @@ def test_train_logs_loss_and_learning_rate_says_where_it_saved_and_warns_of_a_sm
 def test_train_does_not_pin_memory_on_the_cpu(tmp_path):
     corpus = tmp_path / "a.txt"
     corpus.write_text("Emma was happy.\n", encoding="utf-8")
-    args, training_args = pretrain.parse_args(
+    args, training_args = train.parse_args(
         [str(corpus), "--train-tokenizer", "400", "--output-dir", str(tmp_path)]
     )
     assert training_args.device.type == "cpu" and training_args.dataloader_pin_memory is False
@@ -370,3 +378,8 @@ def test_tag_prints_every_token_with_its_tags(alignment, bpe_tokenizer, annotato
     ]
     assert table_rows(result.stdout) == expected
     assert [row[4] for row in expected[:3]] == ["NNP", "NNP", "NNP"] and expected[-1][4] == "."
+
+
+def test_the_cli_copies_of_the_tokenizer_names_agree_with_the_library():
+    """`lime_hf.options` repeats them so that the parsers need not import the tokenizer (torch, transformers)."""
+    assert ALIGNMENTS == tokenization_lime.ALIGNMENTS and tuple(BUILTIN_FIELDS) == FIELDS

@@ -15,6 +15,8 @@ from tiny_models import TINY_TEXT_CONFIGS
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lime_hf import LimeConfig, LimeForCausalLM, LimeTokenizer
+from lime_hf.options import TrainOptions
+from lime_hf.pretrain import build_tokenizer
 from tests.test_cli import run_cli
 
 
@@ -105,15 +107,17 @@ CASES = {
     ),
     "guide a LIME model": (
         ["generate", "lime", "Emma", "--guide", "pos=NN"],
-        "--guide needs a LIME+1 model (metadata shift 1), but 'lime' is a LIME model (shift 0)",
+        "'lime': guidance (--guide) gives the tags of the next token, which only a LIME+1 model (metadata_shift=1) "
+        "reads; this is a LIME model (metadata_shift=0)",
     ),
     "guide a field the model lacks": (
         ["generate", "lime-plus-1", "Emma", "--guide", "dep=nsubj"],
-        "--guide dep=...: 'lime-plus-1' has no metadata field 'dep'; its fields: ner, pos",
+        "'lime-plus-1': guidance (--guide) for 'dep': the model has no metadata field 'dep'; its fields: ner, pos",
     ),
     "a LIME+1 model used as LIME": (
         ["generate", "lime-plus-1", "Emma", "--provider", "annotate"],
-        "'lime-plus-1' is a LIME+1 model (metadata shift 1): it reads the tags of the token it is about to write",
+        "'lime-plus-1': metadata provider 'annotate' tags tokens that exist, and a LIME+1 model (metadata_shift=1) "
+        "reads the tags of the token it is about to write: use guidance (--guide) or 'unknown'",
     ),
     "a LIME+1 checkpoint used as a backbone": (
         ["train", "corpus.txt", "--tokenizer", "lime-plus-1", "--from-backbone", "lime-plus-1"],
@@ -129,7 +133,55 @@ CASES = {
         ["generate", "lime", "Emma", "--num-return-sequences", "2"],
         "--num-return-sequences 2 needs sampling (--do-sample, --top-k, ...) or at least as many beams",
     ),
+    "provider 'model' without tag heads": (
+        ["generate", "lime", "Emma", "--provider", "model"],
+        "'lime': metadata provider 'model' reads the model's tag heads, and this model has none",
+    ),
     "tag with a missing tokenizer": (["tag", "Emma", "--tokenizer", "nowhere"], "no such folder 'nowhere'"),
+    "tag with a path that is not there": (
+        ["tag", "Emma", "--tokenizer", "no/such/folder"],
+        "no such folder 'no/such/folder': give a saved tokenizer or model folder, or a Hub id (owner/name)",
+    ),
+    "tag with a Hub id that is not reachable": (  # HF_HUB_OFFLINE=1: the Hub id is tried, and fails
+        ["tag", "Emma", "--tokenizer", "nobody/no-such-tokenizer"],
+        "no such folder 'nobody/no-such-tokenizer', and it does not load as a Hub id: ",
+    ),
+    # Options that one way of annotating would ignore are refused (datatrove is not imported for it).
+    "annotate --executor with --num-proc": (
+        ["annotate", "empty-folder", "-o", "out", "--executor", "local", "--num-proc", "2"],
+        "--executor local reads a folder of .parquet or .jsonl shards; --num-proc only apply without it",
+    ),
+    "annotate --executor with a dataset config and split": (
+        [
+            "annotate",
+            "empty-folder",
+            "-o",
+            "out",
+            "--executor",
+            "ray",
+            "--dataset-config",
+            "c",
+            "--split",
+            "s",
+        ],
+        "--dataset-config, --split only apply without it",
+    ),
+    "annotate with executor options but no executor": (
+        ["annotate", "corpus.txt", "-o", "out", "--tasks", "4"],
+        "--tasks set up a datatrove executor: add --executor local (or slurm, ray), or drop them",
+    ),
+    "annotate --executor local with Slurm options": (
+        ["annotate", "empty-folder", "-o", "out", "--executor", "local", "--slurm-partition", "p"],
+        "--slurm-partition apply to --executor slurm only, not local",
+    ),
+    "train a saved LimeTokenizer with another spaCy pipeline": (
+        ["train", "corpus.txt", "--tokenizer", "lime", "--spacy-model", "en_core_web_trf"],
+        "--spacy-model en_core_web_trf differs from the saved LimeTokenizer's pipeline, the default (en_core_web_sm)",
+    ),
+    "train a saved LimeTokenizer with another alignment": (
+        ["train", "corpus.txt", "--tokenizer", "lime", "--alignment", "offsets"],
+        "--alignment offsets differs from the saved LimeTokenizer's 'pretokenized'",
+    ),
     "tag an empty text": (["tag", "", "--tokenizer", "lime"], "the text is empty"),
 }
 
@@ -156,3 +208,16 @@ def test_a_lime_plus_one_model_without_guidance_says_how_to_guide_it(workdir):
 
 def test_the_console_script_is_installed():
     assert shutil.which("lime-hf", path=os.path.dirname(sys.executable)) is not None
+
+
+def test_a_loaded_lime_tokenizer_keeps_its_own_pipeline(workdir):
+    """The same rule where the saved LimeTokenizer is only known once loaded (a Hub id): `build_tokenizer`."""
+    options = TrainOptions(
+        sources=["corpus.txt"], tokenizer=str(workdir / "lime"), spacy_model="en_core_web_trf"
+    )
+    with pytest.raises(
+        ValueError, match="--spacy-model en_core_web_trf differs from the saved LimeTokenizer's"
+    ):
+        build_tokenizer(options, train_texts=None)
+    options.spacy_model = None
+    assert isinstance(build_tokenizer(options, train_texts=None), LimeTokenizer)

@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset, load_dataset
 
+from lime_hf.cli import main as cli_main
+from lime_hf.cli.train import main
 from lime_hf.data import align_dataset, annotate_dataset
-from lime_hf.pretrain import load_texts, main, prepare_lm_dataset
-from lime_hf_cli import main as cli_main
+from lime_hf.pretrain import load_texts, prepare_lm_dataset
 from tests.conftest import AUSTEN
 from tests.test_pretrain import TINY_LLAMA
 

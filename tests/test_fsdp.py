@@ -35,7 +35,7 @@ import torch
 from accelerate.state import AcceleratorState
 from transformers import TrainerCallback
 
-from lime_hf.pretrain import main
+from lime_hf.cli.train import main
 
 
 class RecordLogits(TrainerCallback):

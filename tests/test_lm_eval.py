@@ -56,7 +56,7 @@ def test_lime_hf_eval_subprocess_records_tag_source(tmp_path, lime_offsets):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     # The README's form: lm-eval inserts its `run` subcommand itself when none is given.
-    command = [sys.executable, "-c", "import sys; from lime_hf_cli import main; sys.exit(main())", "eval",
+    command = [sys.executable, "-c", "import sys; from lime_hf.cli import main; sys.exit(main())", "eval",
                "--model", "lime", "--model_args", f"pretrained={tmp_path / 'm'},tags=prefix", "--tasks",
                "lime_cloze", "--include_path", "tests/data/lm_eval", "--device", "cpu", "--batch_size", "1",
                "--output_path", str(tmp_path / "out")]  # fmt: skip

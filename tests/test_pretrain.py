@@ -25,8 +25,9 @@ from transformers import (
 )
 
 from lime_hf import LimeConfig, LimeForCausalLM, LimeTokenizer
+from lime_hf.cli.train import main
 from lime_hf.collator import DataCollatorForLime
-from lime_hf.pretrain import check_launch, load_texts, main, prepare_lm_dataset
+from lime_hf.pretrain import check_launch, load_texts, prepare_lm_dataset
 from lime_hf.trainer import LimeTrainer, compute_next_token_accuracy
 from tests.conftest import AUSTEN
 from tests.test_custom_field import Capitalised
@@ -294,7 +295,7 @@ import sys
 import torch
 from transformers import TrainerCallback
 
-from lime_hf.pretrain import main
+from lime_hf.cli.train import main
 
 
 class SaveRankState(TrainerCallback):

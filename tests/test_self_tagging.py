@@ -6,8 +6,8 @@ from test_generation import prompt
 from tiny_models import tiny_lime
 
 from lime_hf import LimeTokenizer
+from lime_hf.cli import main
 from lime_hf.tag_heads import self_tagged_forward
-from lime_hf_cli import main
 
 HEADS = {"tag_head_fields": ["pos", "ner"]}
 DECODINGS = [

@@ -18,9 +18,9 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
-from ..cli import generate_with_tags
 from ..configuration_lime import RESERVED_LABELS
 from ..modeling_lime import LimeForCausalLM
+from ..tagged_generation import generate_with_tags
 from ..tokenization_lime import LimeTokenizer
 
 MAX_NEW_TOKENS = 64  # what one request may ask for: the page is for looking, not for long texts

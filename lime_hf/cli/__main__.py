@@ -1,0 +1,7 @@
+"""`python -m lime_hf.cli`: the `lime-hf` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,281 @@
+"""The pretraining options and the checks of user input that need no model: standard library only.
+
+`lime_hf.pretrain` (the library) and `lime_hf.cli` (the command line) share them. The CLI runs the checks before
+it imports torch, so a mistake is answered at once; the library runs the same functions on the same values, so a
+Python caller gets the same message. Each check raises `ValueError` saying what is wrong and what to give instead.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# `LimeTokenizer`'s alignment modes and the built-in fields, repeated here so that the CLI's parsers need not import
+# tokenization_lime (torch, transformers); tests/test_cli.py checks that both places agree.
+ALIGNMENTS = ("pretokenized", "offsets")
+FIELDS = ("pos", "ner")
+SOURCES_HELP = (
+    ".txt files (one document per paragraph), a `save_to_disk` folder, or one `datasets` name/folder"
+)
+
+
+@dataclass
+class TrainOptions:
+    """
+    The pretraining options beyond `TrainingArguments` (`lime-hf train --help` shows them first). Each field's
+    metadata holds its `argparse` settings: the CLI builds its `train` parser from them.
+    """
+
+    sources: list[str] = field(default_factory=list, metadata={"help": SOURCES_HELP})
+    tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "metavar": "PATH",
+            "help": "a saved LimeTokenizer, or any fast tokenizer (path or Hub id) to wrap in one",
+        },
+    )
+    train_tokenizer: int | None = field(
+        default=None,
+        metadata={
+            "metavar": "VOCAB",
+            "help": "instead of --tokenizer: train a byte-level BPE of this vocabulary size",
+            "type": int,
+        },
+    )
+    alignment: str | None = field(
+        default=None,
+        metadata={
+            "help": "how tags meet subwords in a new tokenizer (default: pretokenized)",
+            "choices": ALIGNMENTS,
+        },
+    )
+    spacy_model: str | None = field(
+        default=None,
+        metadata={"metavar": "NAME", "help": "spaCy pipeline of a new tokenizer (default: en_core_web_sm)"},
+    )
+    model_config: str | None = field(
+        default=None,
+        metadata={
+            "metavar": "JSON",
+            "help": "the backbone's config (`text_config`) as a JSON file or string (default: a tiny Llama)",
+        },
+    )
+    from_backbone: str | None = field(
+        default=None,
+        metadata={"metavar": "PATH", "help": "retrofit this causal-LM checkpoint (path or Hub id) instead"},
+    )
+    metadata_shift: int = field(
+        default=0,
+        metadata={
+            "metavar": "{0,1}",
+            "help": "0 = LIME, 1 = LIME+1 (default: 0)",
+            "type": int,
+            "choices": (0, 1),
+        },
+    )
+    tag_heads: str | None = field(
+        default=None,
+        metadata={
+            "metavar": "FIELDS",
+            "help": "comma-separated fields that get tag heads (e.g. pos,ner): the model learns to predict its own "
+            "metadata, so generation needs neither spaCy (LIME) nor oracle guidance (LIME+1)",
+        },
+    )
+    metadata_dropout: float = field(
+        default=0.0,
+        metadata={
+            "metavar": "P",
+            "help": "probability of hiding a tag as 'unknown' in training (default: 0)",
+            "type": float,
+        },
+    )
+    block_size: int = field(
+        default=512, metadata={"metavar": "N", "help": "tokens per packed block (default: 512)", "type": int}
+    )
+    eval_file: str | None = field(
+        default=None, metadata={"metavar": "SOURCE", "help": "held-out texts, like the sources"}
+    )
+    eval_fraction: float | None = field(
+        default=None,
+        metadata={
+            "metavar": "F",
+            "help": "instead of --eval-file: hold out this fraction of the documents",
+            "type": float,
+        },
+    )
+    dataset_config: str | None = field(
+        default=None, metadata={"metavar": "CONFIG", "help": "config name of a `datasets` source"}
+    )
+    split: str = field(
+        default="train",
+        metadata={"metavar": "SPLIT", "help": "split of a `datasets` source (default: train)"},
+    )
+    text_column: str = field(
+        default="text",
+        metadata={"metavar": "COLUMN", "help": "text column of a `datasets` source (default: text)"},
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"metavar": "DIR", "help": "datasets cache folder (default: ~/.cache/huggingface/datasets)"},
+    )
+    num_proc: int = field(
+        default=1,
+        metadata={
+            "metavar": "N",
+            "help": "processes for annotation, alignment and packing (default: 1)",
+            "type": int,
+        },
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "resume from the latest checkpoint in --output-dir", "action": "store_true"},
+    )
+
+    @property
+    def tag_head_fields(self) -> list[str]:
+        """The fields named by `tag_heads` (empty: no heads)."""
+        return [name.strip() for name in (self.tag_heads or "").split(",") if name.strip()]
+
+
+def check_train_options(options: TrainOptions) -> None:
+    """The option combinations `train` refuses before it loads anything (`ValueError` saying what to give)."""
+    if (options.tokenizer is None) == (options.train_tokenizer is None):
+        raise ValueError(
+            "Give exactly one of --tokenizer PATH (a saved LimeTokenizer or a fast tokenizer to wrap) or "
+            "--train-tokenizer VOCAB_SIZE (train a byte-level BPE on the corpus)."
+        )
+    check_sources(options.sources)
+    saved = Path(options.tokenizer or "") / "tokenizer_config.json"
+    if options.tokenizer and saved.is_file():  # a folder here: a Hub id is checked once it is loaded
+        config = json.loads(saved.read_text(encoding="utf-8"))
+        if config.get("tokenizer_class") == "LimeTokenizer":
+            check_saved_tokenizer(config.get("alignment"), config.get("spacy_model"), options)
+    if options.eval_file is not None:
+        check_sources([options.eval_file])
+    backbone_config = Path(options.from_backbone or "") / "config.json"
+    if options.from_backbone and backbone_config.is_file():
+        config = json.loads(backbone_config.read_text(encoding="utf-8"))
+        if config.get("model_type") == "lime":
+            kind = "LIME+1" if config.get("metadata_shift") else "LIME"
+            raise ValueError(
+                f"--from-backbone {options.from_backbone!r} is already a {kind} model (metadata shift "
+                f"{config.get('metadata_shift', 0)}): --from-backbone retrofits a plain causal LM; continue "
+                "a LIME run from one of its checkpoint-N folders with --resume-from-checkpoint"
+            )
+
+
+def check_saved_tokenizer(
+    saved_alignment: str | None, saved_spacy_model: str | None, options: TrainOptions
+) -> None:
+    """
+    `--tokenizer` names a saved LimeTokenizer, which `train` uses as it is: its alignment and spaCy pipeline made
+    the tags its model reads. Refuse `--alignment` / `--spacy-model` asking for others rather than ignore them.
+    """
+    if options.alignment not in (None, saved_alignment):
+        raise ValueError(
+            f"--alignment {options.alignment} differs from the saved LimeTokenizer's {saved_alignment!r}; "
+            "drop --alignment, or pass the base tokenizer to wrap it anew."
+        )
+    if options.spacy_model not in (None, saved_spacy_model):
+        pipeline = repr(saved_spacy_model) if saved_spacy_model else "the default (en_core_web_sm)"
+        raise ValueError(
+            f"--spacy-model {options.spacy_model} differs from the saved LimeTokenizer's pipeline, {pipeline}, "
+            "which tags the texts its way; drop --spacy-model, or pass the base tokenizer to wrap it anew."
+        )
+
+
+def check_sources(sources: Sequence[str]) -> bool:
+    """
+    Refuse sources that cannot give documents, before anything loads them; True for .txt files, False for one
+    dataset. A .txt file must exist, hold something and be UTF-8 (`ValueError` naming the file otherwise).
+    """
+    if not sources:
+        raise ValueError(
+            "No sources given: pass .txt files, a `save_to_disk` folder or a `datasets` name (before the options)."
+        )
+    text_files = [source for source in sources if source.endswith(".txt")]
+    if not text_files:
+        if len(sources) > 1:
+            raise ValueError(
+                f"Several dataset sources {list(sources)}: give one dataset (or .txt files only)."
+            )
+        return False
+    if len(text_files) != len(sources):
+        raise ValueError(
+            f"Mixed sources {list(sources)}: give either .txt files only, or one dataset (name or folder)."
+        )
+    missing = [path for path in text_files if not Path(path).is_file()]
+    if missing:
+        raise ValueError(f"No such text file(s): {missing}.")
+    if not any([check_utf8_text(Path(path)) for path in text_files]):  # every file checked
+        raise ValueError(f"No documents: {text_files} hold only whitespace.")
+    return True
+
+
+def check_utf8_text(path: Path, chunk_size: int = 1 << 20) -> bool:
+    """
+    `path` holds at least one byte and decodes as UTF-8 (read in chunks: corpora may be large); returns whether
+    it holds more than whitespace.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, has_text = 0, False
+    with path.open("rb") as handle:
+        while chunk := handle.read(chunk_size):
+            try:
+                has_text = bool(decoder.decode(chunk).strip()) or has_text
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{path} is not UTF-8 text: byte 0x{chunk[error.start]:02x} at offset {offset + error.start} "
+                    "is invalid; convert the file first (e.g. `iconv -f latin1 -t utf-8`)."
+                ) from None
+            offset += len(chunk)
+    if offset == 0:
+        raise ValueError(f"{path} is empty (0 bytes): give a file with text in it.")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text: it ends inside a multi-byte character.") from None
+    return has_text
+
+
+def check_model_folder(path: str) -> dict[str, Any]:
+    """The config of the LIME model saved in folder `path`; `ValueError` saying what the folder is instead."""
+    folder = Path(path)
+    if not folder.exists():
+        raise ValueError(
+            f"no such folder {path!r}: give a folder written by `save_pretrained` (model and tokenizer)"
+        )
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{path!r} holds no config.json: give a folder written by `save_pretrained`")
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    model_type = config.get("model_type")
+    if model_type != "lime":
+        raise ValueError(
+            f"{path!r} holds a {model_type!r} model, not a LIME model; retrofit it first "
+            "(`LimeForCausalLM.from_backbone`, or `lime-hf train --from-backbone`)"
+        )
+    if not any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        raise ValueError(
+            f"{path!r} holds no weights (model.safetensors): save the model there with `save_pretrained`"
+        )
+    if not (folder / "tokenizer.json").is_file():
+        raise ValueError(f"{path!r} holds no tokenizer.json: save the model's LimeTokenizer there too")
+    return config
+
+
+__all__ = [
+    "ALIGNMENTS",
+    "FIELDS",
+    "SOURCES_HELP",
+    "TrainOptions",
+    "check_model_folder",
+    "check_saved_tokenizer",
+    "check_sources",
+    "check_train_options",
+    "check_utf8_text",
+]
