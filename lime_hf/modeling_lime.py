@@ -310,7 +310,10 @@ class LimePreTrainedModel(PreTrainedModel):
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise ValueError(f"`{argument}` must hold integer tag ids, got dtype {ids.dtype}.")
         size = len(self.config.metadata_fields[name])
-        if ids.numel() and bool(((ids < 0) | (ids >= size)).any()):
+        if not ids.numel():
+            return
+        low, high = torch.stack(torch.aminmax(ids)).tolist()  # one reduction, one sync: runs at every step
+        if low < 0 or high >= size:
             bad = ids[(ids < 0) | (ids >= size)][0].item()
             raise ValueError(
                 f"`{argument}` holds tag id {bad}, outside field '{name}' whose inventory has {size} labels: "
