@@ -42,17 +42,24 @@ def validate_metadata_fields(fields: dict[str, list[str]], allow_empty: bool = F
 
     No field at all is allowed only where something else enriches the model (`allow_empty`: its meta-tokens).
     """
+    if not isinstance(fields, dict):
+        raise ValueError(
+            "`metadata_fields` must be a dict of field name -> label inventory, e.g. "
+            f"{{'pos': make_inventory([...])}}, got {fields!r}."
+        )
     if not fields and not allow_empty:
         raise ValueError(
             "`metadata_fields` is empty: give at least one field, e.g. {'pos': [...]}, or meta-tokens "
             "(`meta_token_ids=[...]`) for a model without metadata."
         )
     for name, labels in fields.items():
-        if not name.isidentifier():
+        if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(
                 f"Metadata field name {name!r} is not a Python identifier; it must be one "
                 f"because the model takes it as the keyword argument `{name}_ids`."
             )
+        if isinstance(labels, str) or not all(isinstance(label, str) for label in labels):
+            raise ValueError(f"Field {name!r}: an inventory is a list of label strings, got {labels!r}.")
         if tuple(labels[:3]) != RESERVED_LABELS:
             raise ValueError(
                 f"Field {name!r}: an inventory must start with the reserved labels "
@@ -64,37 +71,77 @@ def validate_metadata_fields(fields: dict[str, list[str]], allow_empty: bool = F
             raise ValueError(f"Field {name!r}: duplicate labels {duplicates} in the inventory.")
 
 
-def validate_tag_heads(
-    fields: list[str], metadata_fields: dict[str, list[str]], loss_weight: float, self_guidance: str
-) -> None:
-    """Raise ``ValueError`` unless the tag-head options name existing fields and allowed values."""
-    unknown = sorted(set(fields) - set(metadata_fields))
-    if unknown:
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_metadata_weights(weights: dict[str, float] | None) -> None:
+    if weights is not None and (
+        not isinstance(weights, dict) or not all(_is_number(weight) for weight in weights.values())
+    ):
         raise ValueError(
-            f"`tag_head_fields` names unknown fields {unknown}; the fields are {list(metadata_fields)}."
+            f"`metadata_weights` must map field names to numbers (e.g. {{'pos': 0.5}}), got {weights!r}."
         )
-    if not loss_weight >= 0:
-        raise ValueError(f"`tag_loss_weight` must be a number >= 0, got {loss_weight!r}.")
+
+
+def check_metadata_shift(shift: int) -> None:
+    if not isinstance(shift, int) or shift not in (0, 1):
+        raise ValueError(f"`metadata_shift` must be 0 (LIME) or 1 (LIME+1), got {shift!r}.")
+
+
+def check_tag_head_fields(fields: list[str] | None) -> None:
+    if fields is not None and (isinstance(fields, str) or not all(isinstance(name, str) for name in fields)):
+        raise ValueError(
+            f"`tag_head_fields` must be a list of field names (e.g. ['pos', 'ner']), got {fields!r}."
+        )
+
+
+def check_tag_loss_weight(weight: float) -> None:
+    if not _is_number(weight) or not weight >= 0:
+        raise ValueError(f"`tag_loss_weight` must be a number >= 0, got {weight!r}.")
+
+
+def check_self_guidance(self_guidance: str) -> None:
     if self_guidance not in ("argmax", "sample"):
         raise ValueError(f"`self_guidance` must be 'argmax' or 'sample', got {self_guidance!r}.")
 
 
-def validate_meta_tokens(meta_token_ids: list[int], meta_positional: str, vocab_size: int) -> None:
-    """Raise ``ValueError`` unless every meta-token id is in the vocabulary and the positional variant exists."""
-    for token_id in meta_token_ids:
-        if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < vocab_size:
-            raise ValueError(
-                f"`meta_token_ids` holds {token_id!r}, outside the vocabulary of {vocab_size} tokens: a meta-token "
-                f"id must be an integer in [0, {vocab_size}). Add the meta-token to the tokenizer (and resize the "
-                "embeddings) first."
-            )
+def check_meta_token_ids(meta_token_ids: list[int] | None) -> None:
+    """Integers >= 0, each once (whether they are in the vocabulary is checked against `text_config`)."""
+    if meta_token_ids is None:
+        return
+    if isinstance(meta_token_ids, (str, int)) or not all(
+        isinstance(token_id, int) and not isinstance(token_id, bool) and token_id >= 0
+        for token_id in meta_token_ids
+    ):
+        raise ValueError(
+            f"`meta_token_ids` must be a list of token ids (integers >= 0), got {meta_token_ids!r}. Add the "
+            "meta-token to the tokenizer (and resize the embeddings) first."
+        )
     if len(set(meta_token_ids)) != len(meta_token_ids):
-        raise ValueError(f"`meta_token_ids` repeats ids: {meta_token_ids}.")
+        raise ValueError(f"`meta_token_ids` repeats ids: {list(meta_token_ids)}.")
+
+
+def check_meta_positional(meta_positional: str) -> None:
     if meta_positional not in ("keep", "zero"):
         raise ValueError(
             f"`meta_positional` must be 'keep' (meta-tokens keep their positional encoding) or 'zero' (it is zeroed "
             f"at meta-token positions), got {meta_positional!r}."
         )
+
+
+# Each LIME field's own rule, applied whenever it is set (during construction too); the rules across fields are
+# `LimeConfig.validate_lime`'s, applied at the end of construction and on save (as transformers' `@strict`).
+FIELD_CHECKS = {
+    "metadata_fields": lambda fields: fields is None or validate_metadata_fields(fields, allow_empty=True),
+    "metadata_weights": check_metadata_weights,
+    "metadata_shift": check_metadata_shift,
+    "tag_head_fields": check_tag_head_fields,
+    "tag_loss_weight": check_tag_loss_weight,
+    "self_guidance": check_self_guidance,
+    "meta_token_ids": check_meta_token_ids,
+    "meta_positional": check_meta_positional,
+}
 
 
 def check_inventories(tokenizer_fields: dict[str, list[str]], model_fields: dict[str, list[str]]) -> None:
@@ -186,15 +233,9 @@ class LimeConfig(PreTrainedConfig):
             self.metadata_fields = {name: list(labels) for name, labels in DEFAULT_METADATA_FIELDS.items()}
         self.metadata_fields = {name: list(labels) for name, labels in self.metadata_fields.items()}
         self.meta_token_ids = list(self.meta_token_ids or [])
-        validate_meta_tokens(self.meta_token_ids, self.meta_positional, self.text_config.vocab_size)
-        validate_metadata_fields(self.metadata_fields, allow_empty=bool(self.meta_token_ids))
+        self.tag_head_fields = list(self.tag_head_fields or [])
+        self.validate_lime()
         weights = self.metadata_weights or {}
-        unknown = sorted(set(weights) - set(self.metadata_fields))
-        if unknown:
-            raise ValueError(
-                f"`metadata_weights` names unknown fields {unknown}; "
-                f"the fields are {list(self.metadata_fields)}."
-            )
         self.metadata_weights = {name: float(weights.get(name, 1.0)) for name in self.metadata_fields}
         if getattr(self, "auto_map", None) is None:
             # Lets `trust_remote_code=True` users load a saved folder without lime_hf installed.
@@ -203,12 +244,38 @@ class LimeConfig(PreTrainedConfig):
                 "AutoModel": "modeling_lime.LimeModel",
                 "AutoModelForCausalLM": "modeling_lime.LimeForCausalLM",
             }
-        if self.metadata_shift not in (0, 1):
-            raise ValueError(f"`metadata_shift` must be 0 (LIME) or 1 (LIME+1), got {self.metadata_shift!r}.")
-        self.tag_head_fields = list(self.tag_head_fields or [])
-        validate_tag_heads(
-            self.tag_head_fields, self.metadata_fields, self.tag_loss_weight, self.self_guidance
-        )
+
+    def __setattr__(self, name: str, value) -> None:
+        check = FIELD_CHECKS.get(name)
+        if check is not None:
+            check(value)  # before the value is set: a rejected value leaves the config as it was
+        super().__setattr__(name, value)
+
+    def validate(self) -> None:
+        """Every rule, the backbone's and LIME's (`save_pretrained` calls it before it writes)."""
+        super().validate()
+        self.validate_lime()
+
+    def validate_lime(self) -> None:
+        """Raise ``ValueError`` unless the LIME fields agree with each other and with the backbone."""
+        for name, check in FIELD_CHECKS.items():
+            check(getattr(self, name))
+        meta_token_ids = self.meta_token_ids or []
+        validate_metadata_fields(self.metadata_fields, allow_empty=bool(meta_token_ids))
+        vocab_size = self.text_config.vocab_size
+        for token_id in meta_token_ids:
+            if not token_id < vocab_size:
+                raise ValueError(
+                    f"`meta_token_ids` holds {token_id!r}, outside the vocabulary of {vocab_size} tokens: a "
+                    f"meta-token id must be an integer in [0, {vocab_size}). Add the meta-token to the tokenizer "
+                    "(and resize the embeddings) first."
+                )
+        for option in ("metadata_weights", "tag_head_fields"):
+            unknown = sorted(set(getattr(self, option) or ()) - set(self.metadata_fields))
+            if unknown:
+                raise ValueError(
+                    f"`{option}` names unknown fields {unknown}; the fields are {list(self.metadata_fields)}."
+                )
 
     # Trainer and `generate` read these on a model's config; they live in `text_config` only, so the saved
     # config holds each value once.

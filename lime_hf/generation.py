@@ -1,23 +1,36 @@
-"""Metadata for generated tokens: providers, guidance and the per-row tag bookkeeping of `generate`.
+"""Generation in one room: `LimeGenerationMixin.generate`, metadata providers, guidance and the per-row bookkeeping.
 
 A LIME model (shift 0) needs the tags of every token it is fed, generated ones included: a *provider* gives
-them (re-annotating the decoded tail, "unknown", the model's own tag heads, or a user callable). A LIME+1 model (shift 1) is fed, at
-the last position, the tags of the token it is about to generate: *guidance* gives them (a schedule of
-labels per row, or a callable); where guidance ends, the provider takes over.
+them (re-annotating the decoded tail, "unknown", the model's own tag heads, or a user callable). A LIME+1 model
+(shift 1) is fed, at the last position, the tags of the token it is about to generate: *guidance* gives them (a
+schedule of labels per row, or a callable); where guidance ends, the provider takes over.
 
-Every generated token's tags are a pure function of its row's prompt and the tokens generated before it
-(and, for shift 0, of the token itself). `MetadataTracker` memoises them by that prefix, which keeps the
-output identical with and without the KV cache and lets beam search reorder rows freely.
+The one difference between the two, in one rule: the tags of token `t` are decided by the prefix `t + 1 - shift`
+tokens long (LIME tags a token once it exists; LIME+1 before it exists). `MetadataTracker.deciding_prefix` says it.
 
-This file is copied next to the weights by ``save_pretrained`` (remote code), so it imports only ``torch``
-and flat siblings.
+Every generated token's tags are a pure function of its row's prompt and the tokens before the deciding prefix's
+end. `MetadataTracker` memoises them by that prefix, which keeps the output identical with and without the KV
+cache and lets beam search reorder rows freely. Which prompt each row grew from is recorded, not guessed: the
+batch row index travels as the model kwarg `lime_rows`, which `generate` expands with every other kwarg (beams,
+`num_return_sequences`).
+
+This file is copied next to the weights by ``save_pretrained`` (remote code), so it imports only ``torch``,
+``transformers`` and flat siblings.
 """
 
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
+from transformers import GenerationMixin
+from transformers.utils import logging
 
-from .configuration_lime import UNKNOWN_ID
+from .compat import CACHE_NAME
+from .configuration_lime import SPECIAL_ID, UNKNOWN_ID, check_inventories
+from .rules import check_generation_request
+from .tag_heads import check_tag_heads, self_tags
+
+logger = logging.get_logger(__name__)
 
 # (input_ids `(rows, seq)`, step) -> field -> one label (str) or tag id (int) per row; `None` = no opinion.
 MetadataCallable = Callable[[torch.LongTensor, int], dict[str, Sequence[str | int | None]]]
@@ -59,29 +72,20 @@ class AnnotatingProvider:
 
 
 def resolve_provider(metadata_provider, tokenizer, metadata_shift: int) -> Callable:
-    """`"annotate"` (the default when a LimeTokenizer is given), `"unknown"` or a callable."""
+    """`"annotate"` (the default for LIME when a LimeTokenizer is given), `"unknown"` or a callable; the names'
+    rules are `rules.check_generation_request`'s (checked before)."""
     if metadata_provider is None:
         metadata_provider = "annotate" if tokenizer is not None and not metadata_shift else "unknown"
     if callable(metadata_provider):
         return metadata_provider
     if metadata_provider == "unknown":
         return UnknownProvider()
-    if metadata_provider == "annotate":
-        if metadata_shift:
-            raise ValueError(
-                "metadata_provider='annotate' tags tokens that exist; a LIME+1 model needs the tags of the token "
-                "it is about to generate. Give `guidance`, or a callable provider, or 'unknown'."
-            )
-        if not hasattr(tokenizer, "metadata_for_ids"):
-            raise ValueError(
-                "metadata_provider='annotate' re-annotates the generated text and needs the LimeTokenizer: "
-                "pass `tokenizer=` to `generate`."
-            )
-        return AnnotatingProvider(tokenizer)
-    raise ValueError(
-        f"metadata_provider must be 'annotate', 'unknown', 'model' (the model's tag heads) or a callable "
-        f"(input_ids, step) -> tags, got {metadata_provider!r}."
-    )
+    if not hasattr(tokenizer, "metadata_for_ids"):
+        raise ValueError(
+            "metadata_provider='annotate' re-annotates the generated text and needs the LimeTokenizer: "
+            "pass `tokenizer=` to `generate`."
+        )
+    return AnnotatingProvider(tokenizer)
 
 
 def parse_guidance(
@@ -95,10 +99,6 @@ def parse_guidance(
     """
     parsed = {}
     for field, schedule in (guidance or {}).items():
-        if field not in metadata_fields:
-            raise ValueError(
-                f"Guidance names unknown metadata field '{field}'; fields: {list(metadata_fields)}."
-            )
         if callable(schedule):
             parsed[field] = schedule
             continue
@@ -147,15 +147,15 @@ class MetadataTracker:
     fork rows, and without a KV cache every position is re-fed at every step).
 
     Args:
-        prompt_metadata: field -> `(rows, prompt_len)` tags of the (expanded) prompt; missing fields are unknown.
-        prompt_ids: `(rows, prompt_len)` the expanded prompt.
+        prompt_metadata: field -> `(batch, prompt_len)` tags of the prompt; missing fields are unknown.
+        prompt_ids: `(batch, prompt_len)` the prompt.
         metadata_fields: the model's inventories.
         metadata_shift: 0 (LIME) or 1 (LIME+1).
         provider: tags of generated tokens where guidance has none (see `resolve_provider`).
-        guidance: parsed guidance (see `parse_guidance`), indexed by *batch* row.
+        guidance: parsed guidance (see `parse_guidance`), indexed by batch row.
 
-    `generate` expands rows for beams and `num_return_sequences` (`repeat_interleave`) after this is built;
-    row `r` of the expanded batch is batch row `r // expansion`.
+    Each call names the batch row every row of `input_ids` grew from (`origins`): `generate` expands rows for beams
+    and `num_return_sequences` after this is built.
     """
 
     def __init__(
@@ -173,31 +173,30 @@ class MetadataTracker:
         self.provider = provider
         self.guidance = guidance
         self.batch_size, self.prompt_len = prompt_ids.shape
-        self.batch_prompt_metadata = {
-            field: prompt_metadata.get(field, torch.full_like(prompt_ids, UNKNOWN_ID))
-            for field in self.fields
-        }
-        self.expansion = 1
-        self.prompt_metadata = self.batch_prompt_metadata
+        # `(fields, batch, prompt_len)`: a prompt position's tags for every field at once.
+        self.prompt_metadata = torch.stack(
+            [prompt_metadata.get(field, torch.full_like(prompt_ids, UNKNOWN_ID)) for field in self.fields]
+        )
         self.prefixes = [_PrefixNode() for _ in range(self.batch_size)]
         # A provider reading hidden states (the tag heads) needs each prefix's last state: `record_hidden`.
         self.uses_hidden_states = getattr(provider, "uses_hidden_states", False)
         self._fed_nodes: list[_PrefixNode] = []
-        self._last_nodes: tuple[int, list[_PrefixNode]] = (-1, [])  # (prefix end, nodes) of the last lookup
 
-    def model_inputs(self, input_ids: torch.LongTensor, length: int) -> dict:
-        """`<field>_ids` for the last `length` positions of `input_ids` (+ LIME+1's `next_metadata_ids`)."""
-        inputs = self._tags(input_ids, range(input_ids.shape[1] - length, input_ids.shape[1]))
+    def deciding_prefix(self, token: int) -> int:
+        """The length of the prefix that decides the tags of the token at position `token`: LIME tags a token once
+        it exists (`token + 1`), LIME+1 before it exists (`token`), as guidance for it."""
+        return token + 1 - self.shift
+
+    def model_inputs(self, input_ids: torch.LongTensor, length: int, origins: list[int]) -> dict:
+        """`<field>_ids` for the last `length` positions of `input_ids` (+ LIME+1's `next_metadata_ids`: the tags of
+        the token after them). `origins`: the batch row of each row."""
+        end = input_ids.shape[1]
+        inputs = self._tags(input_ids, range(end - length, end), origins)
         if self.shift:
-            next_tags = self._generated_tags(input_ids, input_ids.shape[1])
-            inputs["next_metadata_ids"] = {
-                field: torch.tensor(next_tags[field], device=input_ids.device) for field in self.fields
-            }
-        if self.uses_hidden_states:  # usually `_generated_tags` just found these nodes
-            full = input_ids.shape[1]
-            self._fed_nodes = (
-                self._last_nodes[1] if self._last_nodes[0] == full else self._nodes(input_ids, full)
-            )
+            tags = self._token_tags(input_ids, end, origins)
+            inputs["next_metadata_ids"] = dict(zip(self.fields, tags.unbind(0), strict=True))
+        if self.uses_hidden_states:  # the prefixes this forward feeds last: their states tag the next tokens
+            self._fed_nodes = self._nodes(input_ids, end, origins)
         return inputs
 
     def record_hidden(self, last_hidden: torch.Tensor) -> None:
@@ -213,69 +212,60 @@ class MetadataTracker:
                 node.hidden = last_hidden[row, position]
                 node = node.parent
 
-    def _nodes(self, input_ids: torch.LongTensor, prefix_end: int) -> list[_PrefixNode]:
-        generated = input_ids[:, self.prompt_len : prefix_end].tolist()
-        return [self.prefixes[row // self.expansion].descend(tokens) for row, tokens in enumerate(generated)]
-
-    def metadata_ids(self, sequences: torch.LongTensor) -> dict[str, torch.LongTensor]:
+    def metadata_ids(self, sequences: torch.LongTensor, origins: list[int]) -> dict[str, torch.LongTensor]:
         """`<field>_ids` `(rows, seq)` of every position of `generate`'s output `sequences`.
 
         A LIME model never fed its last generated token; its tags are computed here as the next step would
         have, so that continuing from `sequences` with them feeds what one longer call would have fed.
         """
-        return self._tags(sequences, range(sequences.shape[1]))
+        return self._tags(sequences, range(sequences.shape[1]), origins)
 
-    def _tags(self, input_ids: torch.LongTensor, positions: range) -> dict[str, torch.LongTensor]:
+    def _tags(
+        self, input_ids: torch.LongTensor, positions: range, origins: list[int]
+    ) -> dict[str, torch.LongTensor]:
         """`<field>_ids` `(rows, len(positions))` of `input_ids` at `positions`."""
-        self._expand_to(input_ids.shape[0])
-        columns = [self._columns(input_ids, position) for position in positions]  # one trie walk per position
+        columns = []
+        prompt_end = min(positions.stop, self.prompt_len)
+        if positions.start < prompt_end:  # `(fields, rows, n)`
+            columns.append(
+                self.prompt_metadata[:, origins, positions.start : prompt_end].to(input_ids.device)
+            )
+        for token in range(max(positions.start, self.prompt_len), positions.stop):
+            columns.append(self._token_tags(input_ids, token, origins)[..., None])
+        tags = columns[0] if len(columns) == 1 else torch.cat(columns, dim=2)
         return {
-            f"{field}_ids": torch.stack([column[index] for column in columns], 1)
-            for index, field in enumerate(self.fields)
+            f"{field}_ids": field_tags for field, field_tags in zip(self.fields, tags.unbind(0), strict=True)
         }
 
-    def _expand_to(self, rows: int) -> None:
-        """Beams and `num_return_sequences` repeat each batch row; prompt tags follow (`repeat_interleave`)."""
-        if rows != self.batch_size * self.expansion:
-            self.expansion = rows // self.batch_size
-            self.prompt_metadata = {
-                field: tags.repeat_interleave(self.expansion, dim=0)
-                for field, tags in self.batch_prompt_metadata.items()
-            }
+    def _nodes(self, input_ids: torch.LongTensor, prefix_end: int, origins: list[int]) -> list[_PrefixNode]:
+        generated = input_ids[:, self.prompt_len : prefix_end].tolist()
+        return [
+            self.prefixes[origin].descend(tokens) for origin, tokens in zip(origins, generated, strict=True)
+        ]
 
-    def _columns(self, input_ids: torch.LongTensor, position: int) -> torch.LongTensor:
-        """`(fields, rows)`: every field's tags at `position`."""
-        if position < self.prompt_len:
-            return torch.stack([self.prompt_metadata[field][:, position] for field in self.fields]).to(
-                input_ids.device
-            )
-        # LIME+1 fixed a generated token's tags before the token existed (as guidance for it).
-        tags = self._generated_tags(input_ids, position + 1 - self.shift)
-        return torch.tensor([tags[field] for field in self.fields], device=input_ids.device)
-
-    def _generated_tags(self, input_ids: torch.LongTensor, prefix_end: int) -> dict[str, list[int]]:
-        """Tags of the generated token that `input_ids[:, :prefix_end]` determines, per row."""
-        step = prefix_end - self.prompt_len - (1 - self.shift)
-        nodes = self._nodes(input_ids, prefix_end)
-        self._last_nodes = (prefix_end, nodes)
+    def _token_tags(self, input_ids: torch.LongTensor, token: int, origins: list[int]) -> torch.LongTensor:
+        """`(fields, rows)` tags of the generated token at position `token` of each row."""
+        prefix_end = self.deciding_prefix(token)
+        nodes = self._nodes(input_ids, prefix_end, origins)
         missing = [row for row, node in enumerate(nodes) if node.tags is None]
         if missing:
-            batch_rows = [row // self.expansion for row in missing]
-            computed = self._compute(input_ids[missing, :prefix_end], batch_rows, step, missing, nodes)
+            step = token - self.prompt_len  # the how-many-th generated token
+            computed = self._compute(input_ids[missing, :prefix_end], step, missing, nodes, origins)
             for index, row in enumerate(missing):
-                nodes[row].tags = {field: computed[field][index] for field in self.fields}
-        return {field: [node.tags[field] for node in nodes] for field in self.fields}
+                nodes[row].tags = [computed[field][index] for field in self.fields]
+        return torch.tensor([node.tags for node in nodes], device=input_ids.device).T
 
     def _compute(
         self,
         input_ids: torch.LongTensor,
-        batch_rows: list[int],
         step: int,
         rows: list[int],
         nodes: list[_PrefixNode],
+        origins: list[int],
     ) -> dict[str, list[int]]:
-        """Guidance where it covers `step`, else the provider, else unknown (`rows`: the expanded rows)."""
-        guided = {field: [None] * len(batch_rows) for field in self.fields}
+        """Guidance where it covers `step`, else the provider, else unknown (`rows`: the rows of `input_ids`)."""
+        batch_rows = [origins[row] for row in rows]
+        guided = {field: [None] * len(rows) for field in self.fields}
         for field, schedule in self.guidance.items():
             if callable(schedule):
                 guided[field] = list(schedule(input_ids, step))
@@ -284,12 +274,14 @@ class MetadataTracker:
         needs_provider = any(tag is None for tags in guided.values() for tag in tags)
         provided = {}
         if needs_provider and self.uses_hidden_states:
-            provided = self.provider(self._previous_hidden(input_ids, rows, nodes), input_ids[:, -1])
+            provided = self.provider(
+                self._previous_hidden(input_ids, rows, nodes, batch_rows), input_ids[:, -1]
+            )
         elif needs_provider:
             provided = self.provider(input_ids, step)
         result = {}
         for field in self.fields:
-            fallback = provided.get(field, [None] * len(batch_rows))
+            fallback = provided.get(field, [None] * len(rows))
             result[field] = [
                 UNKNOWN_ID if tag is None else label_id(self.metadata_fields, field, tag)
                 for tag in (g if g is not None else f for g, f in zip(guided[field], fallback, strict=True))
@@ -297,7 +289,7 @@ class MetadataTracker:
         return result
 
     def _previous_hidden(
-        self, input_ids: torch.LongTensor, rows: list[int], nodes: list[_PrefixNode]
+        self, input_ids: torch.LongTensor, rows: list[int], nodes: list[_PrefixNode], batch_rows: list[int]
     ) -> torch.Tensor:
         """`(len(rows), hidden)`: the state before each prefix's last token, as recorded for its parent prefix.
 
@@ -314,10 +306,295 @@ class MetadataTracker:
         if all(parent is not None for parent in parents):
             return torch.stack([parent.hidden for parent in parents])
         prompt_rows = [index for index, parent in enumerate(parents) if parent is None]
+        prompt_origins = [batch_rows[i] for i in prompt_rows]
         prompt_states = self.provider.prompt_states(
             input_ids[prompt_rows, : self.prompt_len],
-            {field: tags[[rows[i] for i in prompt_rows]] for field, tags in self.prompt_metadata.items()},
-            [rows[i] // self.expansion for i in prompt_rows],
+            dict(zip(self.fields, self.prompt_metadata[:, prompt_origins].unbind(0), strict=True)),
+            prompt_origins,
         )
         states = iter(prompt_states)
         return torch.stack([next(states) if parent is None else parent.hidden for parent in parents])
+
+
+class ModelTagProvider:
+    """`metadata_provider="model"`: the tag heads give the tags of generated tokens, on the model's device.
+
+    For LIME it tags each generated token; for LIME+1 it predicts the next token's tags where guidance is absent
+    (self-guidance). `MetadataTracker` keeps every prefix's last hidden state and calls this with the state
+    before the prefix's last token and that token, so each tag is a pure function of the prefix (the same with
+    and without the KV cache, and under beam reordering). Fields without a head get "unknown".
+
+    Args:
+        model: the `LimeForCausalLM` (with tag heads).
+        attention_mask: `(batch, prompt_len)` mask of the prompt (left padding), if any.
+        self_guidance: `"argmax"` or `"sample"` (draw from the head's softmax); default `config.self_guidance`.
+    """
+
+    uses_hidden_states = True
+
+    def __init__(self, model, attention_mask: torch.Tensor | None = None, self_guidance: str | None = None):
+        check_tag_heads(model)
+        self.model = model
+        self.attention_mask = attention_mask
+        self.sample = (self_guidance or model.config.self_guidance) == "sample"
+
+    def __call__(self, previous_hidden: torch.Tensor, tokens: torch.LongTensor) -> dict[str, list[int]]:
+        """`(rows, hidden)` states before each row's last token, `(rows,)` those tokens -> field -> tag per row."""
+        heads = self.model.tag_heads
+        embeds = self.model.get_input_embeddings()(tokens.to(previous_hidden.device))
+        logits = heads(previous_hidden[:, None], embeds[:, None])
+        predicted = heads.predict(logits, sample=self.sample)
+        return {name: ids[:, 0].tolist() for name, ids in predicted.items()}
+
+    def prompt_states(
+        self,
+        prompt_ids: torch.LongTensor,
+        prompt_metadata: dict[str, torch.LongTensor],
+        batch_rows: list[int],
+    ) -> torch.Tensor:
+        """`(rows, hidden)`: the hidden state before each prompt's last token (LIME+1's first self-guided tag).
+
+        The prompt without its last token is run once; where it is empty or ends in padding, the start state.
+        """
+        heads = self.model.tag_heads
+        rows, length = prompt_ids.shape
+        start = heads.start_state.expand(rows, -1)
+        if length < 2:
+            return start
+        mask = None if self.attention_mask is None else self.attention_mask[batch_rows].to(prompt_ids.device)
+        head_ids = {f"{name}_ids": tags[:, :-1] for name, tags in prompt_metadata.items()}
+        extra = {"next_metadata_ids": {name: tags[:, -1] for name, tags in prompt_metadata.items()}}
+        if mask is not None:
+            extra["attention_mask"] = mask[:, :-1]
+            extra["position_ids"] = (mask[:, :-1].cumsum(-1) - 1).clamp(min=0)
+        outputs = self.model(input_ids=prompt_ids[:, :-1], use_cache=False, **head_ids, **extra)
+        previous = outputs.last_hidden_state[:, -1]
+        if mask is not None:
+            previous = torch.where((mask[:, -2] == 0)[:, None], start, previous)
+        return previous
+
+
+def check_meta_generation(config, generate_kwargs: dict, generation_config) -> None:
+    """Raise unless `generate(generation_config, **generate_kwargs)` suits this model's meta-tokens: every
+    meta-token placement in `logits_processor` places one of them, and no candidate decoding rolls the cache back
+    (a crop counts tokens, and the meta slots are not one per token), asked for in the keywords or in the
+    generation config."""
+    for processor in generate_kwargs.get("logits_processor") or []:
+        token_id = getattr(processor, "meta_token_id", None)
+        if token_id is not None and token_id not in config.meta_token_ids:
+            raise ValueError(
+                f"A meta-token placement asks for meta-token id {token_id}, but this model's meta-tokens are "
+                f"{config.meta_token_ids or 'none'}: "
+                + (
+                    "place one of them."
+                    if config.meta_token_ids
+                    else "build the model with `LimeConfig(meta_token_ids=[...])` to give it meta-attention."
+                )
+            )
+    candidates = [
+        key
+        for key in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+        if generate_kwargs.get(key) or getattr(generation_config, key, None)
+    ]
+    if config.meta_token_ids and candidates:
+        raise ValueError(
+            f"Assisted and prompt-lookup decoding ({candidates}) crop the KV cache by tokens, which the meta-attention "
+            "cache does not follow: generate without them."
+        )
+
+
+class LimeGenerationMixin(GenerationMixin):
+    """`GenerationMixin` with metadata for the generated tokens: the tracker, the providers, self-tagging of an
+    untagged prompt, and `metadata_ids` in the output. Mixed into `LimeForCausalLM`, which provides the forward and
+    its tag checks (`_collect_metadata`, `_check_metadata`)."""
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.LongTensor | None = None,
+        generation_config=None,
+        guidance: dict | None = None,
+        metadata_provider=None,
+        **kwargs,
+    ):
+        r"""
+        `GenerationMixin.generate` with metadata for the generated tokens. Every decoding setup works (greedy,
+        sampling, beam search, left-padded batches, `num_return_sequences`), with and without the KV cache.
+        Only this model's `<field>_ids` are read as metadata; every other keyword (`bad_words_ids`, logits
+        processors, stopping criteria, streamers, `assistant_model`, ...) means what it means for the backbone.
+        With no prompt, generation starts from BOS (tags: special), as the backbone's does.
+
+        With `return_dict_in_generate=True` the output also holds `metadata_ids`: `{"<field>_ids": (rows, seq)}`,
+        the tags of every position of `sequences`. Passing them back with `sequences` and the output's cache
+        continues the generation exactly as one longer call would.
+
+        Args:
+            inputs, generation_config, kwargs: as for `GenerationMixin.generate`. The prompt's tags come in as
+                `pos_ids`/`ner_ids`/`<field>_ids` `(batch, prompt_len)`, e.g. `model.generate(**encoding)`.
+                With none of them, a model whose heads provide the tags tags the prompt itself first (one
+                incremental pass over the prompt, `tag_heads.self_tags`, as `forward` does for bare `input_ids`).
+                Pass `tokenizer=` (a `LimeTokenizer`) to let a LIME model re-annotate what it generates.
+            guidance (`dict`, *optional*): LIME+1 only. Field -> the labels of the next generated tokens: one
+                list per batch row (lengths may differ), one list for every row, or a callable
+                `(input_ids, step) -> labels` (one label or `None` per row). Where it ends, the provider
+                takes over. Example: `guidance={"pos": [["VBZ", "DT"]]}`.
+            metadata_provider (*optional*): tags of generated tokens where guidance has none: `"model"` (the
+                tag heads, on device: the default for a model that has them; LIME+1 guides itself by
+                `config.self_guidance`), `"annotate"` (re-annotate the decoded tail; default for LIME when
+                `tokenizer` is given), `"unknown"`, or a callable `(input_ids, step) -> {field: labels}` giving
+                the tags of each row's last token (LIME) or of its next token (LIME+1).
+        """
+        self._check_generation_override()
+        config = self.config
+        check_generation_request(
+            fields=config.metadata_fields,
+            metadata_shift=config.metadata_shift,
+            has_tag_heads=self.tag_heads is not None,
+            guidance_fields=guidance or (),
+            provider=metadata_provider,
+        )
+        check_meta_generation(config, kwargs, generation_config or self.generation_config)
+        inputs, prompt_ids, prompt_metadata = self._prompt(inputs, generation_config, kwargs)
+        tracker = kwargs.pop("lime_tracker", None)  # set when a LIME model assists another one's generation
+        if tracker is not None:
+            self._check_assisted_tracker(tracker)
+        elif config.metadata_fields:  # meta-tokens only: no tags to track
+            tracker = self._new_tracker(prompt_ids, prompt_metadata, guidance, metadata_provider, kwargs)
+        if CACHE_NAME == "past_key_values" and "cache" in kwargs:  # `generate` before 5.24 knows the old name
+            kwargs["past_key_values"] = kwargs.pop("cache")
+        # Each row's batch row: `generate` expands it with the other model kwargs (beams, `num_return_sequences`).
+        # An assistant gets the assisted model's, with its tracker.
+        rows = kwargs.pop("lime_rows", None)
+        if rows is None:
+            rows = torch.arange(prompt_ids.shape[0], device=prompt_ids.device)
+        output = super().generate(inputs, generation_config, lime_tracker=tracker, lime_rows=rows, **kwargs)
+        if isinstance(output, torch.Tensor) or tracker is None:
+            return output
+        # The output holds `num_return_sequences` rows per prompt, in prompt order, whatever the decoding.
+        returned = (
+            kwargs.get("num_return_sequences")
+            or (generation_config or self.generation_config).num_return_sequences
+        )
+        origins = torch.arange(prompt_ids.shape[0]).repeat_interleave(returned or 1).tolist()
+        output["metadata_ids"] = tracker.metadata_ids(output.sequences, origins)
+        return output
+
+    def _check_generation_override(self) -> None:
+        if "lime_tracker" not in inspect.signature(self.prepare_inputs_for_generation).parameters:
+            raise ValueError(
+                "This model's `prepare_inputs_for_generation` was replaced by one that does not feed the tags of "
+                "generated tokens (PEFT's prefix tuning, prompt tuning and p-tuning replace it), so LIME "
+                "`generate` cannot run on it. Generate with a LoRA-tuned model (`lime_hf.integrations.peft`)."
+            )
+
+    def _prompt(
+        self, inputs: torch.LongTensor | None, generation_config, kwargs: dict
+    ) -> tuple[torch.LongTensor | None, torch.LongTensor, dict[str, torch.LongTensor]]:
+        """`inputs` for `GenerationMixin.generate`, the prompt ids and their tags (popped from `kwargs`): BOS with
+        special tags when there is no prompt."""
+        prompt_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        prompt_metadata = self._collect_metadata(
+            kwargs.pop("pos_ids", None), kwargs.pop("ner_ids", None), kwargs
+        )
+        if prompt_ids is None:
+            if kwargs.get("inputs_embeds") is not None:
+                raise ValueError(
+                    "LIME generation needs the prompt as `input_ids`: `inputs_embeds` alone carry no tags."
+                )
+            inputs = prompt_ids = self._bos_prompt(generation_config, kwargs)
+            prompt_metadata = {
+                name: torch.full_like(inputs, SPECIAL_ID) for name in self.config.metadata_fields
+            }
+        self._check_metadata(tuple(prompt_ids.shape), prompt_metadata, None)
+        return inputs, prompt_ids, prompt_metadata
+
+    def _bos_prompt(self, generation_config, kwargs: dict) -> torch.LongTensor:
+        """`(1, 1)` BOS ids: where the backbone's `generate` starts when it is given no prompt."""
+        bos_token_id = kwargs.get("bos_token_id")
+        if bos_token_id is None:
+            bos_token_id = (generation_config or self.generation_config).bos_token_id
+        if bos_token_id is None:
+            raise ValueError(
+                "`generate` was given no prompt and the model has no `bos_token_id` to start from: pass "
+                "`input_ids` (with their `<field>_ids` tags) or set `generation_config.bos_token_id`."
+            )
+        return torch.full((1, 1), bos_token_id, dtype=torch.long, device=self.device)
+
+    def _new_tracker(
+        self,
+        prompt_ids: torch.LongTensor,
+        prompt_metadata: dict[str, torch.LongTensor],
+        guidance: dict | None,
+        metadata_provider,
+        kwargs: dict,
+    ) -> MetadataTracker:
+        """The tracker of one `generate` call: provider resolved, an untagged prompt tagged by the heads."""
+        config, tokenizer = self.config, kwargs.get("tokenizer")
+        if getattr(tokenizer, "metadata_fields", None) is not None:
+            check_inventories(tokenizer.metadata_fields, config.metadata_fields)
+        if metadata_provider == "model" or (metadata_provider is None and self.tag_heads is not None):
+            metadata_provider = ModelTagProvider(self, kwargs.get("attention_mask"))
+            if not prompt_metadata:  # an untagged prompt (lm-eval's `--model hf`): the heads tag it causally
+                prompt_metadata, _ = self_tags(self, prompt_ids, kwargs.get("attention_mask"))
+        if metadata_provider is None and tokenizer is None and not guidance:
+            logger.warning_once(
+                "LIME generate: no `tokenizer`, `guidance` or `metadata_provider` given, so generated tokens get "
+                "'unknown' metadata."
+            )
+        return MetadataTracker(
+            prompt_metadata=prompt_metadata,
+            prompt_ids=prompt_ids,
+            metadata_fields=config.metadata_fields,
+            metadata_shift=config.metadata_shift,
+            provider=resolve_provider(metadata_provider, tokenizer, config.metadata_shift),
+            guidance=parse_guidance(guidance, config.metadata_fields, prompt_ids.shape[0]),
+        )
+
+    def _check_assisted_tracker(self, tracker: MetadataTracker) -> None:
+        if (tracker.metadata_fields, tracker.shift) != (
+            self.config.metadata_fields,
+            self.config.metadata_shift,
+        ):
+            raise ValueError(
+                "An assistant model must read the same metadata as the model it assists: same fields and "
+                f"metadata_shift (assisted model: shift {tracker.shift}, fields {list(tracker.metadata_fields)}; "
+                f"assistant: shift {self.config.metadata_shift}, fields {list(self.config.metadata_fields)})."
+            )
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        lime_tracker: MetadataTracker | None = None,
+        lime_rows: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> dict:
+        """The backbone's inputs for one step, plus the tags of the positions it feeds (see `MetadataTracker`)."""
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, **kwargs
+        )
+        if lime_tracker is not None:
+            origins = lime_rows.tolist() if lime_rows is not None else list(range(input_ids.shape[0]))
+            model_inputs.update(
+                lime_tracker.model_inputs(input_ids, model_inputs["input_ids"].shape[1], origins)
+            )
+        return model_inputs
+
+    # Private: the one point of `generate` that sees each step's outputs before the next step's inputs are built
+    # (logits processors see the scores only), and the tag heads read the states the step computed.
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs: dict, *args, **kwargs) -> dict:
+        tracker = model_kwargs.get("lime_tracker")
+        # The tag heads read these states at the next step (not an assistant's: it has its own states).
+        if tracker is not None and getattr(tracker.provider, "model", None) is self:
+            tracker.record_hidden(outputs.last_hidden_state)
+        return super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+
+
+__all__ = [
+    "LimeGenerationMixin",
+    "MetadataTracker",
+    "ModelTagProvider",
+    "check_meta_generation",
+    "parse_guidance",
+    "resolve_provider",
+]

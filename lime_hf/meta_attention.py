@@ -10,9 +10,11 @@ It is computed on the gathered meta positions only (each row's meta-tokens padde
 row without meta-tokens is left as it is (no fully masked softmax row, so no NaN).
 
 The sublayers are wired into the backbone with module hooks, so that the backbone's code and weight names stay
-its own. `LimeForCausalLM.forward` builds a `MetaAttentionState` per call and passes it down the backbone as the
-keyword `meta_attention_state`, which Transformers hands to every decoder layer (a gradient-checkpointing replay
-gets the same keyword).
+its own (`attach` is idempotent, `detach` removes them). `LimeForCausalLM.forward` builds a `MetaAttentionState`
+per call and runs the backbone inside `scope(state, inputs)`: the state goes down as the keyword
+`meta_attention_state`, which Transformers hands to every decoder layer (a gradient-checkpointing replay, run
+after the call has returned, gets the same keyword), and into a `ContextVar` for the positional hook, set and
+reset around the call. No hook keeps state between calls.
 
 KV cache: the meta keys/values of layer `l` are extra layers of the backbone's own `Cache`, at index
 `num_layers + 1 + l`; index `num_layers` holds which of those slots are real meta-tokens (1) or padding (0).
@@ -22,6 +24,9 @@ This file is copied next to the weights by ``save_pretrained`` (remote code), so
 ``transformers`` and its flat siblings.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +37,8 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from .tag_heads import IGNORE_INDEX
 
 STATE_KEYWORD = "meta_attention_state"
+# `is_meta` of the backbone call under way when its positional encoding is to be zeroed there, else `None`.
+_ZEROED_POSITIONS: ContextVar[torch.BoolTensor | None] = ContextVar("lime_zeroed_positions", default=None)
 
 
 @dataclass
@@ -159,10 +166,12 @@ class LimeMetaAttentionLayers(nn.Module):
         self.meta_token_ids = list(config.meta_token_ids)
         num_layers = config.get_text_config().num_hidden_layers
         self.layers = nn.ModuleList([LimeMetaAttention(config, index) for index in range(num_layers)])
-        self._positional: torch.BoolTensor | None = None  # `is_meta` of the backbone call under way
+        self._handles = []  # of the hooks `attach` installed
 
     def attach(self, backbone: nn.Module) -> None:
-        """Hook the sublayers into `backbone` (a `*ForCausalLM`); again whenever the backbone is replaced."""
+        """Hook the sublayers into `backbone` (a `*ForCausalLM`). Idempotent: hooks from an earlier `attach` (to
+        this backbone or a replaced one) are removed first."""
+        self.detach()
         base = backbone.base_model
         decoder_layers = getattr(base, "layers", None) or getattr(base, "h", None)
         if not isinstance(decoder_layers, nn.ModuleList) or len(decoder_layers) != len(self.layers):
@@ -171,18 +180,39 @@ class LimeMetaAttentionLayers(nn.Module):
                 f"or `h` (GPT-2) on its base model; {type(base).__name__} has no such list of "
                 f"{len(self.layers)} layers."
             )
-        for index, layer in enumerate(decoder_layers):
+        self._handles = [
             layer.register_forward_hook(_SublayerHook(self, index), with_kwargs=True)
+            for index, layer in enumerate(decoder_layers)
+        ]
         self.positional_kind = None
         if isinstance(getattr(base, "rotary_emb", None), nn.Module):
             self.positional_kind = "rotary"
-            base.rotary_emb.register_forward_hook(_PositionalHook(self, "rotary"))
+            self._handles.append(base.rotary_emb.register_forward_hook(_PositionalHook("rotary")))
         elif isinstance(getattr(base, "wpe", None), nn.Module):
             self.positional_kind = "absolute"
-            base.wpe.register_forward_hook(_PositionalHook(self, "absolute"))
+            self._handles.append(base.wpe.register_forward_hook(_PositionalHook("absolute")))
         self.check_positional()
-        base.register_forward_pre_hook(_CallScope(self, entering=True), with_kwargs=True)
-        base.register_forward_hook(_CallScope(self, entering=False), with_kwargs=True)
+
+    def detach(self) -> None:
+        """Remove the hooks `attach` installed (the backbone runs as if it had no meta-attention)."""
+        for handle in getattr(self, "_handles", ()):
+            handle.remove()
+        self._handles = []
+
+    @contextmanager
+    def scope(self, state: "MetaAttentionState | None", inputs: dict) -> Iterator[None]:
+        """One backbone call: `state` into its keywords `inputs` (for the sublayers) and, where the positional
+        encoding is zeroed at meta-tokens, the meta positions into the positional hook's `ContextVar`."""
+        if state is None:
+            yield
+            return
+        inputs[STATE_KEYWORD] = state
+        zero = state.is_meta if self.config.meta_positional == "zero" else None
+        token = _ZEROED_POSITIONS.set(zero)
+        try:
+            yield
+        finally:
+            _ZEROED_POSITIONS.reset(token)
 
     def check_positional(self) -> None:
         """Raise unless the backbone has the positional encoding that `meta_positional="zero"` acts on."""
@@ -210,7 +240,7 @@ class LimeMetaAttentionLayers(nn.Module):
         use_cache: bool,
         keep_cache: bool,
     ) -> tuple[torch.LongTensor | None, Cache | None, MetaAttentionState | None]:
-        """Labels, cache and state for one backbone call.
+        """Labels, cache and state for one backbone call (run it inside `scope(state, inputs)`).
 
         Args:
             input_ids: `(batch, seq)` the call's ids (meta positions are read from them; with `inputs_embeds`
@@ -261,27 +291,14 @@ class _SublayerHook:
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
-class _CallScope:
-    """Pre-/post-hook of the backbone's base model: the positional hook's meta positions during one call."""
-
-    def __init__(self, layers: LimeMetaAttentionLayers, entering: bool):
-        self.layers, self.entering = layers, entering
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output=None):
-        state = kwargs.get(STATE_KEYWORD)
-        zero = self.entering and state is not None and self.layers.config.meta_positional == "zero"
-        self.layers._positional = state.is_meta if zero else None
-        return None
-
-
 class _PositionalHook:
     """Forward hook of the rotary embedding or of the position table: zero the encoding at meta positions."""
 
-    def __init__(self, layers: LimeMetaAttentionLayers, kind: str):
-        self.layers, self.kind = layers, kind
+    def __init__(self, kind: str):
+        self.kind = kind
 
     def __call__(self, module: nn.Module, args: tuple, output):
-        is_meta = self.layers._positional
+        is_meta = _ZEROED_POSITIONS.get()
         if is_meta is None:
             return None
         if self.kind == "rotary":  # `(cos, sin)`, each `(batch or 1, seq, head_dim)`
@@ -293,35 +310,6 @@ class _PositionalHook:
         return torch.where(
             is_meta[..., None], torch.zeros_like(output), output
         )  # `(batch or 1, seq, hidden)`
-
-
-def check_meta_generation(config, generate_kwargs: dict, generation_config) -> None:
-    """Raise unless `generate(generation_config, **generate_kwargs)` suits this model's meta-tokens: every
-    meta-token placement in `logits_processor` places one of them, and no candidate decoding rolls the cache back
-    (a crop counts tokens, and the meta slots are not one per token), asked for in the keywords or in the
-    generation config."""
-    for processor in generate_kwargs.get("logits_processor") or []:
-        token_id = getattr(processor, "meta_token_id", None)
-        if token_id is not None and token_id not in config.meta_token_ids:
-            raise ValueError(
-                f"A meta-token placement asks for meta-token id {token_id}, but this model's meta-tokens are "
-                f"{config.meta_token_ids or 'none'}: "
-                + (
-                    "place one of them."
-                    if config.meta_token_ids
-                    else "build the model with `LimeConfig(meta_token_ids=[...])` to give it meta-attention."
-                )
-            )
-    candidates = [
-        key
-        for key in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
-        if generate_kwargs.get(key) or getattr(generation_config, key, None)
-    ]
-    if config.meta_token_ids and candidates:
-        raise ValueError(
-            f"Assisted and prompt-lookup decoding ({candidates}) crop the KV cache by tokens, which the meta-attention "
-            "cache does not follow: generate without them."
-        )
 
 
 __all__ = ["LimeMetaAttention", "LimeMetaAttentionLayers", "MetaAttentionState"]

@@ -2,48 +2,34 @@
 
     E(t_i) = E_tok(t_i) + sum_d w_d * E_d(a_{i+s,d})     (s = `config.metadata_shift`: 0 = LIME, 1 = LIME+1)
 
+One forward, read top to bottom: the tags in -> embeddings (token + metadata) -> meta-attention preparation ->
+the backbone -> tag heads -> output. Tag heads (`tag_heads.py`) and meta-attention (`meta_attention.py`) compute
+their part; generation (`generation.py`, `LimeGenerationMixin`) owns `generate` and its per-step bookkeeping.
+
 This file is copied next to the weights by ``save_pretrained`` (remote code), so it imports only
 ``torch``, ``transformers`` and its flat siblings.
 """
 
-import inspect
-
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.utils import TransformersKwargs, logging
+from transformers.utils import TransformersKwargs
 
-from .configuration_lime import PAD_ID, SPECIAL_ID, UNKNOWN_ID, LimeConfig, check_inventories
-from .generation import MetadataTracker, parse_guidance, resolve_provider
-from .meta_attention import STATE_KEYWORD, LimeMetaAttentionLayers, check_meta_generation
-from .tag_heads import LimeTagHeads, ModelTagProvider, forward_with_tag_heads, self_tags
-
-logger = logging.get_logger(__name__)
-
-
-def merge_cache_arguments(cache, past_key_values):
-    """The KV cache passed as `cache` (transformers >= 5.24) or `past_key_values` (its earlier name)."""
-    if cache is not None and past_key_values is not None:
-        raise ValueError(
-            "Pass the KV cache once: as `cache`, or as `past_key_values` (its name before transformers 5.24)."
-        )
-    return cache if cache is not None else past_key_values
-
-
-def cache_argument_name(parameters: frozenset[str]) -> str:
-    """The name under which a forward with these `parameters` takes the KV cache in the installed transformers."""
-    return "cache" if "cache" in parameters else "past_key_values"
-
-
-# How `GenerationMixin` of the installed transformers carries the cache in its model kwargs.
-GENERATION_CACHE_NAME = cache_argument_name(
-    frozenset(inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters)
-)
-
+from .compat import accept_past_key_values, backbone_parameters, cache_keyword
+from .configuration_lime import PAD_ID, UNKNOWN_ID, LimeConfig
+from .generation import LimeGenerationMixin
+from .meta_attention import LimeMetaAttentionLayers, MetaAttentionState
+from .tag_heads import LimeCausalLMOutputWithPast, LimeTagHeads, self_tags
 
 # PEFT's prompt tuning and p-tuning put learned embeddings in front of the token embeddings (`inputs_embeds`)
 # and pass the tags on unchanged: no tag belongs to those positions, and guessing would misalign every other.
+UNTAGGED_TRAINING = (
+    "A model with tag heads was given `labels` but no tags (`<field>_ids`): its heads would learn nothing and its "
+    "LM would train on tags it never reads in use. Pass the tags `LimeTokenizer` emits, or say what the forward "
+    "reads: `self_tag=True` (the heads' own causal predictions, one sequential step per token) or `self_tag=False` "
+    "(unknown tags: the backbone alone)."
+)
 PREPENDED_POSITIONS = (
     " The input has {} more positions than the tags: if PEFT's prompt tuning or p-tuning put virtual tokens in "
     "front of `inputs_embeds`, those have no tags, so a LIME model cannot be tuned that way. Use LoRA "
@@ -98,8 +84,9 @@ class LimeMetadataEmbeddings(nn.Module):
                 ids = torch.full(input_shape, UNKNOWN_ID, dtype=torch.long, device=table.weight.device)
             # Unknown shares the zero padding row: "no metadata" must add exactly nothing.
             embedded = table(ids.masked_fill(ids == UNKNOWN_ID, PAD_ID))
-            if self.weights[name] != 1.0:
-                embedded = embedded * self.weights[name]
+            weight = self.weights.get(name, 1.0)
+            if weight != 1.0:
+                embedded = embedded * weight
             total = embedded if total is None else total + embedded
         return total
 
@@ -137,15 +124,6 @@ class LimePreTrainedModel(PreTrainedModel):
         if self.meta_attention is not None:
             self.meta_attention.attach(self.language_model)
         self.post_init()
-
-    @property
-    def _backbone_parameters(self) -> frozenset[str]:
-        """The argument names of the backbone's forward (read once: they decide how the backbone is called)."""
-        backbone_class = type(self.language_model)
-        if getattr(self, "_backbone_parameters_of", None) is not backbone_class:
-            self._backbone_parameters_of = backbone_class
-            self._backbone_parameters_cache = frozenset(inspect.signature(backbone_class.forward).parameters)
-        return self._backbone_parameters_cache
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)  # normal init, zero padding row
@@ -203,38 +181,37 @@ class LimePreTrainedModel(PreTrainedModel):
             model.meta_attention.attach(backbone)
         return model
 
-    def prepare_backbone_inputs(
-        self,
-        input_ids: torch.LongTensor | None,
-        inputs_embeds: torch.FloatTensor | None,
-        pos_ids: torch.LongTensor | None,
-        ner_ids: torch.LongTensor | None,
-        next_metadata_ids: dict[str, torch.LongTensor] | None,
-        kwargs: dict,
-    ) -> tuple[torch.FloatTensor, dict]:
-        """The enriched `inputs_embeds` and the keywords left for the backbone (this model's fields removed)."""
-        kwargs = dict(kwargs)
+    # The steps of the forward, in order.
+
+    def collect_tags(
+        self, pos_ids: torch.LongTensor | None, ner_ids: torch.LongTensor | None, kwargs: dict
+    ) -> dict[str, torch.LongTensor]:
+        """Step 1: this model's `<field>_ids`, popped from `kwargs`. Every other keyword is left for the backbone,
+        where a stray `<name>_ids` is refused (the backbone would swallow it without effect)."""
         metadata_ids = self._collect_metadata(pos_ids, ner_ids, kwargs)
         self._check_backbone_kwargs(kwargs)
-        return self.embed_inputs(input_ids, inputs_embeds, metadata_ids, next_metadata_ids), kwargs
+        return metadata_ids
 
-    def embed_inputs(
+    def token_embeddings(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.FloatTensor | None
+    ) -> torch.FloatTensor:
+        """`(batch, seq, hidden)` token embeddings `E_tok`: looked up, or as given."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        return self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
+
+    def embed(
         self,
-        input_ids: torch.LongTensor | None,
-        inputs_embeds: torch.FloatTensor | None,
+        token_embeds: torch.FloatTensor,
         metadata_ids: dict[str, torch.LongTensor],
         next_metadata_ids: dict[str, torch.LongTensor] | None,
     ) -> torch.FloatTensor:
-        """Token embeddings `(batch, seq, hidden)` plus the metadata embeddings, after validating the tags."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        input_shape = tuple(inputs_embeds.shape[:2])
+        """Step 2: the token embeddings plus the metadata embeddings, after validating the tags."""
+        input_shape = tuple(token_embeds.shape[:2])
         self._check_metadata(input_shape, metadata_ids, next_metadata_ids)
         if not self.config.metadata_fields:  # a model with meta-tokens only
-            return inputs_embeds
-        return inputs_embeds + self.metadata_embeddings(metadata_ids, input_shape, next_metadata_ids)
+            return token_embeds
+        return token_embeds + self.metadata_embeddings(metadata_ids, input_shape, next_metadata_ids)
 
     def prepare_meta_attention(
         self,
@@ -242,20 +219,25 @@ class LimePreTrainedModel(PreTrainedModel):
         labels: torch.LongTensor | None,
         cache,
         use_cache: bool | None,
-        kwargs: dict,
-    ) -> tuple[torch.LongTensor | None, object]:
-        """Labels without meta-token targets and the cache for the backbone; the call's meta-attention state goes
-        into the backbone's `kwargs` (see `meta_attention.py`). Without meta-tokens: both as given."""
+    ) -> tuple[torch.LongTensor | None, object, MetaAttentionState | None]:
+        """Step 3: labels without meta-token targets, the cache for the backbone and the call's meta-attention
+        state (see `meta_attention.py`). Without meta-tokens: labels and cache as given, no state."""
         if self.meta_attention is None:
-            return labels, cache
+            return labels, cache, None
         use_cache = self.config.use_cache if use_cache is None else use_cache
         # Under gradient checkpointing in training the backbone's layers write no cache; neither do the sublayers.
         checkpointing = getattr(self.language_model.base_model, "gradient_checkpointing", False)
         writes_cache = not (checkpointing and self.training and torch.is_grad_enabled())
-        labels, cache, state = self.meta_attention.prepare(input_ids, labels, cache, use_cache, writes_cache)
-        if state is not None:
-            kwargs[STATE_KEYWORD] = state
-        return labels, cache
+        return self.meta_attention.prepare(input_ids, labels, cache, use_cache, writes_cache)
+
+    def run_backbone(self, module: nn.Module, meta_state: MetaAttentionState | None, cache, **inputs):
+        """Step 4: `module` (the backbone or its base model) on the enriched embeddings, given the cache under the
+        name it takes, inside the call's meta-attention scope."""
+        inputs[cache_keyword(module)] = cache
+        if self.meta_attention is None:
+            return module(**inputs)
+        with self.meta_attention.scope(meta_state, inputs):
+            return module(**inputs)
 
     def _collect_metadata(
         self, pos_ids: torch.LongTensor | None, ner_ids: torch.LongTensor | None, kwargs: dict
@@ -278,7 +260,7 @@ class LimePreTrainedModel(PreTrainedModel):
     def _check_backbone_kwargs(self, kwargs: dict) -> None:
         """A `<name>_ids` keyword that is neither a field of this model nor an argument of the backbone would be
         swallowed by the backbone's `**kwargs` without effect: most likely a mistyped or missing field."""
-        accepted = self._backbone_parameters | TransformersKwargs.__optional_keys__
+        accepted = backbone_parameters(self.language_model) | TransformersKwargs.__optional_keys__
         for key in kwargs:
             # Token-type ids are generic inputs that `generate` forwards to any model; backbones may ignore them.
             if key.endswith("_ids") and key not in accepted and not key.endswith("token_type_ids"):
@@ -328,7 +310,10 @@ class LimePreTrainedModel(PreTrainedModel):
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise ValueError(f"`{argument}` must hold integer tag ids, got dtype {ids.dtype}.")
         size = len(self.config.metadata_fields[name])
-        if ids.numel() and bool(((ids < 0) | (ids >= size)).any()):
+        if not ids.numel():
+            return
+        low, high = torch.stack(torch.aminmax(ids)).tolist()  # one reduction, one sync: runs at every step
+        if low < 0 or high >= size:
             bad = ids[(ids < 0) | (ids >= size)][0].item()
             raise ValueError(
                 f"`{argument}` holds tag id {bad}, outside field '{name}' whose inventory has {size} labels: "
@@ -344,6 +329,7 @@ class LimeModel(LimePreTrainedModel):
 
     _auto_class = "AutoModel"  # `save_pretrained` copies the code files, for `trust_remote_code=True` users
 
+    @accept_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -355,19 +341,18 @@ class LimeModel(LimePreTrainedModel):
         pos_ids: torch.LongTensor | None = None,
         ner_ids: torch.LongTensor | None = None,
         next_metadata_ids: dict[str, torch.LongTensor] | None = None,
-        past_key_values=None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """See `LimeForCausalLM.forward`; the LM head is not applied."""
-        backbone = self.language_model.base_model
-        inputs_embeds, kwargs = self.prepare_backbone_inputs(
-            input_ids, inputs_embeds, pos_ids, ner_ids, next_metadata_ids, kwargs
+        """See `LimeForCausalLM.forward`; the LM head is not applied (nor the tag heads: missing tags are unknown)."""
+        metadata_ids = self.collect_tags(pos_ids, ner_ids, kwargs)
+        inputs_embeds = self.embed(
+            self.token_embeddings(input_ids, inputs_embeds), metadata_ids, next_metadata_ids
         )
-        cache_name = cache_argument_name(self._backbone_parameters)
-        _, kwargs[cache_name] = self.prepare_meta_attention(
-            input_ids, None, merge_cache_arguments(cache, past_key_values), use_cache, kwargs
-        )
-        return backbone(
+        _, cache, meta_state = self.prepare_meta_attention(input_ids, None, cache, use_cache)
+        return self.run_backbone(
+            self.language_model.base_model,
+            meta_state,
+            cache,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -376,7 +361,7 @@ class LimeModel(LimePreTrainedModel):
         )
 
 
-class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
+class LimeForCausalLM(LimePreTrainedModel, LimeGenerationMixin):
     """A LIME decoder with its LM head. Attention, MLPs, head and loss are the backbone's, untouched."""
 
     _auto_class = "AutoModelForCausalLM"  # `save_pretrained` copies the code files (remote code)
@@ -387,6 +372,7 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_output_embeddings(value)
 
+    @accept_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -400,16 +386,17 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
         pos_ids: torch.LongTensor | None = None,
         ner_ids: torch.LongTensor | None = None,
         next_metadata_ids: dict[str, torch.LongTensor] | None = None,
-        past_key_values=None,
+        self_tag: bool | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | LimeCausalLMOutputWithPast:
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch, seq)`): token ids.
             attention_mask, position_ids, cache, inputs_embeds, labels, use_cache, logits_to_keep:
                 as for the backbone's causal LM; `labels` `(batch, seq)` are shifted inside the loss as usual.
                 The output holds the KV cache under the name the installed transformers uses (`cache` since
-                5.24, `past_key_values` before).
+                5.24, `past_key_values` before). `past_key_values=` is taken as the backbone takes it: deprecated
+                (with a warning) where the installed transformers says `cache`.
             pos_ids, ner_ids (`torch.LongTensor` of shape `(batch, seq)`, *optional*):
                 The tags of the tokens in `input_ids`, exactly as `LimeTokenizer` emits them, for LIME and
                 LIME+1 alike (a LIME+1 model shifts them itself). A missing field counts as unknown.
@@ -417,200 +404,91 @@ class LimeForCausalLM(LimePreTrainedModel, GenerationMixin):
             next_metadata_ids (`dict[str, torch.LongTensor]`, *optional*):
                 LIME+1 only: field -> `(batch,)` tags of the token that follows the input (guidance); the last
                 position sees unknown otherwise.
-            past_key_values: the KV cache under its name before transformers 5.24; give `cache` or this.
+            self_tag (`bool`, *optional*): whether a model with tag heads reads `input_ids` tagged by its own heads
+                (`tag_heads.self_tags`: every position's tags predicted causally from the tokens up to it, the
+                honest mode). It costs one sequential step per position (no gradient) before the forward.
+                `None` (the default): self-tag exactly when a heads model gets `input_ids` alone (no tags, no
+                `next_metadata_ids`, no cache) and no `labels`, so that a harness passing token ids only (lm-eval's
+                `--model hf`) scores the model as it generates; given `labels` but no tags it raises, asking which.
+                `False`: missing tags are unknown. A model without heads reads unknown for missing tags.
             kwargs: the backbone's extra arguments (`num_items_in_batch`, `output_hidden_states`, ...).
 
-        A model with tag heads given `input_ids` alone (no `<field>_ids`, no `next_metadata_ids`, no cache) tags
-        itself: its heads predict every position's tags causally, exactly as `tag_heads.self_tagged_forward`
-        (the honest mode: each tag depends on the tokens up to it only), and the forward then reads those
-        tags. This costs a second pass: one incremental step per position (the FLOPs of about one forward,
-        but `seq` sequential calls, no gradient) before the ordinary forward. So a harness that passes token
-        ids only (lm-eval's `--model hf`) scores the model as it generates. The tag losses then stay empty
-        (there are no given tags to learn); `position_ids` are derived from `attention_mask` for the tagging.
-        A model without heads reads unknown tags here, as for any missing field.
+        Returns the backbone's `CausalLMOutputWithPast`; with tag heads a `LimeCausalLMOutputWithPast` whose loss is
+        `lm_loss + tag_loss_weight * sum(tag_losses)`, with `tag_logits` where every position's logits are kept.
         """
-        if self.tag_heads is not None:  # tag_heads.py: the heads read the token embeddings and hidden states
-            kwargs = dict(kwargs)
-            metadata_ids = self._collect_metadata(pos_ids, ner_ids, kwargs)
-            self._check_backbone_kwargs(kwargs)
-            if (input_ids is None) == (inputs_embeds is None):
-                raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-            token_embeds = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
-            cache = merge_cache_arguments(cache, past_key_values)
-            fed_ids, fed_next = metadata_ids, next_metadata_ids
-            if not metadata_ids and next_metadata_ids is None and input_ids is not None and cache is None:
-                fed_ids, fed_next = self_tags(self, input_ids, attention_mask)  # e.g. lm-eval's `--model hf`
-            cache_name = cache_argument_name(self._backbone_parameters)
-            labels, kwargs[cache_name] = self.prepare_meta_attention(
-                input_ids, labels, cache, use_cache, kwargs
-            )
-            return forward_with_tag_heads(
-                self,
-                self.embed_inputs(None, token_embeds, fed_ids, fed_next),
-                token_embeds,
-                metadata_ids,
-                attention_mask,
-                labels,
-                logits_to_keep,
-                position_ids=position_ids,
-                use_cache=use_cache,
-                **kwargs,
-            )
-        inputs_embeds, kwargs = self.prepare_backbone_inputs(
-            input_ids, inputs_embeds, pos_ids, ner_ids, next_metadata_ids, kwargs
-        )
-        cache_name = cache_argument_name(self._backbone_parameters)
-        labels, kwargs[cache_name] = self.prepare_meta_attention(
-            input_ids, labels, merge_cache_arguments(cache, past_key_values), use_cache, kwargs
-        )
-        return self.language_model(
+        # 1. The tags: given, or the heads' own (self-tagging), else unknown.
+        metadata_ids = self.collect_tags(pos_ids, ner_ids, kwargs)
+        token_embeds = self.token_embeddings(input_ids, inputs_embeds)
+        fed_ids, fed_next = metadata_ids, next_metadata_ids
+        if self._reads_own_tags(self_tag, metadata_ids, next_metadata_ids, input_ids, cache, labels):
+            fed_ids, fed_next = self_tags(self, input_ids, attention_mask)
+        # 2. Embeddings. 3. Meta-attention.
+        inputs_embeds = self.embed(token_embeds, fed_ids, fed_next)
+        labels, cache, meta_state = self.prepare_meta_attention(input_ids, labels, cache, use_cache)
+        # 4. The backbone. The heads read its last hidden state (`-1` records only that one).
+        heads = self.tag_heads
+        asked_hidden = kwargs.pop("output_hidden_states", None)
+        outputs = self.run_backbone(
+            self.language_model,
+            meta_state,
+            cache,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
+            output_hidden_states=(asked_hidden or -1) if heads is not None else asked_hidden,
             **kwargs,
         )
-
-    @torch.no_grad()
-    def generate(
-        self,
-        inputs: torch.LongTensor | None = None,
-        generation_config=None,
-        guidance: dict | None = None,
-        metadata_provider=None,
-        **kwargs,
-    ):
-        r"""
-        `GenerationMixin.generate` with metadata for the generated tokens. Every decoding setup works (greedy,
-        sampling, beam search, left-padded batches, `num_return_sequences`), with and without the KV cache.
-        Only this model's `<field>_ids` are read as metadata; every other keyword (`bad_words_ids`, logits
-        processors, stopping criteria, streamers, `assistant_model`, ...) means what it means for the backbone.
-        With no prompt, generation starts from BOS (tags: special), as the backbone's does.
-
-        With `return_dict_in_generate=True` the output also holds `metadata_ids`: `{"<field>_ids": (rows, seq)}`,
-        the tags of every position of `sequences`. Passing them back with `sequences` and the output's cache
-        continues the generation exactly as one longer call would.
-
-        Args:
-            inputs, generation_config, kwargs: as for `GenerationMixin.generate`. The prompt's tags come in as
-                `pos_ids`/`ner_ids`/`<field>_ids` `(batch, prompt_len)`, e.g. `model.generate(**encoding)`.
-                With none of them, a model whose heads provide the tags tags the prompt itself first (one
-                incremental pass over the prompt, as `forward` does for untagged `input_ids`).
-                Pass `tokenizer=` (a `LimeTokenizer`) to let a LIME model re-annotate what it generates.
-            guidance (`dict`, *optional*): LIME+1 only. Field -> the labels of the next generated tokens: one
-                list per batch row (lengths may differ), one list for every row, or a callable
-                `(input_ids, step) -> labels` (one label or `None` per row). Where it ends, the provider
-                takes over. Example: `guidance={"pos": [["VBZ", "DT"]]}`.
-            metadata_provider (*optional*): tags of generated tokens where guidance has none: `"model"` (the
-                tag heads, on device: the default for a model that has them; LIME+1 guides itself by
-                `config.self_guidance`), `"annotate"` (re-annotate the decoded tail; default for LIME when
-                `tokenizer` is given), `"unknown"`, or a callable `(input_ids, step) -> {field: labels}` giving
-                the tags of each row's last token (LIME) or of its next token (LIME+1).
-        """
-        if "lime_tracker" not in inspect.signature(self.prepare_inputs_for_generation).parameters:
-            raise ValueError(
-                "This model's `prepare_inputs_for_generation` was replaced by one that does not feed the tags of "
-                "generated tokens (PEFT's prefix tuning, prompt tuning and p-tuning replace it), so LIME "
-                "`generate` cannot run on it. Generate with a LoRA-tuned model (`lime_hf.integrations.peft`)."
-            )
-        prompt_ids = inputs if inputs is not None else kwargs.get("input_ids")
-        prompt_metadata = self._collect_metadata(
-            kwargs.pop("pos_ids", None), kwargs.pop("ner_ids", None), kwargs
+        if heads is None:
+            return outputs
+        # 5. Tag heads: logits where every position's are kept (training, evaluation; generation tags its tokens
+        # itself), losses against the given tags where there are labels.
+        hidden = outputs.hidden_states[-1]
+        tag_logits = None
+        if isinstance(logits_to_keep, int) and logits_to_keep == 0:
+            tag_logits = heads(heads.previous_states(hidden, attention_mask), token_embeds)
+        # 6. The output.
+        result = LimeCausalLMOutputWithPast(
+            **{key: value for key, value in outputs.items() if key != "hidden_states"},
+            hidden_states=outputs.hidden_states if asked_hidden else None,
+            tag_logits=tag_logits,
+            last_hidden_state=hidden,
         )
-        if prompt_ids is None:
-            if kwargs.get("inputs_embeds") is not None:
-                raise ValueError(
-                    "LIME generation needs the prompt as `input_ids`: `inputs_embeds` alone carry no tags."
-                )
-            inputs = prompt_ids = self._bos_prompt(generation_config, kwargs)
-            prompt_metadata = {
-                name: torch.full_like(inputs, SPECIAL_ID) for name in self.config.metadata_fields
-            }
-        self._check_metadata(tuple(prompt_ids.shape), prompt_metadata, None)
-        if guidance and not self.config.metadata_shift:
-            raise ValueError(
-                "`guidance` gives the tags of the *next* token, which only a LIME+1 model (metadata_shift=1) "
-                "reads; this is a LIME model (metadata_shift=0). Use `metadata_provider` for its tags."
+        if outputs.loss is not None and tag_logits is not None:
+            tag_losses = heads.losses(
+                tag_logits, metadata_ids, attention_mask, kwargs.get("num_items_in_batch")
             )
-        if metadata_provider == "model" or (metadata_provider is None and self.tag_heads is not None):
-            metadata_provider = ModelTagProvider(self, kwargs.get("attention_mask"))
-        if isinstance(metadata_provider, ModelTagProvider) and not prompt_metadata:
-            # An untagged prompt (lm-eval's `--model hf`): the heads tag it causally, as `forward` does.
-            prompt_metadata, _ = self_tags(self, prompt_ids, kwargs.get("attention_mask"))
-        tokenizer = kwargs.get("tokenizer")
-        if getattr(tokenizer, "metadata_fields", None) is not None:
-            check_inventories(tokenizer.metadata_fields, self.config.metadata_fields)
-        if metadata_provider is None and tokenizer is None and not guidance and self.config.metadata_fields:
-            logger.warning_once(
-                "LIME generate: no `tokenizer`, `guidance` or `metadata_provider` given, so generated tokens get "
-                "'unknown' metadata."
-            )
-        tracker = kwargs.pop("lime_tracker", None)  # set when a LIME model assists another one's generation
-        if tracker is None and self.config.metadata_fields:  # meta-tokens only: no tags to track
-            tracker = MetadataTracker(
-                prompt_metadata=prompt_metadata,
-                prompt_ids=prompt_ids,
-                metadata_fields=self.config.metadata_fields,
-                metadata_shift=self.config.metadata_shift,
-                provider=resolve_provider(metadata_provider, tokenizer, self.config.metadata_shift),
-                guidance=parse_guidance(guidance, self.config.metadata_fields, prompt_ids.shape[0]),
-            )
-        elif tracker is not None and (tracker.metadata_fields, tracker.shift) != (
-            self.config.metadata_fields,
-            self.config.metadata_shift,
-        ):
-            raise ValueError(
-                "An assistant model must read the same metadata as the model it assists: same fields and "
-                f"metadata_shift (assisted model: shift {tracker.shift}, fields {list(tracker.metadata_fields)}; "
-                f"assistant: shift {self.config.metadata_shift}, fields {list(self.config.metadata_fields)})."
-            )
-        check_meta_generation(self.config, kwargs, generation_config or self.generation_config)
-        if GENERATION_CACHE_NAME == "past_key_values" and "cache" in kwargs:
-            kwargs["past_key_values"] = merge_cache_arguments(
-                kwargs.pop("cache"), kwargs.get("past_key_values")
-            )
-        output = super().generate(inputs, generation_config, lime_tracker=tracker, **kwargs)
-        if isinstance(output, torch.Tensor) or tracker is None:
-            return output
-        # The tags of every position of `sequences`, as `generate` fed them (or, for the last token of a LIME
-        # model, as it would feed them next): continuing from `output` with them equals one longer call.
-        output["metadata_ids"] = tracker.metadata_ids(output.sequences)
-        return output
+            result.lm_loss, result.tag_losses = outputs.loss, tag_losses
+            result.loss = outputs.loss + heads.weighted_loss(tag_logits, tag_losses)
+        return result
 
-    def _bos_prompt(self, generation_config, kwargs: dict) -> torch.LongTensor:
-        """`(1, 1)` BOS ids: where the backbone's `generate` starts when it is given no prompt."""
-        bos_token_id = kwargs.get("bos_token_id")
-        if bos_token_id is None:
-            bos_token_id = (generation_config or self.generation_config).bos_token_id
-        if bos_token_id is None:
-            raise ValueError(
-                "`generate` was given no prompt and the model has no `bos_token_id` to start from: pass "
-                "`input_ids` (with their `<field>_ids` tags) or set `generation_config.bos_token_id`."
-            )
-        return torch.full((1, 1), bos_token_id, dtype=torch.long, device=self.device)
-
-    def _update_model_kwargs_for_generation(self, outputs, model_kwargs: dict, *args, **kwargs) -> dict:
-        tracker = model_kwargs.get("lime_tracker")
-        # The tag heads read these states at the next step (not an assistant's: it has its own states).
-        if tracker is not None and getattr(tracker.provider, "model", None) is self:
-            tracker.record_hidden(outputs.last_hidden_state)
-        return super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
-
-    def prepare_inputs_for_generation(
+    def _reads_own_tags(
         self,
-        input_ids: torch.LongTensor,
-        next_sequence_length: int | None = None,
-        lime_tracker: MetadataTracker | None = None,
-        **kwargs,
-    ) -> dict:
-        model_inputs = super().prepare_inputs_for_generation(
-            input_ids, next_sequence_length=next_sequence_length, **kwargs
-        )
-        if lime_tracker is not None:
-            model_inputs.update(lime_tracker.model_inputs(input_ids, model_inputs["input_ids"].shape[1]))
-        return model_inputs
+        self_tag: bool | None,
+        metadata_ids: dict[str, torch.LongTensor],
+        next_metadata_ids: dict | None,
+        input_ids: torch.LongTensor | None,
+        cache,
+        labels: torch.LongTensor | None,
+    ) -> bool:
+        """Whether this call self-tags (see `self_tag` in `forward`); raises where it cannot, or must be told."""
+        bare = not metadata_ids and next_metadata_ids is None and input_ids is not None and cache is None
+        if self_tag is None:
+            if self.tag_heads is None or not bare:
+                return False
+            if labels is not None:
+                raise ValueError(UNTAGGED_TRAINING)
+            return True
+        if self_tag and self.tag_heads is None:
+            raise ValueError("`self_tag=True` reads the model's tag heads, and this model has none.")
+        if self_tag and not bare:
+            raise ValueError(
+                "`self_tag=True` tags `input_ids` from their first token: pass `input_ids` alone, without tags, "
+                "`next_metadata_ids` or a cache."
+            )
+        return bool(self_tag)
 
 
 __all__ = ["LimeForCausalLM", "LimeModel", "LimePreTrainedModel"]

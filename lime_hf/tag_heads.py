@@ -17,13 +17,13 @@ This file is copied next to the weights by ``save_pretrained`` (remote code), so
 ``transformers`` and its flat siblings.
 """
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .compat import output_cache
 from .configuration_lime import PAD_ID, UNKNOWN_ID
 
 IGNORE_INDEX = -100
@@ -141,6 +141,14 @@ class LimeTagHeads(nn.Module):
             losses[name] = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
         return losses
 
+    def weighted_loss(
+        self, tag_logits: dict[str, torch.Tensor], losses: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """`tag_loss_weight * sum(losses)`, the heads' part of the training loss. A head whose field has no tags in
+        this batch still joins the graph with an exact zero (DDP needs every parameter used)."""
+        unused = sum(logits.sum() * 0.0 for name, logits in tag_logits.items() if name not in losses)
+        return self.loss_weight * sum(losses.values()) + unused
+
     def predict(
         self, tag_logits: dict[str, torch.Tensor], sample: bool = False
     ) -> dict[str, torch.LongTensor]:
@@ -160,54 +168,6 @@ class LimeTagHeads(nn.Module):
         return predicted
 
 
-def forward_with_tag_heads(
-    model,
-    inputs_embeds: torch.FloatTensor,
-    token_embeds: torch.FloatTensor,
-    metadata_ids: dict[str, torch.LongTensor],
-    attention_mask: torch.Tensor | None,
-    labels: torch.LongTensor | None,
-    logits_to_keep: int | torch.Tensor,
-    **backbone_kwargs,
-) -> LimeCausalLMOutputWithPast:
-    """`LimeForCausalLM.forward` for a model with tag heads: the backbone's forward, then the heads.
-
-    The heads read the backbone's last hidden state (requested as `output_hidden_states=-1`, which records only
-    that one); the caller's own `output_hidden_states` request is honoured.
-    """
-    asked_hidden = backbone_kwargs.pop("output_hidden_states", None)
-    outputs = model.language_model(
-        inputs_embeds=inputs_embeds,
-        attention_mask=attention_mask,
-        labels=labels,
-        logits_to_keep=logits_to_keep,
-        output_hidden_states=asked_hidden or -1,
-        **backbone_kwargs,
-    )
-    hidden = outputs.hidden_states[-1]
-    heads = model.tag_heads
-    # Generation keeps only the last position's logits and tags tokens itself (`ModelTagProvider`): no heads here.
-    tag_logits = None
-    if isinstance(logits_to_keep, int) and logits_to_keep == 0:
-        tag_logits = heads(heads.previous_states(hidden, attention_mask), token_embeds)
-    result = LimeCausalLMOutputWithPast(
-        **{key: value for key, value in outputs.items() if key != "hidden_states"},
-        hidden_states=outputs.hidden_states if asked_hidden else None,
-        tag_logits=tag_logits,
-        last_hidden_state=hidden,
-    )
-    if labels is not None and outputs.loss is not None and tag_logits is not None:
-        losses = heads.losses(
-            tag_logits, metadata_ids, attention_mask, backbone_kwargs.get("num_items_in_batch")
-        )
-        result.lm_loss = outputs.loss
-        result.tag_losses = losses
-        # A head whose field has no tags in this batch still joins the graph (DDP needs every parameter used).
-        unused = sum(logits.sum() * 0.0 for name, logits in tag_logits.items() if name not in losses)
-        result.loss = outputs.loss + heads.loss_weight * sum(losses.values()) + unused
-    return result
-
-
 def check_tag_heads(model) -> None:
     """Raise unless `model` has tag heads (for `metadata_provider="model"` and the self-tagged evaluation)."""
     if getattr(model, "tag_heads", None) is None:
@@ -216,69 +176,6 @@ def check_tag_heads(model) -> None:
             "`LimeConfig(tag_head_fields=['pos', 'ner'], ...)` (or grow them on a checkpoint with "
             "`from_pretrained(..., tag_head_fields=[...])` / `from_backbone(..., tag_head_fields=[...])`)."
         )
-
-
-class ModelTagProvider:
-    """`metadata_provider="model"`: the tag heads give the tags of generated tokens, on the model's device.
-
-    For LIME it tags each generated token; for LIME+1 it predicts the next token's tags where guidance is absent
-    (self-guidance). `MetadataTracker` keeps every prefix's last hidden state and calls this with the state
-    before the prefix's last token and that token, so each tag is a pure function of the prefix (the same with
-    and without the KV cache, and under beam reordering). Fields without a head get "unknown".
-
-    Args:
-        model: the `LimeForCausalLM` (with tag heads).
-        attention_mask: `(batch, prompt_len)` mask of the prompt (left padding), if any.
-        self_guidance: `"argmax"` or `"sample"` (draw from the head's softmax); default `config.self_guidance`.
-    """
-
-    uses_hidden_states = True
-
-    def __init__(self, model, attention_mask: torch.Tensor | None = None, self_guidance: str | None = None):
-        check_tag_heads(model)
-        self.model = model
-        self.attention_mask = attention_mask
-        self.sample = (self_guidance or model.config.self_guidance) == "sample"
-
-    def __call__(self, previous_hidden: torch.Tensor, tokens: torch.LongTensor) -> dict[str, list[int]]:
-        """`(rows, hidden)` states before each row's last token, `(rows,)` those tokens -> field -> tag per row."""
-        heads = self.model.tag_heads
-        embeds = self.model.get_input_embeddings()(tokens.to(previous_hidden.device))
-        logits = heads(previous_hidden[:, None], embeds[:, None])
-        predicted = heads.predict(logits, sample=self.sample)
-        return {name: ids[:, 0].tolist() for name, ids in predicted.items()}
-
-    def prompt_states(
-        self,
-        prompt_ids: torch.LongTensor,
-        prompt_metadata: dict[str, torch.LongTensor],
-        batch_rows: list[int],
-    ) -> torch.Tensor:
-        """`(rows, hidden)`: the hidden state before each prompt's last token (LIME+1's first self-guided tag).
-
-        The prompt without its last token is run once; where it is empty or ends in padding, the start state.
-        """
-        heads = self.model.tag_heads
-        rows, length = prompt_ids.shape
-        start = heads.start_state.expand(rows, -1)
-        if length < 2:
-            return start
-        mask = None if self.attention_mask is None else self.attention_mask[batch_rows].to(prompt_ids.device)
-        head_ids = {f"{name}_ids": tags[:, :-1] for name, tags in prompt_metadata.items()}
-        extra = {"next_metadata_ids": {name: tags[:, -1] for name, tags in prompt_metadata.items()}}
-        if mask is not None:
-            extra["attention_mask"] = mask[:, :-1]
-            extra["position_ids"] = (mask[:, :-1].cumsum(-1) - 1).clamp(min=0)
-        outputs = self.model(input_ids=prompt_ids[:, :-1], use_cache=False, **head_ids, **extra)
-        previous = outputs.last_hidden_state[:, -1]
-        if mask is not None:
-            previous = torch.where((mask[:, -2] == 0)[:, None], start, previous)
-        return previous
-
-
-def _cache_argument(model) -> str:
-    """The name under which `model.forward` takes the KV cache (`cache` since transformers 5.24)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
@@ -336,8 +233,7 @@ def self_tagged_forward(
             step["attention_mask"] = attention_mask[:, : i + 1]
             step["position_ids"] = positions[:, i : i + 1]
         outputs = model(**step)
-        cache = outputs["cache"] if "cache" in outputs else outputs.get("past_key_values")
-        cache_kwargs = {_cache_argument(model): cache}
+        cache_kwargs = {"cache": output_cache(outputs)}
         logits.append(outputs.logits[:, -1:])
         previous = outputs.last_hidden_state[:, -1]
         if attention_mask is not None:
@@ -366,7 +262,7 @@ def self_tags(
 __all__ = [
     "LimeCausalLMOutputWithPast",
     "LimeTagHeads",
-    "ModelTagProvider",
+    "check_tag_heads",
     "self_tagged_forward",
     "self_tags",
 ]

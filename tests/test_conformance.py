@@ -15,6 +15,7 @@ from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging as hf_logging
 
 from lime_hf import LimeConfig, LimeForCausalLM, LimeModel
+from lime_hf.compat import CACHE_NAME
 from lime_hf.configuration_lime import SPECIAL_ID, UNKNOWN_ID
 
 SETUPS = [(arch, shift) for arch in ("llama", "qwen2", "gpt2") for shift in (0, 1)]
@@ -82,12 +83,18 @@ def test_the_cache_is_accepted_under_both_names(arch, shift):
     if shift:  # LIME+1's prefix ends before token 4, so the lookahead is token 4's tags
         first["next_metadata_ids"] = {"pos": enc["pos_ids"][:, 4], "ner": enc["ner_ids"][:, 4]}
     full = model(**enc).logits[:, -1]
-    for name in ("cache", "past_key_values"):
+    for name in ("cache", "past_key_values"):  # the old name warns where transformers says `cache`
         cache = DynamicCache(config=model.config.text_config)
-        model(**first, use_cache=True, **{name: cache})
-        torch.testing.assert_close(model(**last, **{name: cache}).logits[:, -1], full)
-    with pytest.raises(ValueError, match="Pass the KV cache once"):
-        model(**enc, cache=DynamicCache(), past_key_values=DynamicCache())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model(**first, use_cache=True, **{name: cache})
+            torch.testing.assert_close(model(**last, **{name: cache}).logits[:, -1], full)
+    if CACHE_NAME == "cache":  # as the backbone's `deprecate_kwarg`: `cache` wins, with a warning
+        with pytest.warns(FutureWarning, match="Both `past_key_values` and `cache` are set"):
+            model(**enc, cache=DynamicCache(), past_key_values=DynamicCache())
+    else:
+        with pytest.raises(ValueError, match="Pass the KV cache once"):
+            model(**enc, cache=DynamicCache(), past_key_values=DynamicCache())
 
 
 @pytest.mark.parametrize(("arch", "shift"), SETUPS, ids=SETUP_IDS)

@@ -157,7 +157,9 @@ def test_unknown_guidance_label_lists_the_valid_ones():
         ValueError, match=r"Unknown label 'VERB' for metadata field 'pos'\. Valid labels: \['\$'"
     ):
         model.generate(**prompt(model), max_new_tokens=2, guidance={"pos": [["VERB"], ["NN"]]})
-    with pytest.raises(ValueError, match=r"Guidance names unknown metadata field 'dep'"):
+    with pytest.raises(
+        ValueError, match=r"guidance \(--guide\) for 'dep': the model has no metadata field 'dep'"
+    ):
         model.generate(**prompt(model), max_new_tokens=2, guidance={"dep": [["x"], ["y"]]})
     with pytest.raises(ValueError, match=r"has 3 schedules but the batch has 2 rows"):
         model.generate(**prompt(model), max_new_tokens=2, guidance={"pos": [["NN"], ["NN"], ["NN"]]})
@@ -171,7 +173,10 @@ def test_guidance_needs_a_lime_plus_one_model():
 
 def test_annotating_provider_cannot_serve_a_lime_plus_one_model():
     model = tiny_lime("llama", metadata_shift=1)
-    with pytest.raises(ValueError, match=r"needs the tags of the token it is about to generate"):
+    with pytest.raises(
+        ValueError,
+        match=r"'annotate' tags tokens that exist, and a LIME\+1 model .* reads the tags of the token it is about to write",
+    ):
         model.generate(**prompt(model), max_new_tokens=2, metadata_provider="annotate")
 
 

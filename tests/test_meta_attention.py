@@ -8,7 +8,7 @@ from tiny_models import VOCAB_SIZE, enable_checkpointing, random_tags, run_witho
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from lime_hf import LimeConfig, LimeForCausalLM, LimeModel
-from lime_hf.meta_attention import MetaAttentionState
+from lime_hf.meta_attention import _ZEROED_POSITIONS, MetaAttentionState
 from lime_hf.meta_tokens import MetaTokenPlacement, place_meta_tokens
 
 META = VOCAB_SIZE - 1  # the last id of the tiny vocabulary is the meta-token
@@ -141,7 +141,7 @@ def test_zeroed_positional_encoding_at_meta_tokens(arch):
     model.config.meta_positional = "zero"  # read at each call: a switch at inference
     zero = model(input_ids=ids).logits
     handle.remove()
-    assert model.meta_attention._positional is None  # scoped to the call: a direct backbone call sees nothing
+    assert _ZEROED_POSITIONS.get() is None  # scoped to the call: a direct backbone call sees nothing
     if arch == "llama":
         (cos, sin), (kept_cos, kept_sin) = seen["out"], kept
         assert torch.equal(cos[is_meta], torch.ones_like(cos[is_meta]))

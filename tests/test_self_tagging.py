@@ -112,10 +112,12 @@ def test_left_padded_batch_matches_rows_generated_alone(shift):
 
 def test_model_provider_needs_heads():
     model = tiny_lime("llama")
-    with pytest.raises(ValueError, match=r"metadata_provider='model' and self-tagging need tag heads"):
+    with pytest.raises(
+        ValueError, match=r"metadata provider 'model' reads the model's tag heads, and this model has none"
+    ):
         model.generate(**prompt(model), max_new_tokens=2, metadata_provider="model")
     with pytest.raises(
-        ValueError, match=r"'annotate', 'unknown', 'model' \(the model's tag heads\) or a callable"
+        ValueError, match=r"metadata provider \(--provider\) 'spacy' is not one of annotate, unknown, model"
     ):
         model.generate(**prompt(model), max_new_tokens=2, metadata_provider="spacy")
 
@@ -175,7 +177,9 @@ def test_input_ids_alone_are_read_self_tagged_and_generate_tags_an_untagged_prom
     torch.testing.assert_close(out.logits[mask.bool()], honest[mask.bool()])
     unknown = {f"{name}_ids": torch.full_like(ids, 1) for name in ("pos", "ner")}
     assert not torch.allclose(out.logits, model(ids, attention_mask=mask, **unknown).logits)
-    labelled = model(ids, labels=ids)  # no given tags to learn: the loss is the LM loss alone
+    with pytest.raises(ValueError, match="given `labels` but no tags"):  # training must say what it reads
+        model(ids, labels=ids)
+    labelled = model(ids, labels=ids, self_tag=True)  # no given tags to learn: the loss is the LM loss alone
     assert labelled.tag_losses == {} and torch.allclose(labelled.loss, labelled.lm_loss)
     generated = model.generate(ids[1:], max_new_tokens=6, do_sample=False)
     logits, _ = self_tagged_forward(model, generated)

@@ -73,7 +73,7 @@ class LimeLM(HFLM):
 
         `prefix`: token i tagged from the decoded text of tokens `i-window+1..i` alone; `none`: unknown
         everywhere (given explicitly, so that a model with heads does not tag itself); `model`: none given,
-        so the model's forward tags the input with its heads.
+        and the forward is asked to tag the input with its heads (`self_tag=True`).
         """
         fields = self.model.config.metadata_fields
         if self.tags == "model":
@@ -98,8 +98,9 @@ class LimeLM(HFLM):
         return {**super().get_model_info(), "lime_tags": self.tags, "lime_guidance": guidance}
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
+        self_tag = {"self_tag": True} if self.tags == "model" else {}
         with torch.no_grad():
-            return self.model(inps, **self.causal_tags(inps)).logits
+            return self.model(inps, **self.causal_tags(inps), **self_tag).logits
 
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
         if self.tags == "prefix":  # the prompt annotated causally, then each generated token re-annotated
