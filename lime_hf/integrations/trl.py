@@ -346,21 +346,11 @@ def lime_fused_forward(
     fed the metadata-enriched embeddings. Returns TRL's `FusedCausalLMOutput` and, for a model with tag heads whose
     tags are given, the heads' losses (`{"sum": field -> summed CE, "mean": field -> mean CE}`; else `{}`).
     """
-    metadata_ids = {
-        name: kwargs[f"{name}_ids"]
-        for name in model.config.metadata_fields
-        if kwargs.get(f"{name}_ids") is not None
-    }
-    embeds, backbone_kwargs = model.prepare_backbone_inputs(
-        input_ids,
-        inputs_embeds,
-        kwargs.pop("pos_ids", None),
-        kwargs.pop("ner_ids", None),
-        next_metadata_ids,
-        kwargs,
-    )
-    labels, _ = model.prepare_meta_attention(input_ids, labels, None, False, backbone_kwargs)
-    backbone_kwargs["use_cache"] = False
+    # The model's own forward steps up to the backbone (see `LimeForCausalLM.forward`), then TRL's fused head.
+    metadata_ids = model.collect_tags(kwargs.pop("pos_ids", None), kwargs.pop("ner_ids", None), kwargs)
+    token_embeds = model.token_embeddings(input_ids, inputs_embeds)
+    embeds = model.embed(token_embeds, metadata_ids, next_metadata_ids)
+    labels, _, meta_state = model.prepare_meta_attention(input_ids, labels, None, False)
     heads = model.tag_heads
     captured = []
     hook = None
@@ -371,13 +361,16 @@ def lime_fused_forward(
             )
         )
     try:
-        outputs = model.language_model(
+        outputs = model.run_backbone(
+            model.language_model,
+            meta_state,
+            None,
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             labels=labels,
             fused_lm_head=True,
-            **backbone_kwargs,
+            **{**kwargs, "use_cache": False},
         )
     finally:
         if hook is not None:
@@ -385,7 +378,6 @@ def lime_fused_forward(
     if not captured:
         return outputs, {}
     hidden = captured[-1]
-    token_embeds = model.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds
     previous = heads.previous_states(hidden, attention_mask)
     if (
         position_ids is not None and attention_mask is None
