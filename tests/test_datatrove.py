@@ -13,15 +13,16 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import ray
 from datasets import Dataset, load_dataset
 
 from lime_hf.data import align_dataset, annotate_dataset
+from lime_hf.integrations import datatrove
 from lime_hf.pretrain import load_texts, main, prepare_lm_dataset
 from lime_hf_cli import main as cli_main
 from tests.conftest import AUSTEN
 from tests.test_pretrain import TINY_LLAMA
 
-datatrove = pytest.importorskip("lime_hf.integrations.datatrove", reason="needs the datatrove extra")
 REPO = Path(__file__).resolve().parents[1]
 SHARDS = 4
 
@@ -196,7 +197,6 @@ def test_a_killed_worker_resumes_with_nothing_lost_or_duplicated(corpus, referen
 
 @pytest.mark.slow
 def test_ray_executor_on_a_local_cluster_equals_the_local_run(corpus, local_run, tmp_path):
-    ray = pytest.importorskip("ray", reason="the Ray executor needs `pip install ray`")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         datatrove.annotate_corpus(

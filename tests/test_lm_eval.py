@@ -9,13 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from lm_eval.api.instance import Instance
 
-lm_eval = pytest.importorskip("lm_eval")
-
-from lm_eval.api.instance import Instance  # noqa: E402
-
-from lime_hf import LimeConfig, LimeForCausalLM  # noqa: E402
-from lime_hf.integrations.lm_eval import LimeLM  # noqa: E402
+from lime_hf import LimeConfig, LimeForCausalLM
+from lime_hf.integrations.lm_eval import LimeLM
 
 
 @pytest.mark.slow

@@ -8,16 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from lm_eval import simple_evaluate
+from lm_eval.tasks import TaskManager
 from tiny_models import run_without_lime_hf, tiny_lime
 
-lm_eval = pytest.importorskip("lm_eval")
-
-from lm_eval import simple_evaluate  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
-
-from lime_hf.configuration_lime import UNKNOWN_ID  # noqa: E402
-from lime_hf.integrations.lm_eval import LimeLM  # noqa: E402
-from lime_hf.tag_heads import self_tagged_forward  # noqa: E402
+from lime_hf.configuration_lime import UNKNOWN_ID
+from lime_hf.integrations.lm_eval import LimeLM
+from lime_hf.tag_heads import self_tagged_forward
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["lime_cloze", "lime_choice", "lime_generate", "lime_rolling"]
