@@ -1,4 +1,5 @@
-"""lm-eval's own machinery on a local cloze task: the `lime` model's loglikelihoods equal a hand computation."""
+"""lm-eval's own machinery on a local cloze task: the `lime` model is fed the tags spaCy, called here on each
+token's window of text, gives it, and its loglikelihoods equal a hand computation from those tags."""
 
 import functools
 import json

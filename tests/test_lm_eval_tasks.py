@@ -1,6 +1,7 @@
 """Real lm-eval on the local YAML tasks of tests/data/lm_eval: for every request type (loglikelihood, multiple
 choice, generate_until, loglikelihood_rolling) and every tag source, the scores of a tiny trained LIME model
-equal a hand computation; a context's tags never depend on its continuation."""
+equal a hand computation that uses neither `LimeLM` nor `self_tagged_forward` (spaCy called on each prefix window;
+self-tagging written out as a loop without a cache); a context's tags never depend on its continuation."""
 
 import json
 import shutil
