@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from selenium.webdriver.common.by import By
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lime_hf import LimeTokenizer
@@ -105,9 +106,6 @@ def test_parse_request_keeps_the_schedule_and_drops_empty_fields():
     reason="Chromium is not installed: `apt-get install -y chromium chromium-driver` (Debian) runs this test",
 )
 def test_the_page_in_headless_chromium_generates_guided_tokens_coloured_by_tag(server, tmp_path):
-    pytest.importorskip("selenium", reason="selenium is in the dev extra")
-    from selenium.webdriver.common.by import By
-
     driver = start_chromium(tmp_path / "profile")
     try:
         drive(driver, url(server, "/"), "Emma was", SCHEDULE, steps=4)  # types, picks, clicks, as a user does

@@ -4,12 +4,12 @@ FSDP2 sharding itself (`fully_shard`, under torchrun).
 What the first shows (accelerate 1.16, transformers 5.24, torch 2.13): on CPU, accelerate never enables FSDP. Its
 `AcceleratorState` turns `distributed_type: FSDP` into FSDP only for accelerator devices (CUDA, XPU, NPU, ...);
 with `--use_cpu` the run is plain data parallel over gloo (`MULTI_CPU`), the parameters stay ordinary tensors,
-and no FSDP setting has any effect. Without `--use_cpu` the processes see no GPU and do not form a group. The
-tests pin both behaviours, and check what does hold on CPU: full weights saved, reloaded logits equal to the
+and no FSDP setting has any effect, on any machine. Without `--use_cpu` on a machine without a GPU the processes
+do not form a group (that test skips where there is a GPU). The tests pin both behaviours, and check what does hold on CPU: full weights saved, reloaded logits equal to the
 in-memory model's, and weights after 3 steps equal to a 1-process run on the same data.
 
 The second shards a LIME model with torch's FSDP2 the way accelerate wraps it on GPUs (each decoder layer a unit,
-the rest in the root), trains 3 steps, gathers the full state dict, saves it with `save_pretrained`, and checks
+the rest in the root), on a CPU device mesh whatever the machine, trains 3 steps, gathers the full state dict, saves it with `save_pretrained`, and checks
 the reloaded logits and the weights against a 1-process run.
 """
 
@@ -142,6 +142,9 @@ def test_readme_fsdp_config_on_two_cpu_processes(corpus, tmp_path):  # noqa: F81
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="pins what the launch does on a machine without a GPU; this one has one"
+)
 def test_readme_fsdp_config_without_a_gpu_does_not_form_a_group(corpus, tmp_path):  # noqa: F811
     launched, _ = run_training(
         corpus, tmp_path, "fsdp", accelerate_fsdp(tmp_path), "--per-device-train-batch-size", "4"
@@ -158,6 +161,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, sys.argv[1])
@@ -166,10 +170,12 @@ from tiny_models import tiny_lime
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
+# A CPU mesh named explicitly: by default `fully_shard` takes the machine's accelerator (CUDA where there is one).
+mesh = init_device_mesh("cpu", (world,))
 model = tiny_lime().train()
 for layer in model.language_model.model.layers:
-    fully_shard(layer)
-fully_shard(model)
+    fully_shard(layer, mesh=mesh)
+fully_shard(model, mesh=mesh)
 parameter_types = sorted({type(p).__name__ for p in model.parameters()})
 shard = {name: tensor.chunk(world)[rank] for name, tensor in BATCH.items()}
 train_steps(model, shard)

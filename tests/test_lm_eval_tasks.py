@@ -1,6 +1,7 @@
 """Real lm-eval on the local YAML tasks of tests/data/lm_eval: for every request type (loglikelihood, multiple
 choice, generate_until, loglikelihood_rolling) and every tag source, the scores of a tiny trained LIME model
-equal a hand computation; a context's tags never depend on its continuation."""
+equal a hand computation that uses neither `LimeLM` nor `self_tagged_forward` (spaCy called on each prefix window;
+self-tagging written out as a loop without a cache); a context's tags never depend on its continuation."""
 
 import json
 import shutil
@@ -8,16 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from lm_eval import simple_evaluate
+from lm_eval.tasks import TaskManager
 from tiny_models import run_without_lime_hf, tiny_lime
 
-lm_eval = pytest.importorskip("lm_eval")
-
-from lm_eval import simple_evaluate  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
-
-from lime_hf.configuration_lime import UNKNOWN_ID  # noqa: E402
-from lime_hf.integrations.lm_eval import LimeLM  # noqa: E402
-from lime_hf.tag_heads import self_tagged_forward  # noqa: E402
+from lime_hf.configuration_lime import UNKNOWN_ID
+from lime_hf.integrations.lm_eval import LimeLM
+from lime_hf.tag_heads import self_tagged_forward
+from tests.test_lm_eval import prefix_tags_by_spacy
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["lime_cloze", "lime_choice", "lime_generate", "lime_rolling"]
@@ -47,18 +46,64 @@ def trained(tmp_path_factory, lime_offsets, corpus_lines) -> Path:
     return path
 
 
+def self_tagged_by_hand(model, ids: list[int]) -> tuple[torch.Tensor, dict[str, list[int]]]:
+    """Self-tagging written out, without a KV cache: `(seq, vocab)` logits and the tags each position was fed.
+
+    Position i is fed, per field, its head's argmax over the labels (ids from 2 up: padding and unknown are never
+    predicted), the head reading the final hidden state of position i-1 (the learned start state at 0) beside
+    token i's embedding; the whole prefix is read again for every position. A field without a head is unknown.
+    """
+    heads, fields, shift = model.tag_heads, list(model.config.metadata_fields), model.config.metadata_shift
+    fed = {name: [] for name in fields}
+
+    def read(length: int):
+        """The model reading `ids[:length]`, position j fed `fed[name][j]`."""
+        row = torch.tensor([ids[:length]])
+        if shift:  # LIME+1 takes the tokens' own tags and moves them one left: fed[j] is given as token j+1's
+            tags = {f"{name}_ids": torch.tensor([[UNKNOWN_ID, *fed[name][: length - 1]]]) for name in fields}
+            after = {name: torch.tensor([fed[name][length - 1]]) for name in fields}
+            return model(row, **tags, next_metadata_ids=after)
+        return model(row, **{f"{name}_ids": torch.tensor([fed[name][:length]]) for name in fields})
+
+    with torch.no_grad():
+        for i in range(len(ids)):
+            previous = heads.start_state if i == 0 else read(i).last_hidden_state[0, -1]
+            embedding = model.get_input_embeddings()(torch.tensor([ids[i]]))
+            logits = heads(previous[None, None], embedding[None])
+            for name in fields:
+                fed[name].append(int(logits[name][0, 0, 2:].argmax()) + 2 if name in logits else UNKNOWN_ID)
+        return read(len(ids)).logits[0], fed
+
+
 def logprobs_by_hand(lm: LimeLM, ids: list[int]) -> torch.Tensor:
-    """`(seq, vocab)` log-probabilities of the model reading `ids` with `lm.tags`'s tags, without HFLM."""
+    """`(seq, vocab)` log-probabilities of the model reading `ids` with `lm.tags`'s tags, without HFLM and
+    without `LimeLM.causal_tags` or `self_tagged_forward`."""
     model, row = lm.model, torch.tensor([ids])
     with torch.no_grad():
-        if lm.tags == "model":  # the heads' causal predictions, one position at a time
-            logits, _ = self_tagged_forward(model, row)
+        if lm.tags == "model":
+            logits, _ = self_tagged_by_hand(model, ids)
         elif lm.tags == "none":
             unknown = torch.full_like(row, UNKNOWN_ID)
-            logits = model(row, **{f"{name}_ids": unknown for name in model.config.metadata_fields}).logits
-        else:
-            logits = model(row, **lm.causal_tags(row)).logits
-    return logits.log_softmax(-1)[0]
+            logits = model(row, **{f"{name}_ids": unknown for name in model.config.metadata_fields}).logits[0]
+        else:  # spaCy on each token's window of text, written out in test_lm_eval.py
+            tags = prefix_tags_by_spacy(lm.tokenizer, model.config.metadata_fields, ids)
+            fed = {f"{name}_ids": torch.tensor([values]) for name, values in tags.items()}
+            logits = model(row, **fed).logits[0]
+    return logits.log_softmax(-1)
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_self_tagged_forward_equals_the_loop_written_out(shift):
+    model = tiny_lime("llama", metadata_shift=shift, **HEADS)
+    ids = torch.randint(3, 97, (12,), generator=torch.Generator().manual_seed(0)).tolist()
+    expected_logits, expected_fed = self_tagged_by_hand(model, ids)
+    with torch.no_grad():
+        logits, fed = self_tagged_forward(model, torch.tensor([ids]))
+        bare = model(torch.tensor([ids])).logits  # input_ids alone: the forward tags them itself
+    assert {name: tags[0].tolist() for name, tags in fed.items()} == expected_fed
+    assert all(len(set(tags)) > 1 for tags in expected_fed.values())  # the heads' choices vary
+    torch.testing.assert_close(logits[0], expected_logits)
+    torch.testing.assert_close(bare[0], expected_logits)
 
 
 def loglikelihood_by_hand(lm: LimeLM, context: str, continuation: str) -> float:

@@ -197,6 +197,7 @@ def test_trainer_trains_metadata_and_meta_attention_on_collated_batches(
     Trainer(
         model=model.train(), args=args, train_dataset=Dataset.from_list(features), data_collator=collate
     ).train()
+    model.cpu()  # the Trainer put it on the machine's accelerator, if any
     assert not torch.equal(sublayer.q_proj.weight, before[0])  # meta-attention learns from the meta-tokens
     assert not torch.equal(model.metadata_embeddings.tables["pos"].weight, before[1])
 

@@ -16,7 +16,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
 sys.path.append(str(SCRIPT.parent))  # the benchmark scripts import their shared `common` module
 
 from reproduction.cloze import cloze_items, cloze_table, mean_over_seeds  # noqa: E402
-from reproduction.harness import Checkpoint, optimizer_step, unwrap  # noqa: E402
+from reproduction.harness import PRESETS, Checkpoint, optimizer_step, unwrap  # noqa: E402
 from reproduction.self_tagging import noisy  # noqa: E402
 
 
@@ -135,12 +135,24 @@ def test_smoke_pipeline_writes_the_headline_file_and_resumes(tmp_path):
     results = tmp_path / "smoke" / "results"
     headline = json.loads((results / "reproduce.json").read_text())
 
-    # The keys the issue asks for, with values of the right kind (tiny models need not reach the baseline).
+    runs = json.loads((results / "reproduce_runs.json").read_text())["runs"]
+    # Every language model learned: its held-out loss at the end is below the one at step 0, in every mode.
+    for name, run in runs.items():
+        if name.startswith("lm-"):
+            first, last = run["history"][0], run["history"][-1]
+            modes = [mode for mode, value in first.items() if isinstance(value, dict) and "loss" in value]
+            assert modes and all(last[mode]["loss"] < first[mode]["loss"] for mode in modes), name
+    # The keys the issue asks for (tiny models need not reach the baseline).
     for key in ("data_fraction_lime", "data_fraction_lime_prefix_tags"):
         assert headline[key] is None or 0.0 <= headline[key] <= 1.0
-    assert set(headline["addition_exact_match"]) >= {"baseline", "lime_plus1_unguided", "lime_plus1_guided"}
-    for setup in ("baseline", "lime_plus1_unguided", "lime_plus1_guided"):
-        assert 0.0 <= headline["addition_exact_match"][setup] <= 1.0
+    # Exact match: the mean over seeds of each run's per-problem results.
+    for setup, (variant, mode) in {
+        "baseline": ("baseline", "greedy"),
+        "lime_plus1_unguided": ("lime_plus1_spacy", "unguided"),
+        "lime_plus1_guided": ("lime_plus1_spacy", "guided"),
+    }.items():
+        per_seed = [np.mean(runs[f"add-{variant}-s{seed}"]["final_correct"][mode]) for seed in (0, 1)]
+        assert headline["addition_exact_match"][setup] == pytest.approx(np.mean(per_seed)), setup
     config = headline["config"]
     assert config["preset"] == "smoke" and config["seeds"] == {"lm": [0, 1], "add": [0, 1]}
     assert config["lm_train_config"]["seeds"] == [0, 1]
@@ -177,7 +189,6 @@ def test_smoke_pipeline_writes_the_headline_file_and_resumes(tmp_path):
     )
 
     # Every run recorded its configuration, seed and curve; LIME and the baseline saw the same tokens.
-    runs = json.loads((results / "reproduce_runs.json").read_text())["runs"]
     assert sorted(runs) == sorted(
         [
             f"lm-{v}-s{s}"
@@ -231,7 +242,6 @@ def test_meta_token_tasks_hold_the_right_answers():
 
 
 def test_meta_token_batches_carry_the_injected_meta_tokens():
-    from reproduction.harness import PRESETS
     from reproduction.meta_tokens import META, batch_of
 
     from lime_hf.meta_tokens import meta_token_count
@@ -267,12 +277,21 @@ def test_meta_token_experiment_smoke_reports_and_resumes(tmp_path):
         "plain/none", "matched/none", "gpt2_plain/none", "gpt2_meta/random", "gpt2_meta/random_zero",
         *(f"{v}/{m}" for v in ("meta", "meta_stride") for m in ("random", "random_zero", "stride", "stride_zero")),
     }  # fmt: skip
-    assert all(0.0 <= value[scale] <= 1.0 for value in final.values() for scale in ("1x", "2x"))
-    parameters = headline["parameters"]
-    assert (
-        parameters["meta"] > parameters["plain"]
-        and abs(parameters["matched"] - parameters["meta"]) < 0.01 * parameters["meta"]
-    )
+    # Each mean is the runs' final evaluation, read here from the run files.
+    runs = [
+        json.loads(path.read_text())
+        for path in (tmp_path / "smoke" / "runs" / "smoke").glob("meta-copying_*.json")
+    ]
+    for key, value in final.items():
+        variant, mode = key.split("/")
+        chosen = [run for run in runs if run["variant"] == variant]
+        for scale in ("1x", "2x"):
+            assert value[scale] == np.mean([run["history"][-1][f"{mode}/{scale}"] for run in chosen]), key
+    # Meta-attention adds a pre-norm and Q/K/V/O per layer; the matched plain model makes up for it in its MLPs.
+    parameters, cfg = headline["parameters"], PRESETS["smoke"]["meta"]
+    hidden = cfg["hidden"]
+    assert parameters["meta"] - parameters["plain"] == cfg["layers"] * (4 * hidden * hidden + 2 * hidden)
+    assert abs(parameters["matched"] - parameters["meta"]) < 0.01 * parameters["meta"]
     assert set(headline["comparisons"]["meta_minus_matched"]["parity"]) == {"1x", "2x"}
     for name in ("meta_tokens.csv", "meta_tokens.png"):
         assert (results / name).stat().st_size > 0
