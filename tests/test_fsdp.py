@@ -145,12 +145,18 @@ def test_readme_fsdp_config_on_two_cpu_processes(corpus, tmp_path):  # noqa: F81
 @pytest.mark.skipif(
     torch.cuda.is_available(), reason="pins what the launch does on a machine without a GPU; this one has one"
 )
-def test_readme_fsdp_config_without_a_gpu_does_not_form_a_group(corpus, tmp_path):  # noqa: F811
-    launched, _ = run_training(
+def test_readme_fsdp_config_without_a_gpu_never_trains_as_one_process(corpus, tmp_path):  # noqa: F811
+    """Without `--use_cpu` and without a GPU, accelerate 1.16 gives each of the 2 processes a world of 1, which
+    `pretrain` refuses with a message; accelerate 1.10 forms the 2-process group on the CPU and trains with it.
+    Either is fine; two processes silently training two models is not."""
+    launched, output_dir = run_training(
         corpus, tmp_path, "fsdp", accelerate_fsdp(tmp_path), "--per-device-train-batch-size", "4"
     )
-    assert launched.returncode != 0
-    assert "The launcher started 2 processes, but the Trainer sees a world of 1" in launched.stderr
+    if launched.returncode != 0:
+        assert "The launcher started 2 processes, but the Trainer sees a world of 1" in launched.stderr
+        return
+    ranks = [torch.load(output_dir / f"rank{rank}.pt") for rank in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["global_step"] for r in ranks] == [3, 3]
 
 
 # accelerate will not shard on CPU, so this runs FSDP2 itself the way accelerate's TRANSFORMER_BASED_WRAP does on
