@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from lime_hf import LimeForCausalLM, LimeTokenizer
 from tests.conftest import AUSTEN
@@ -83,6 +84,16 @@ def check_meta_tokens(namespace: dict, hub) -> None:
     assert namespace["meta_out"].shape[1] == namespace["meta_prompt"]["input_ids"].shape[1] + 8
 
 
+def check_trl(namespace: dict, hub) -> None:
+    assert namespace["sft_trainer"].state.global_step == 4 and namespace["dpo_trainer"].state.global_step == 2
+    assert type(namespace["tuned"]) is LimeForCausalLM
+    assert (hub.folder("me/lime-tiny-instruct-dpo") / "model.safetensors").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(hub.folder("me/lime-tiny-instruct-dpo")).eval()
+    prompt = namespace["prompt"]
+    with torch.no_grad():
+        assert torch.equal(namespace["tuned"](**prompt).logits, reloaded(**prompt).logits)
+
+
 # What each page's snippets must have made; a page with snippets and no entry here fails.
 CHECKS: dict[str, Callable[[dict, object], None]] = {
     "README.md": check_readme,
@@ -91,6 +102,7 @@ CHECKS: dict[str, Callable[[dict, object], None]] = {
     "generation.md": check_generation,
     "training.md": check_training,
     "meta-tokens.md": check_meta_tokens,
+    "trl.md": check_trl,
 }
 WITH_SNIPPETS = [page for page in PAGES if python_snippets(page)]
 

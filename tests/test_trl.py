@@ -2,7 +2,6 @@
 chat and preference sets. The tags fed to the model in a TRL step are the tokenizer's, position by position."""
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -336,25 +335,3 @@ def test_dpo_with_lora_reads_the_tags_with_and_without_the_adapter(annotator, tm
         assert first["pos_ids"].gt(UNKNOWN_ID).any()
     trained = model.base_model.model.metadata_embeddings.modules_to_save["default"].tables["pos"].weight
     assert not torch.equal(trained, tables_before)
-
-
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "trl.md"
-
-
-@pytest.mark.slow
-def test_the_docs_recipe_runs_as_written(hub, tmp_path, monkeypatch):
-    """Every ```python block of docs/trl.md, in order, in one namespace; the push goes to the local Hub stand-in."""
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {"__name__": "__docs__"}
-    snippets = re.findall(
-        r"^```python\n(.*?)^```$", DOCS.read_text(encoding="utf-8"), flags=re.DOTALL | re.MULTILINE
-    )
-    for number, snippet in enumerate(snippets, 1):
-        exec(compile(snippet, f"docs/trl.md python snippet {number}", "exec"), namespace)
-    assert namespace["sft_trainer"].state.global_step == 4 and namespace["dpo_trainer"].state.global_step == 2
-    assert type(namespace["tuned"]) is LimeForCausalLM
-    assert (hub.folder("me/lime-tiny-instruct-dpo") / "model.safetensors").is_file()
-    reloaded = AutoModelForCausalLM.from_pretrained(hub.folder("me/lime-tiny-instruct-dpo")).eval()
-    prompt = namespace["prompt"]
-    with torch.no_grad():
-        assert torch.equal(namespace["tuned"](**prompt).logits, reloaded(**prompt).logits)
