@@ -1,11 +1,13 @@
 """LIME configuration and the default metadata tag inventories.
 
 This file is copied next to the weights by ``save_pretrained`` (remote code), so it imports only
-``transformers`` and its flat siblings.
+``transformers`` and its flat siblings (`rules.py`, standard library only).
 """
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+
+from .rules import check_metadata_injection
 
 # Every field reserves its first three ids; a label's index in its inventory is its id.
 PAD_ID, UNKNOWN_ID, SPECIAL_ID = 0, 1, 2
@@ -303,18 +305,12 @@ class LimeConfig(PreTrainedConfig):
                     f"meta-token id must be an integer in [0, {vocab_size}). Add the meta-token to the tokenizer "
                     "(and resize the embeddings) first."
                 )
-        num_layers = self.text_config.num_hidden_layers
-        if not self.metadata_layer < num_layers:
-            raise ValueError(
-                f"`metadata_layer` is {self.metadata_layer}, but the backbone has {num_layers} decoder layers: the "
-                f"metadata joins the input of a decoder layer k in [0, {num_layers}) (0: the token embeddings)."
-            )
-        if self.metadata_training_source == "predicted" and not (self.tag_head_fields and self.metadata_layer):
-            raise ValueError(
-                "`metadata_training_source='predicted'` trains the LM on its tag heads' own argmax, computed in the "
-                "same forward: it needs tag heads (`tag_head_fields=[...]`) and `metadata_layer` > 0 (got "
-                f"tag_head_fields={self.tag_head_fields}, metadata_layer={self.metadata_layer})."
-            )
+        check_metadata_injection(
+            metadata_layer=self.metadata_layer,
+            training_source=self.metadata_training_source,
+            tag_head_fields=self.tag_head_fields or (),
+            num_hidden_layers=self.text_config.num_hidden_layers,
+        )
         for option in ("metadata_weights", "tag_head_fields"):
             unknown = sorted(set(getattr(self, option) or ()) - set(self.metadata_fields))
             if unknown:

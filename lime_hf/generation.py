@@ -463,7 +463,10 @@ class LimeGenerationMixin(GenerationMixin):
         if tracker is not None:
             self._check_assisted_tracker(tracker)
         elif config.metadata_fields and not (
-            self._tags_in_pass() and not prompt_metadata and not guidance and metadata_provider in (None, "model")
+            self._tags_in_pass()
+            and not prompt_metadata
+            and not guidance
+            and metadata_provider in (None, "model")
         ):  # meta-tokens only, or the heads at layer k tag every token inside the forward: no tags to track
             tracker = self._new_tracker(prompt_ids, prompt_metadata, guidance, metadata_provider, kwargs)
         if CACHE_NAME == "past_key_values" and "cache" in kwargs:  # `generate` before 5.24 knows the old name
@@ -509,7 +512,10 @@ class LimeGenerationMixin(GenerationMixin):
         if attention_mask is not None:
             mask = attention_mask[origins].to(sequences.device)
             mask = torch.cat([mask, mask.new_ones(len(origins), sequences.shape[1] - mask.shape[1])], dim=1)
-            extra = {"attention_mask": mask, "position_ids": (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)}
+            extra = {
+                "attention_mask": mask,
+                "position_ids": (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0),
+            }
         fed = self(input_ids=sequences, use_cache=False, **given, **extra).fed_metadata_ids
         if not self.config.metadata_shift:
             return {f"{name}_ids": ids for name, ids in fed.items()}

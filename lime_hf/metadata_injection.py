@@ -62,7 +62,9 @@ class MetadataInjectionState:
         fed = self.embeddings.fed_ids(self.metadata_ids, shape, self.next_metadata_ids)
         if self.predict or self.override:
             for name, predicted in self.heads.predict(tag_logits).items():
-                fed[name] = predicted if self.override else torch.where(fed[name] == UNKNOWN_ID, predicted, fed[name])
+                fed[name] = (
+                    predicted if self.override else torch.where(fed[name] == UNKNOWN_ID, predicted, fed[name])
+                )
         self.tag_logits, self.fed_ids = tag_logits, fed
         return hidden + self.embeddings.lookup(fed).to(hidden.dtype)
 

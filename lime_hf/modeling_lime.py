@@ -144,7 +144,9 @@ class LimePreTrainedModel(PreTrainedModel):
         if self.meta_attention is not None:
             self.meta_attention.attach(self.language_model)
         # Not a module: the tables and heads stay where they are (their weight names do not depend on the layer).
-        self.metadata_injection = LimeMetadataInjection(config.metadata_layer) if config.metadata_layer else None
+        self.metadata_injection = (
+            LimeMetadataInjection(config.metadata_layer) if config.metadata_layer else None
+        )
         if self.metadata_injection is not None:
             self.metadata_injection.attach(self.language_model)
         self.post_init()
