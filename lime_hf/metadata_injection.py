@@ -35,6 +35,8 @@ STATE_KEYWORD = "metadata_injection_state"
 class MetadataInjectionState:
     """One forward call's injection: its inputs, and what the hook records (read once the backbone has run).
 
+    site: the model's `LimeMetadataInjection`, whose hook alone applies this state (two LIME models retrofitted on
+        one backbone object each hook it; each call is applied once, by its own model's hook).
     embeddings: the model's `LimeMetadataEmbeddings`.
     heads: the model's `LimeTagHeads`, or `None` (given tags only).
     metadata_ids: field -> `(batch, seq)` given tags of the input tokens (validated).
@@ -46,6 +48,7 @@ class MetadataInjectionState:
     fed_ids: recorded: field -> `(batch, seq)` the tag each position read (LIME+1: the next token's).
     """
 
+    site: "LimeMetadataInjection"
     embeddings: nn.Module
     heads: nn.Module | None
     metadata_ids: dict[str, torch.LongTensor]
@@ -57,26 +60,40 @@ class MetadataInjectionState:
 
     def inject(self, hidden: torch.Tensor) -> torch.Tensor:
         """`(batch, seq, hidden)` input of layer k -> the same plus the metadata embeddings of the fed tags."""
-        shape = tuple(hidden.shape[:2])
         tag_logits = self.heads(hidden) if self.heads is not None else {}
-        fed = self.embeddings.fed_ids(self.metadata_ids, shape, self.next_metadata_ids)
-        if self.predict or self.override:
-            for name, predicted in self.heads.predict(tag_logits).items():
-                fed[name] = (
-                    predicted if self.override else torch.where(fed[name] == UNKNOWN_ID, predicted, fed[name])
-                )
+        predicted = self.heads.predict(tag_logits) if self.predict or self.override else {}
+        given = set(self.metadata_ids) | set(self.next_metadata_ids or {})
+        # A field with a prediction and no given tag reads the prediction as it is (no merge to pay per step).
+        merged = [name for name in self.embeddings.tables if name in given or name not in predicted]
+        fed = self.embeddings.fed_ids(
+            self.metadata_ids, tuple(hidden.shape[:2]), self.next_metadata_ids, merged
+        )
+        for name, ids in predicted.items():
+            known = name in given and not self.override
+            fed[name] = torch.where(fed[name] == UNKNOWN_ID, ids, fed[name]) if known else ids
         self.tag_logits, self.fed_ids = tag_logits, fed
-        return hidden + self.embeddings.lookup(fed).to(hidden.dtype)
+        # Without gradients a field unknown everywhere adds exact zeros: skip its lookup (training keeps it, so
+        # that every table takes part in every step for DDP).
+        looked_up = fed if torch.is_grad_enabled() else {name: fed[name] for name in (given | set(predicted))}
+        if not looked_up:
+            return hidden
+        return hidden + self.embeddings.lookup(looked_up).to(hidden.dtype)
 
 
-def _inject(module: nn.Module, args: tuple, kwargs: dict):
-    """Forward pre-hook of decoder layer k: the call's state (if any) adds the metadata to its hidden states."""
-    state = kwargs.get(STATE_KEYWORD)
-    if state is None:
-        return None
-    if args:  # every supported backbone passes the hidden states first, positionally
-        return (state.inject(args[0]), *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": state.inject(kwargs["hidden_states"])}
+class _InjectionHook:
+    """Forward pre-hook of decoder layer k: the call's state (if it is this site's) adds the metadata to the hidden
+    states. An object (not a closure), so that a deep copy of the model hooks the copy's own site."""
+
+    def __init__(self, site: "LimeMetadataInjection"):
+        self.site = site
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        state = kwargs.get(STATE_KEYWORD)
+        if state is None or state.site is not self.site:
+            return None
+        if args:  # every supported backbone passes the hidden states first, positionally
+            return (state.inject(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": state.inject(kwargs["hidden_states"])}
 
 
 class LimeMetadataInjection:
@@ -98,7 +115,9 @@ class LimeMetadataInjection:
                 f"found as `layers` (Llama, Qwen2, ...) or `h` (GPT-2) on its base model; {type(base).__name__} "
                 "has no such layer."
             )
-        self._handle = decoder_layers[self.layer].register_forward_pre_hook(_inject, with_kwargs=True)
+        self._handle = decoder_layers[self.layer].register_forward_pre_hook(
+            _InjectionHook(self), with_kwargs=True
+        )
 
     def detach(self) -> None:
         """Remove the hook (the backbone then runs without metadata)."""

@@ -81,12 +81,15 @@ class LimeMetadataEmbeddings(nn.Module):
         metadata_ids: dict[str, torch.LongTensor],
         input_shape: tuple[int, int],
         next_metadata_ids: dict[str, torch.LongTensor] | None = None,
+        names: list[str] | None = None,
     ) -> dict[str, torch.LongTensor]:
-        """Every field -> `(batch, seq)` the tag each position reads: the token's own (LIME) or the next token's
-        (LIME+1, the last position taking `next_metadata_ids`); unknown where not given."""
+        """Every field (or those in `names`) -> `(batch, seq)` the tag each position reads: the token's own (LIME) or
+        the next token's (LIME+1, the last position taking `next_metadata_ids`); unknown where not given."""
         next_metadata_ids = next_metadata_ids or {}
         fed = {}
         for name, table in self.tables.items():
+            if names is not None and name not in names:
+                continue
             ids, next_ids = metadata_ids.get(name), next_metadata_ids.get(name)
             if self.shift:
                 ids = self._shift_left(ids, next_ids, input_shape, table.weight.device)
@@ -96,12 +99,12 @@ class LimeMetadataEmbeddings(nn.Module):
         return fed
 
     def lookup(self, fed_ids: dict[str, torch.LongTensor]) -> torch.Tensor:
-        """`(batch, seq, hidden)` sum of the weighted embeddings of every field's fed tags. A field unknown
-        everywhere embeds to exact zeros; it is still looked up, so that every table takes part in every step (DDP
-        needs no `find_unused_parameters` for batches with and without metadata)."""
+        """`(batch, seq, hidden)` sum of the weighted embeddings of the fields' fed tags (at least one field). A field
+        unknown everywhere embeds to exact zeros; `forward` still looks it up, so that every table takes part in
+        every step (DDP needs no `find_unused_parameters` for batches with and without metadata)."""
         total = None
-        for name, table in self.tables.items():
-            ids = fed_ids[name]
+        for name, ids in fed_ids.items():
+            table = self.tables[name]
             # Unknown shares the zero padding row: "no metadata" must add exactly nothing.
             embedded = table(ids.masked_fill(ids == UNKNOWN_ID, PAD_ID))
             weight = self.weights.get(name, 1.0)
@@ -277,6 +280,7 @@ class LimePreTrainedModel(PreTrainedModel):
         heads = self.tag_heads
         override = heads is not None and self.training and self.config.metadata_training_source == "predicted"
         return MetadataInjectionState(
+            site=self.metadata_injection,
             embeddings=self.metadata_embeddings,
             heads=heads,
             metadata_ids=metadata_ids,

@@ -1,5 +1,10 @@
 """Metadata at decoder layer k (`metadata_layer`): the honest one-pass LIME, against hand-written references."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from tiny_models import VOCAB_SIZE, enable_checkpointing, random_tags, run_without_lime_hf, tiny_lime
@@ -300,3 +305,52 @@ def test_config_round_trips_and_layer_zero_is_unchanged(tmp_path):
     assert (loaded.metadata_layer, loaded.metadata_training_source) == (1, "predicted")
     plain = tiny_lime("llama", tag_head_fields=["pos"])
     assert plain.metadata_injection is None and hasattr(plain.tag_heads, "start_state")
+
+
+DDP_SCRIPT = """
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+sys.path.insert(0, sys.argv[1])
+from tiny_models import random_tags, tiny_lime
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model = tiny_lime("llama", tag_head_fields=["pos", "ner"], metadata_layer=1, metadata_training_source="predicted")
+ddp = DistributedDataParallel(model.train())  # find_unused_parameters=False: every parameter must get a gradient
+optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+ids = torch.randint(3, 97, (2, 8), generator=torch.Generator().manual_seed(rank))
+for step in range(3):
+    tags = random_tags(model, ids.shape, seed=step) if (rank + step) % 2 == 0 else {"pos_ids": random_tags(model, ids.shape)["pos_ids"]}
+    optimizer.zero_grad()
+    ddp(input_ids=ids, labels=ids, **tags).loss.backward()
+    optimizer.step()
+torch.save(model.state_dict(), f"{sys.argv[2]}/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_ddp_trains_the_predicted_source_without_unused_parameters(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT, encoding="utf-8")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    tests = Path(__file__).resolve().parent
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", str(script), str(tests), str(tmp_path)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    initial = tiny_lime("llama", **HONEST).state_dict()
+    for name, tensor in ranks[0].items():
+        assert torch.equal(tensor, ranks[1][name]), name  # gradients were averaged: the ranks agree
+    moved = [name for name, tensor in ranks[0].items() if not torch.equal(tensor, initial[name])]
+    assert any(name.startswith("tag_heads.") for name in moved)
+    assert any(name.startswith("metadata_embeddings.") for name in moved)
