@@ -18,7 +18,7 @@ sits on one of its layers. Measured side by side in one run, as ratios to the ba
 Runs alternate round by round; each number is the median of the rounds. Writes benchmarks/results/honest_speed.json
 and .csv and prints a table.
 
-    python benchmarks/honest_speed.py [--threads 1] [--rounds 5] [--new-tokens 64]
+    python benchmarks/honest_speed.py [--threads 1] [--rounds 5] [--generation-rounds 15] [--new-tokens 64]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import argparse
 import copy
 import csv
 import json
+import os
 import platform
 import statistics
 import time
@@ -157,7 +158,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5, help="scoring rounds")
+    parser.add_argument("--generation-rounds", type=int, default=15, help="generation rounds (noisier: more)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--label", default="", help="suffix of the result files (e.g. h100)")
@@ -165,12 +167,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     models = build_models(device)
-    rows = scoring(models, args.rounds, device) + generation(models, args.rounds, args.new_tokens, device)
+    rows = scoring(models, args.rounds, device) + generation(
+        models, args.generation_rounds, args.new_tokens, device
+    )
     name = "honest_speed" + (f"_{args.label}" if args.label else "")
     summary = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "threads": args.threads,
-        "rounds": args.rounds,
+        "rounds": {"scoring": args.rounds, "generation": args.generation_rounds},
+        "load_average_at_end": os.getloadavg(),
         "backbone": TEXT_CONFIG,
         "metadata_layer": LAYER,
         "goals": {"scoring_1024_ratio_max": 1.3, "generation_ratio_min": 0.95},
