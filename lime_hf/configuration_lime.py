@@ -1,11 +1,13 @@
 """LIME configuration and the default metadata tag inventories.
 
 This file is copied next to the weights by ``save_pretrained`` (remote code), so it imports only
-``transformers`` and its flat siblings.
+``transformers`` and its flat siblings (`rules.py`, standard library only).
 """
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+
+from .rules import check_metadata_injection
 
 # Every field reserves its first three ids; a label's index in its inventory is its id.
 PAD_ID, UNKNOWN_ID, SPECIAL_ID = 0, 1, 2
@@ -106,6 +108,23 @@ def check_self_guidance(self_guidance: str) -> None:
         raise ValueError(f"`self_guidance` must be 'argmax' or 'sample', got {self_guidance!r}.")
 
 
+def check_metadata_layer(layer: int) -> None:
+    """An integer >= 0 (whether it is below the backbone's number of layers is checked against `text_config`)."""
+    if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+        raise ValueError(
+            f"`metadata_layer` must be an integer >= 0 (0: the metadata embeddings join the token embeddings; k: "
+            f"they join the input of decoder layer k), got {layer!r}."
+        )
+
+
+def check_metadata_training_source(source: str) -> None:
+    if source not in ("given", "predicted"):
+        raise ValueError(
+            f"`metadata_training_source` must be 'given' (training reads the tags passed in) or 'predicted' "
+            f"(training reads the tag heads' own argmax, as inference does), got {source!r}."
+        )
+
+
 def check_meta_token_ids(meta_token_ids: list[int] | None) -> None:
     """Integers >= 0, each once (whether they are in the vocabulary is checked against `text_config`)."""
     if meta_token_ids is None:
@@ -139,6 +158,8 @@ FIELD_CHECKS = {
     "tag_head_fields": check_tag_head_fields,
     "tag_loss_weight": check_tag_loss_weight,
     "self_guidance": check_self_guidance,
+    "metadata_layer": check_metadata_layer,
+    "metadata_training_source": check_metadata_training_source,
     "meta_token_ids": check_meta_token_ids,
     "meta_positional": check_meta_positional,
 }
@@ -195,6 +216,17 @@ class LimeConfig(PreTrainedConfig):
             Weight of the heads' summed cross-entropy in the training loss, `lm_loss + weight * sum(tag_losses)`.
         self_guidance (`str`, *optional*, defaults to `"argmax"`):
             How the heads choose a tag during generation: `"argmax"` or `"sample"` (from their softmax).
+        metadata_layer (`int`, *optional*, defaults to 0):
+            Where the metadata embeddings join the residual stream. 0: added to the token embeddings (LIME as in
+            the paper). k in [1, num_hidden_layers): added to the input of decoder layer k (see
+            `metadata_injection.py`); the first k layers read no tags, and the tag heads read that tag-free state
+            at token i itself, so a model given `input_ids` alone tags them in the same parallel forward (the
+            honest mode, as fast as the backbone). Without tag heads, k > 0 only moves where given tags enter.
+        metadata_training_source (`str`, *optional*, defaults to `"given"`):
+            What the LM reads in training (`model.train()`) where tag heads exist: `"given"` (the tags passed in,
+            teacher forcing) or `"predicted"` (the heads' own argmax in every position of a field with a head,
+            exactly what inference feeds; the given tags still train the heads). `"predicted"` needs tag heads
+            and `metadata_layer > 0` (at layer 0 the prediction would need one sequential step per token).
         meta_token_ids (`list[int]`, *optional*):
             Token ids of learned meta-tokens (see `meta_attention.py`). Non-empty: a meta-attention sublayer
             follows every decoder layer, over the meta-token positions only, and meta-token targets are left out
@@ -214,6 +246,7 @@ class LimeConfig(PreTrainedConfig):
         "tag_losses",
         "tag_logits",
         "last_hidden_state",
+        "fed_metadata_ids",
     ]
     sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
 
@@ -224,6 +257,8 @@ class LimeConfig(PreTrainedConfig):
     tag_head_fields: list[str] | None = None
     tag_loss_weight: float = 0.2
     self_guidance: str = "argmax"
+    metadata_layer: int = 0
+    metadata_training_source: str = "given"
     meta_token_ids: list[int] | None = None
     meta_positional: str = "keep"
 
@@ -270,6 +305,12 @@ class LimeConfig(PreTrainedConfig):
                     f"meta-token id must be an integer in [0, {vocab_size}). Add the meta-token to the tokenizer "
                     "(and resize the embeddings) first."
                 )
+        check_metadata_injection(
+            metadata_layer=self.metadata_layer,
+            training_source=self.metadata_training_source,
+            tag_head_fields=self.tag_head_fields or (),
+            num_hidden_layers=self.text_config.num_hidden_layers,
+        )
         for option in ("metadata_weights", "tag_head_fields"):
             unknown = sorted(set(getattr(self, option) or ()) - set(self.metadata_fields))
             if unknown:

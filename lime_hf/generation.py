@@ -425,7 +425,8 @@ class LimeGenerationMixin(GenerationMixin):
         With no prompt, generation starts from BOS (tags: special), as the backbone's does.
 
         With `return_dict_in_generate=True` the output also holds `metadata_ids`: `{"<field>_ids": (rows, seq)}`,
-        the tags of every position of `sequences`. Passing them back with `sequences` and the output's cache
+        the tags of every position of `sequences` (with `metadata_layer > 0` and heads: recomputed by one parallel
+        forward over `sequences` after generating, see `_tags_read`). Passing them back with `sequences` and the output's cache
         continues the generation exactly as one longer call would.
 
         Args:
@@ -433,6 +434,9 @@ class LimeGenerationMixin(GenerationMixin):
                 `pos_ids`/`ner_ids`/`<field>_ids` `(batch, prompt_len)`, e.g. `model.generate(**encoding)`.
                 With none of them, a model whose heads provide the tags tags the prompt itself first (one
                 incremental pass over the prompt, `tag_heads.self_tags`, as `forward` does for bare `input_ids`).
+                A model with heads at `metadata_layer > 0` tags prompt and generated tokens inside its forward: given
+                no tags, guidance or provider it generates exactly as its backbone does (no per-step bookkeeping);
+                given tags or guidance, those are fed where given and the heads fill the rest.
                 Pass `tokenizer=` (a `LimeTokenizer`) to let a LIME model re-annotate what it generates.
             guidance (`dict`, *optional*): LIME+1 only. Field -> the labels of the next generated tokens: one
                 list per batch row (lengths may differ), one list for every row, or a callable
@@ -458,7 +462,12 @@ class LimeGenerationMixin(GenerationMixin):
         tracker = kwargs.pop("lime_tracker", None)  # set when a LIME model assists another one's generation
         if tracker is not None:
             self._check_assisted_tracker(tracker)
-        elif config.metadata_fields:  # meta-tokens only: no tags to track
+        elif config.metadata_fields and not (
+            self._tags_in_pass()
+            and not prompt_metadata
+            and not guidance
+            and metadata_provider in (None, "model")
+        ):  # meta-tokens only, or the heads at layer k tag every token inside the forward: no tags to track
             tracker = self._new_tracker(prompt_ids, prompt_metadata, guidance, metadata_provider, kwargs)
         if CACHE_NAME == "past_key_values" and "cache" in kwargs:  # `generate` before 5.24 knows the old name
             kwargs["past_key_values"] = kwargs.pop("cache")
@@ -468,7 +477,7 @@ class LimeGenerationMixin(GenerationMixin):
         if rows is None:
             rows = torch.arange(prompt_ids.shape[0], device=prompt_ids.device)
         output = super().generate(inputs, generation_config, lime_tracker=tracker, lime_rows=rows, **kwargs)
-        if isinstance(output, torch.Tensor) or tracker is None:
+        if isinstance(output, torch.Tensor) or not (tracker is not None or self._tags_in_pass()):
             return output
         # The output holds `num_return_sequences` rows per prompt, in prompt order, whatever the decoding.
         returned = (
@@ -476,8 +485,44 @@ class LimeGenerationMixin(GenerationMixin):
             or (generation_config or self.generation_config).num_return_sequences
         )
         origins = torch.arange(prompt_ids.shape[0]).repeat_interleave(returned or 1).tolist()
-        output["metadata_ids"] = tracker.metadata_ids(output.sequences, origins)
+        given = tracker.metadata_ids(output.sequences, origins) if tracker is not None else {}
+        if self._tags_in_pass():
+            given = self._tags_read(output.sequences, given, kwargs.get("attention_mask"), origins)
+        output["metadata_ids"] = given
         return output
+
+    def _tags_in_pass(self) -> bool:
+        """Whether the forward tags every position itself (tag heads at `metadata_layer > 0`): generation then
+        needs no provider, and no per-step bookkeeping unless tags or guidance are given."""
+        return bool(self.config.metadata_layer) and self.tag_heads is not None
+
+    def _tags_read(
+        self,
+        sequences: torch.LongTensor,
+        given: dict[str, torch.LongTensor],
+        attention_mask: torch.Tensor | None,
+        origins: list[int],
+    ) -> dict[str, torch.LongTensor]:
+        """`<field>_ids` `(rows, seq)` of `sequences` as a model tagging in the pass read them: one parallel forward
+        over the output, fed the `given` tags (prompt, guidance) as generation fed them. Each heads' tag is a pure
+        function of its prefix, so this recomputes exactly the tags the steps fed, at the cost of one forward pass
+        (only when `return_dict_in_generate=True`). A LIME+1 model never reads its first token's own tag: unknown
+        unless given."""
+        extra = {}
+        if attention_mask is not None:
+            mask = attention_mask[origins].to(sequences.device)
+            mask = torch.cat([mask, mask.new_ones(len(origins), sequences.shape[1] - mask.shape[1])], dim=1)
+            extra = {
+                "attention_mask": mask,
+                "position_ids": (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0),
+            }
+        fed = self(input_ids=sequences, use_cache=False, **given, **extra).fed_metadata_ids
+        if not self.config.metadata_shift:
+            return {f"{name}_ids": ids for name, ids in fed.items()}
+        first = {
+            name: given.get(f"{name}_ids", torch.full_like(sequences, UNKNOWN_ID))[:, :1] for name in fed
+        }
+        return {f"{name}_ids": torch.cat([first[name], ids[:, :-1]], dim=1) for name, ids in fed.items()}
 
     def _check_generation_override(self) -> None:
         if "lime_tracker" not in inspect.signature(self.prepare_inputs_for_generation).parameters:
@@ -532,7 +577,10 @@ class LimeGenerationMixin(GenerationMixin):
         config, tokenizer = self.config, kwargs.get("tokenizer")
         if getattr(tokenizer, "metadata_fields", None) is not None:
             check_inventories(tokenizer.metadata_fields, config.metadata_fields)
-        if metadata_provider == "model" or (metadata_provider is None and self.tag_heads is not None):
+        if self._tags_in_pass() and metadata_provider in (None, "model"):
+            # The forward's heads fill every tag left unknown (generated tokens, an untagged prompt).
+            metadata_provider = "unknown"
+        elif metadata_provider == "model" or (metadata_provider is None and self.tag_heads is not None):
             metadata_provider = ModelTagProvider(self, kwargs.get("attention_mask"))
             if not prompt_metadata:  # an untagged prompt (lm-eval's `--model hf`): the heads tag it causally
                 prompt_metadata, _ = self_tags(self, prompt_ids, kwargs.get("attention_mask"))

@@ -68,6 +68,7 @@ def render_model_card(
         repo_id=repo_id or "path/to/model",
         method="LIME+1" if model.config.metadata_shift else "LIME",
         shift=model.config.metadata_shift,
+        metadata_layer=model.config.metadata_layer,
         backbone=describe_backbone(model),
         parameters=count_parameters(model),
         base_model=base_model,
@@ -210,7 +211,8 @@ def count_parameters(model: LimePreTrainedModel) -> dict[str, str]:
 
 
 def describe_tag_heads(model: LimePreTrainedModel) -> dict[str, Any] | None:
-    """The fields with tag heads, their loss weight, self-guidance mode and parameter count; None without heads."""
+    """The fields with tag heads, their loss weight, self-guidance mode, the LM's training source and parameter
+    count; None without heads."""
     if model.tag_heads is None:
         return None
     config = model.config
@@ -218,6 +220,7 @@ def describe_tag_heads(model: LimePreTrainedModel) -> dict[str, Any] | None:
         "fields": ", ".join(f"`{name}`" for name in config.tag_head_fields),
         "loss_weight": f"{config.tag_loss_weight:g}",
         "self_guidance": config.self_guidance,
+        "training_source": config.metadata_training_source,
         "parameters": abbreviate(sum(parameter.numel() for parameter in model.tag_heads.parameters())),
     }
 

@@ -20,6 +20,8 @@ from .compat import accept_past_key_values, backbone_parameters, cache_keyword
 from .configuration_lime import PAD_ID, UNKNOWN_ID, LimeConfig
 from .generation import LimeGenerationMixin
 from .meta_attention import LimeMetaAttentionLayers, MetaAttentionState
+from .metadata_injection import STATE_KEYWORD as INJECTION_KEYWORD
+from .metadata_injection import LimeMetadataInjection, MetadataInjectionState
 from .tag_heads import LimeCausalLMOutputWithPast, LimeTagHeads, self_tags
 
 # PEFT's prompt tuning and p-tuning put learned embeddings in front of the token embeddings (`inputs_embeds`)
@@ -27,8 +29,8 @@ from .tag_heads import LimeCausalLMOutputWithPast, LimeTagHeads, self_tags
 UNTAGGED_TRAINING = (
     "A model with tag heads was given `labels` but no tags (`<field>_ids`): its heads would learn nothing and its "
     "LM would train on tags it never reads in use. Pass the tags `LimeTokenizer` emits, or say what the forward "
-    "reads: `self_tag=True` (the heads' own causal predictions, one sequential step per token) or `self_tag=False` "
-    "(unknown tags: the backbone alone)."
+    "reads: `self_tag=True` (the heads' own causal predictions: one sequential step per token, or in the same pass "
+    "with `metadata_layer` > 0) or `self_tag=False` (unknown tags: the backbone alone)."
 )
 PREPENDED_POSITIONS = (
     " The input has {} more positions than the tags: if PEFT's prompt tuning or p-tuning put virtual tokens in "
@@ -70,18 +72,39 @@ class LimeMetadataEmbeddings(nn.Module):
                 fields left out are unknown there.
 
         Returns:
-            `(batch, seq, hidden)` sum of the weighted field embeddings. A field that is not given is unknown
-            everywhere and embeds to exact zeros; it is still looked up, so that every table takes part in
-            every step (DDP needs no `find_unused_parameters` for batches with and without metadata).
+            `(batch, seq, hidden)` sum of the weighted field embeddings (see `lookup`).
         """
+        return self.lookup(self.fed_ids(metadata_ids, input_shape, next_metadata_ids))
+
+    def fed_ids(
+        self,
+        metadata_ids: dict[str, torch.LongTensor],
+        input_shape: tuple[int, int],
+        next_metadata_ids: dict[str, torch.LongTensor] | None = None,
+        names: list[str] | None = None,
+    ) -> dict[str, torch.LongTensor]:
+        """Every field (or those in `names`) -> `(batch, seq)` the tag each position reads: the token's own (LIME) or
+        the next token's (LIME+1, the last position taking `next_metadata_ids`); unknown where not given."""
         next_metadata_ids = next_metadata_ids or {}
-        total = None
+        fed = {}
         for name, table in self.tables.items():
+            if names is not None and name not in names:
+                continue
             ids, next_ids = metadata_ids.get(name), next_metadata_ids.get(name)
             if self.shift:
                 ids = self._shift_left(ids, next_ids, input_shape, table.weight.device)
             elif ids is None:
                 ids = torch.full(input_shape, UNKNOWN_ID, dtype=torch.long, device=table.weight.device)
+            fed[name] = ids
+        return fed
+
+    def lookup(self, fed_ids: dict[str, torch.LongTensor]) -> torch.Tensor:
+        """`(batch, seq, hidden)` sum of the weighted embeddings of the fields' fed tags (at least one field). A field
+        unknown everywhere embeds to exact zeros; `forward` still looks it up, so that every table takes part in
+        every step (DDP needs no `find_unused_parameters` for batches with and without metadata)."""
+        total = None
+        for name, ids in fed_ids.items():
+            table = self.tables[name]
             # Unknown shares the zero padding row: "no metadata" must add exactly nothing.
             embedded = table(ids.masked_fill(ids == UNKNOWN_ID, PAD_ID))
             weight = self.weights.get(name, 1.0)
@@ -123,6 +146,12 @@ class LimePreTrainedModel(PreTrainedModel):
         self.meta_attention = LimeMetaAttentionLayers(config) if config.meta_token_ids else None
         if self.meta_attention is not None:
             self.meta_attention.attach(self.language_model)
+        # Not a module: the tables and heads stay where they are (their weight names do not depend on the layer).
+        self.metadata_injection = (
+            LimeMetadataInjection(config.metadata_layer) if config.metadata_layer else None
+        )
+        if self.metadata_injection is not None:
+            self.metadata_injection.attach(self.language_model)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -131,7 +160,11 @@ class LimePreTrainedModel(PreTrainedModel):
         if isinstance(module, LimeTagEmbedding) and not getattr(module.weight, "_is_hf_initialized", False):
             with torch.no_grad():
                 module.weight[UNKNOWN_ID].zero_()
-        if isinstance(module, LimeTagHeads) and not getattr(module.start_state, "_is_hf_initialized", False):
+        if (
+            isinstance(module, LimeTagHeads)
+            and module.reads_previous_state
+            and not getattr(module.start_state, "_is_hf_initialized", False)
+        ):
             with torch.no_grad():
                 module.start_state.zero_()
 
@@ -179,6 +212,8 @@ class LimePreTrainedModel(PreTrainedModel):
             for sublayer in model.meta_attention.layers:
                 sublayer.reset_parameters(getattr(backbone.config, "initializer_range", 0.02))
             model.meta_attention.attach(backbone)
+        if model.metadata_injection is not None:
+            model.metadata_injection.attach(backbone)
         return model
 
     # The steps of the forward, in order.
@@ -206,10 +241,11 @@ class LimePreTrainedModel(PreTrainedModel):
         metadata_ids: dict[str, torch.LongTensor],
         next_metadata_ids: dict[str, torch.LongTensor] | None,
     ) -> torch.FloatTensor:
-        """Step 2: the token embeddings plus the metadata embeddings, after validating the tags."""
+        """Step 2: the token embeddings plus the metadata embeddings, after validating the tags. With
+        `metadata_layer > 0` the metadata joins later (step 3, `prepare_metadata_injection`): token embeddings only."""
         input_shape = tuple(token_embeds.shape[:2])
         self._check_metadata(input_shape, metadata_ids, next_metadata_ids)
-        if not self.config.metadata_fields:  # a model with meta-tokens only
+        if not self.config.metadata_fields or self.metadata_injection is not None:
             return token_embeds
         return token_embeds + self.metadata_embeddings(metadata_ids, input_shape, next_metadata_ids)
 
@@ -230,14 +266,50 @@ class LimePreTrainedModel(PreTrainedModel):
         writes_cache = not (checkpointing and self.training and torch.is_grad_enabled())
         return self.meta_attention.prepare(input_ids, labels, cache, use_cache, writes_cache)
 
-    def run_backbone(self, module: nn.Module, meta_state: MetaAttentionState | None, cache, **inputs):
-        """Step 4: `module` (the backbone or its base model) on the enriched embeddings, given the cache under the
-        name it takes, inside the call's meta-attention scope."""
+    def prepare_metadata_injection(
+        self,
+        metadata_ids: dict[str, torch.LongTensor],
+        next_metadata_ids: dict[str, torch.LongTensor] | None,
+        predict: bool,
+    ) -> MetadataInjectionState | None:
+        """Step 3b (`metadata_layer > 0` only, else `None`): what the hook at decoder layer k adds (see
+        `metadata_injection.py`). `predict`: the heads' argmax fills the unknown tags; in training with
+        `metadata_training_source="predicted"` it replaces the given ones."""
+        if self.metadata_injection is None:
+            return None
+        heads = self.tag_heads
+        override = heads is not None and self.training and self.config.metadata_training_source == "predicted"
+        return MetadataInjectionState(
+            site=self.metadata_injection,
+            embeddings=self.metadata_embeddings,
+            heads=heads,
+            metadata_ids=metadata_ids,
+            next_metadata_ids=next_metadata_ids,
+            predict=predict and heads is not None,
+            override=override,
+        )
+
+    def run_backbone(
+        self,
+        module: nn.Module,
+        meta_state: MetaAttentionState | None,
+        injection: MetadataInjectionState | None,
+        cache,
+        **inputs,
+    ):
+        """Step 4: `module` (the backbone or its base model) on the embeddings, given the cache under the name it
+        takes, inside the call's meta-attention scope, with the call's metadata injection (if any)."""
         inputs[cache_keyword(module)] = cache
+        if injection is not None:
+            inputs[INJECTION_KEYWORD] = injection
         if self.meta_attention is None:
-            return module(**inputs)
-        with self.meta_attention.scope(meta_state, inputs):
-            return module(**inputs)
+            outputs = module(**inputs)
+        else:
+            with self.meta_attention.scope(meta_state, inputs):
+                outputs = module(**inputs)
+        if injection is not None:
+            self.metadata_injection.check_applied(injection)
+        return outputs
 
     def _collect_metadata(
         self, pos_ids: torch.LongTensor | None, ner_ids: torch.LongTensor | None, kwargs: dict
@@ -343,15 +415,18 @@ class LimeModel(LimePreTrainedModel):
         next_metadata_ids: dict[str, torch.LongTensor] | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """See `LimeForCausalLM.forward`; the LM head is not applied (nor the tag heads: missing tags are unknown)."""
+        """See `LimeForCausalLM.forward`; the LM head is not applied. Missing tags are unknown, except with
+        `metadata_layer > 0`, where the tag heads fill them inside the pass, as in `LimeForCausalLM`."""
         metadata_ids = self.collect_tags(pos_ids, ner_ids, kwargs)
         inputs_embeds = self.embed(
             self.token_embeddings(input_ids, inputs_embeds), metadata_ids, next_metadata_ids
         )
         _, cache, meta_state = self.prepare_meta_attention(input_ids, None, cache, use_cache)
+        injection = self.prepare_metadata_injection(metadata_ids, next_metadata_ids, predict=True)
         return self.run_backbone(
             self.language_model.base_model,
             meta_state,
+            injection,
             cache,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -411,26 +486,35 @@ class LimeForCausalLM(LimePreTrainedModel, LimeGenerationMixin):
                 `next_metadata_ids`, no cache) and no `labels`, so that a harness passing token ids only (lm-eval's
                 `--model hf`) scores the model as it generates; given `labels` but no tags it raises, asking which.
                 `False`: missing tags are unknown. A model without heads reads unknown for missing tags.
+                With `metadata_layer > 0` (the honest mode) self-tagging costs nothing: the heads read the input of
+                decoder layer k and fill every unknown tag inside the one forward pass, with or without a cache
+                (`None` and `True`); only a training call (`model.train()`) with `labels` and no tags raises, since
+                no head would learn. `False`: missing tags are unknown.
             kwargs: the backbone's extra arguments (`num_items_in_batch`, `output_hidden_states`, ...).
 
         Returns the backbone's `CausalLMOutputWithPast`; with tag heads a `LimeCausalLMOutputWithPast` whose loss is
-        `lm_loss + tag_loss_weight * sum(tag_losses)`, with `tag_logits` where every position's logits are kept.
+        `lm_loss + tag_loss_weight * sum(tag_losses)`, with `tag_logits` where every position's logits are kept
+        (with `metadata_layer > 0`: always, for the new positions, and the tags read as `fed_metadata_ids`).
         """
-        # 1. The tags: given, or the heads' own (self-tagging), else unknown.
+        # 1. The tags: given, or the heads' own (self-tagging: sequential at layer 0, in the pass at k > 0).
         metadata_ids = self.collect_tags(pos_ids, ner_ids, kwargs)
         token_embeds = self.token_embeddings(input_ids, inputs_embeds)
+        source = self._tag_source(self_tag, metadata_ids, next_metadata_ids, input_ids, cache, labels)
         fed_ids, fed_next = metadata_ids, next_metadata_ids
-        if self._reads_own_tags(self_tag, metadata_ids, next_metadata_ids, input_ids, cache, labels):
+        if source == "sequential":
             fed_ids, fed_next = self_tags(self, input_ids, attention_mask)
-        # 2. Embeddings. 3. Meta-attention.
+        # 2. Embeddings. 3. Meta-attention; the metadata injection at layer k.
         inputs_embeds = self.embed(token_embeds, fed_ids, fed_next)
         labels, cache, meta_state = self.prepare_meta_attention(input_ids, labels, cache, use_cache)
-        # 4. The backbone. The heads read its last hidden state (`-1` records only that one).
+        injection = self.prepare_metadata_injection(fed_ids, fed_next, predict=source == "in_pass")
+        # 4. The backbone. Heads at layer 0 read its last hidden state (`-1` records only that one).
         heads = self.tag_heads
+        reads_last = heads is not None and injection is None
         asked_hidden = kwargs.pop("output_hidden_states", None)
         outputs = self.run_backbone(
             self.language_model,
             meta_state,
+            injection,
             cache,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -438,16 +522,19 @@ class LimeForCausalLM(LimePreTrainedModel, LimeGenerationMixin):
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
-            output_hidden_states=(asked_hidden or -1) if heads is not None else asked_hidden,
+            output_hidden_states=(asked_hidden or -1) if reads_last else asked_hidden,
             **kwargs,
         )
         if heads is None:
             return outputs
-        # 5. Tag heads: logits where every position's are kept (training, evaluation; generation tags its tokens
-        # itself), losses against the given tags where there are labels.
-        hidden = outputs.hidden_states[-1]
+        # 5. Tag heads: computed by the injection at layer k (every new position), else here where every
+        # position's logits are kept (training, evaluation; generation tags its tokens itself); losses against the
+        # given tags where there are labels.
+        hidden = outputs.hidden_states[-1] if reads_last else None
         tag_logits = None
-        if isinstance(logits_to_keep, int) and logits_to_keep == 0:
+        if injection is not None:
+            tag_logits = injection.tag_logits
+        elif isinstance(logits_to_keep, int) and logits_to_keep == 0:
             tag_logits = heads(heads.previous_states(hidden, attention_mask), token_embeds)
         # 6. The output.
         result = LimeCausalLMOutputWithPast(
@@ -455,6 +542,7 @@ class LimeForCausalLM(LimePreTrainedModel, LimeGenerationMixin):
             hidden_states=outputs.hidden_states if asked_hidden else None,
             tag_logits=tag_logits,
             last_hidden_state=hidden,
+            fed_metadata_ids=injection.fed_ids if injection is not None else None,
         )
         if outputs.loss is not None and tag_logits is not None:
             tag_losses = heads.losses(
@@ -464,7 +552,7 @@ class LimeForCausalLM(LimePreTrainedModel, LimeGenerationMixin):
             result.loss = outputs.loss + heads.weighted_loss(tag_logits, tag_losses)
         return result
 
-    def _reads_own_tags(
+    def _tag_source(
         self,
         self_tag: bool | None,
         metadata_ids: dict[str, torch.LongTensor],
@@ -472,23 +560,35 @@ class LimeForCausalLM(LimePreTrainedModel, LimeGenerationMixin):
         input_ids: torch.LongTensor | None,
         cache,
         labels: torch.LongTensor | None,
-    ) -> bool:
-        """Whether this call self-tags (see `self_tag` in `forward`); raises where it cannot, or must be told."""
-        bare = not metadata_ids and next_metadata_ids is None and input_ids is not None and cache is None
+    ) -> str:
+        """Where this call's tags come from (see `self_tag` in `forward`): `"given"` (missing ones unknown),
+        `"sequential"` (layer-0 heads, one step per token before the forward) or `"in_pass"` (heads at layer k fill
+        the missing ones inside the forward). Raises where it cannot, or must be told."""
+        if self.tag_heads is None:
+            if self_tag:
+                raise ValueError("`self_tag=True` reads the model's tag heads, and this model has none.")
+            return "given"
+        untagged = not metadata_ids and next_metadata_ids is None
+        if self.metadata_injection is not None:
+            if self_tag is False:
+                return "given"
+            # Training a heads model on untagged batches would train no head: say so rather than run.
+            if self_tag is None and untagged and labels is not None and self.training:
+                raise ValueError(UNTAGGED_TRAINING)
+            return "in_pass"
+        bare = untagged and input_ids is not None and cache is None
         if self_tag is None:
-            if self.tag_heads is None or not bare:
-                return False
+            if not bare:
+                return "given"
             if labels is not None:
                 raise ValueError(UNTAGGED_TRAINING)
-            return True
-        if self_tag and self.tag_heads is None:
-            raise ValueError("`self_tag=True` reads the model's tag heads, and this model has none.")
+            return "sequential"
         if self_tag and not bare:
             raise ValueError(
                 "`self_tag=True` tags `input_ids` from their first token: pass `input_ids` alone, without tags, "
                 "`next_metadata_ids` or a cache."
             )
-        return bool(self_tag)
+        return "sequential" if self_tag else "given"
 
 
 __all__ = ["LimeForCausalLM", "LimeModel", "LimePreTrainedModel"]

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .rules import check_metadata_injection
+
 # `LimeTokenizer`'s alignment modes and the built-in fields, repeated here so that the CLI's parsers need not import
 # tokenization_lime (torch, transformers); tests/test_cli.py checks that both places agree.
 ALIGNMENTS = ("pretokenized", "offsets")
@@ -85,6 +87,24 @@ class TrainOptions:
             "metadata, so generation needs neither spaCy (LIME) nor oracle guidance (LIME+1)",
         },
     )
+    metadata_layer: int = field(
+        default=0,
+        metadata={
+            "metavar": "K",
+            "help": "the decoder layer at whose input the metadata joins (default: 0, the token embeddings); with "
+            "--tag-heads and K > 0 the heads read that tag-free state and the model tags its input itself in the "
+            "same pass: the honest mode, no spaCy at inference and as fast as the backbone",
+            "type": int,
+        },
+    )
+    metadata_training_source: str = field(
+        default="given",
+        metadata={
+            "help": "what the LM reads in training: the given tags (teacher forcing) or the heads' own argmax, as at "
+            "inference (predicted: needs --tag-heads and --metadata-layer > 0) (default: given)",
+            "choices": ("given", "predicted"),
+        },
+    )
     metadata_dropout: float = field(
         default=0.0,
         metadata={
@@ -149,6 +169,13 @@ def check_train_options(options: TrainOptions) -> None:
             "--train-tokenizer VOCAB_SIZE (train a byte-level BPE on the corpus)."
         )
     check_sources(options.sources)
+    if options.metadata_layer < 0:
+        raise ValueError(f"--metadata-layer must be 0 or more, got {options.metadata_layer}.")
+    check_metadata_injection(
+        metadata_layer=options.metadata_layer,
+        training_source=options.metadata_training_source,
+        tag_head_fields=options.tag_head_fields,
+    )
     saved = Path(options.tokenizer or "") / "tokenizer_config.json"
     if options.tokenizer and saved.is_file():  # a folder here: a Hub id is checked once it is loaded
         config = json.loads(saved.read_text(encoding="utf-8"))

@@ -223,23 +223,28 @@ def build_model(
     from_backbone: str | None = None,
     metadata_shift: int = 0,
     tag_head_fields: Sequence[str] = (),
+    metadata_layer: int = 0,
+    metadata_training_source: str = "given",
 ) -> LimeForCausalLM:
     """
     A new LIME model for `tokenizer`'s fields: a backbone of `model_config` (a JSON file or string; default a tiny
     Llama), or the causal-LM checkpoint `from_backbone` (path or Hub id) retrofitted; with `metadata_shift` (0 LIME,
-    1 LIME+1) and tag heads for `tag_head_fields`.
+    1 LIME+1), tag heads for `tag_head_fields`, the metadata joining at decoder layer `metadata_layer` and the LM
+    training on `metadata_training_source` tags (see `LimeConfig`).
     """
+    lime_kwargs = dict(
+        metadata_fields=tokenizer.metadata_fields,
+        metadata_shift=metadata_shift,
+        tag_head_fields=list(tag_head_fields),
+        metadata_layer=metadata_layer,
+        metadata_training_source=metadata_training_source,
+    )
     if from_backbone is not None:
         if model_config is not None:
             raise ValueError(
                 "Give either --model-config (a new model) or --from-backbone (retrofit), not both."
             )
-        model = LimeForCausalLM.from_backbone(
-            from_backbone,
-            metadata_fields=tokenizer.metadata_fields,
-            metadata_shift=metadata_shift,
-            tag_head_fields=list(tag_head_fields),
-        )
+        model = LimeForCausalLM.from_backbone(from_backbone, **lime_kwargs)
         vocab_size = model.get_input_embeddings().num_embeddings
         if len(tokenizer) > vocab_size:
             raise ValueError(
@@ -254,12 +259,7 @@ def build_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    config = LimeConfig(
-        text_config=text_config,
-        metadata_fields=tokenizer.metadata_fields,
-        metadata_shift=metadata_shift,
-        tag_head_fields=list(tag_head_fields),
-    )
+    config = LimeConfig(text_config=text_config, **lime_kwargs)
     return LimeForCausalLM(config)
 
 
@@ -388,6 +388,8 @@ def run(
         from_backbone=options.from_backbone,
         metadata_shift=options.metadata_shift,
         tag_head_fields=options.tag_head_fields,
+        metadata_layer=options.metadata_layer,
+        metadata_training_source=options.metadata_training_source,
     )
     check_block_size(options.block_size, model.config)
     with training_args.main_process_first(desc="annotating, aligning and packing"):

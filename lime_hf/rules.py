@@ -1,7 +1,8 @@
-"""The rules of a generation request, each written once with one message.
+"""Rules that both the model and the CLI apply, each written once with one message.
 
-`LimeForCausalLM.generate` checks them against its config, the CLI against a saved `config.json` before it loads
-anything, so both say the same thing. Standard library only: the CLI's pre-flight must not import torch, and
+`LimeForCausalLM.generate` checks a generation request against its config, the CLI against a saved `config.json`
+before it loads anything; `LimeConfig` and `lime-hf train` check where the metadata joins the model the same way.
+Both say the same thing. Standard library only: the CLI's pre-flight must not import torch, and
 `save_pretrained` copies this file next to the model's other code.
 """
 
@@ -64,4 +65,35 @@ def check_generation_request(
         )
 
 
-__all__ = ["PROVIDER_NAMES", "check_generation_request"]
+def check_metadata_injection(
+    *,
+    metadata_layer: int,
+    training_source: str,
+    tag_head_fields: Iterable[str],
+    num_hidden_layers: int | None = None,
+) -> None:
+    """Raise `ValueError` unless `metadata_layer` (where the metadata joins the residual stream) and
+    `metadata_training_source` (what the LM reads in training) fit the model.
+
+    Args:
+        metadata_layer: 0 (the token embeddings) or a decoder layer index k > 0.
+        training_source: "given" or "predicted" (the heads' own argmax, computed in the same forward).
+        tag_head_fields: the fields with tag heads.
+        num_hidden_layers: the backbone's number of decoder layers, where known.
+    """
+    if num_hidden_layers is not None and not metadata_layer < num_hidden_layers:
+        raise ValueError(
+            f"metadata layer (--metadata-layer) {metadata_layer}: the backbone has {num_hidden_layers} decoder layers, "
+            f"and the metadata joins the input of a decoder layer k in [0, {num_hidden_layers}) "
+            "(0: the token embeddings)"
+        )
+    if training_source == "predicted" and not (list(tag_head_fields) and metadata_layer):
+        raise ValueError(
+            "metadata training source (--metadata-training-source) 'predicted' trains the LM on its tag heads' own "
+            "argmax, computed in the same forward: it needs tag heads (--tag-heads) and a metadata layer "
+            f"(--metadata-layer) > 0; got tag heads {list(tag_head_fields) or 'none'} and metadata layer "
+            f"{metadata_layer}"
+        )
+
+
+__all__ = ["PROVIDER_NAMES", "check_generation_request", "check_metadata_injection"]

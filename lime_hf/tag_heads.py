@@ -13,6 +13,11 @@ pass: the previous step computed `h_{i-1}`, and `E_tok(t_i)` is a lookup. Traine
 
     loss = lm_loss + tag_loss_weight * sum_f CE(head_f(h_{i-1}, E_tok(t_i)), fed tag_f(i))
 
+With `config.metadata_layer = k > 0` the heads read another input: the input of decoder layer k at position i
+itself, `h^k_i`, which has seen the tokens t_{<=i} and no tag at all (the metadata joins after it, see
+`metadata_injection.py`). The prediction is again a pure function of t_{<=i}, and it is made inside the one
+forward pass (`start_state` and `token_norm` do not exist then: `h^k_i` holds `E_tok(t_i)` already).
+
 This file is copied next to the weights by ``save_pretrained`` (remote code), so it imports only ``torch``,
 ``transformers`` and its flat siblings.
 """
@@ -40,28 +45,35 @@ class LimeCausalLMOutputWithPast(CausalLMOutputWithPast):
     tag_logits (`dict[str, torch.FloatTensor]`, *optional*): field -> `(batch, seq, labels)` head logits, when
         every position's logits are kept (`logits_to_keep=0`, as in training and evaluation).
     last_hidden_state (`torch.FloatTensor` of shape `(batch, seq, hidden)`): the backbone's final hidden states,
-        which the heads read at the next position (generation keeps the last one per prefix).
+        which the heads read at the next position (generation keeps the last one per prefix); `None` with
+        `metadata_layer > 0`, whose heads read the input of layer k instead.
+    fed_metadata_ids (`dict[str, torch.LongTensor]`, *optional*): with `metadata_layer > 0`, field -> `(batch, seq)`
+        the tag each position read: given where known, else the heads' argmax (LIME+1: the next token's tag).
     """
 
     lm_loss: torch.FloatTensor | None = None
     tag_losses: dict[str, torch.FloatTensor] | None = None
     tag_logits: dict[str, torch.FloatTensor] | None = None
     last_hidden_state: torch.FloatTensor | None = None
+    fed_metadata_ids: dict[str, torch.LongTensor] | None = None
 
 
 class LimeTagHeads(nn.Module):
-    """One classifier per field of `config.tag_head_fields` over a shared layer reading `[h_{i-1}; E_tok(t_i)]`."""
+    """One classifier per field of `config.tag_head_fields` over a shared layer reading `[h_{i-1}; E_tok(t_i)]`
+    (`metadata_layer = 0`), or `h^k_i`, the input of decoder layer k at position i (`metadata_layer = k > 0`)."""
 
     def __init__(self, config):
         super().__init__()
         hidden_size = config.get_text_config().hidden_size
         self.shift = config.metadata_shift
         self.loss_weight = config.tag_loss_weight
-        self.start_state = nn.Parameter(torch.zeros(hidden_size))
+        self.reads_previous_state = not config.metadata_layer
+        if self.reads_previous_state:
+            self.start_state = nn.Parameter(torch.zeros(hidden_size))
+            self.token_norm = nn.LayerNorm(hidden_size)
         # Each input normalised on its own: the final hidden state and a raw embedding differ widely in scale.
         self.hidden_norm = nn.LayerNorm(hidden_size)
-        self.token_norm = nn.LayerNorm(hidden_size)
-        self.proj = nn.Linear(2 * hidden_size, hidden_size)
+        self.proj = nn.Linear((2 if self.reads_previous_state else 1) * hidden_size, hidden_size)
         self.act = nn.GELU()
         self.classifiers = nn.ModuleDict(
             {
@@ -73,9 +85,10 @@ class LimeTagHeads(nn.Module):
     def reset_parameters(self, std: float = 0.02) -> None:
         """Initialise every weight (used where the heads are built on the meta device, e.g. `from_backbone`)."""
         with torch.no_grad():
-            self.start_state.zero_()
+            if self.reads_previous_state:
+                self.start_state.zero_()
+                self.token_norm.reset_parameters()
             self.hidden_norm.reset_parameters()
-            self.token_norm.reset_parameters()
             for layer in (self.proj, *self.classifiers.values()):
                 layer.weight.normal_(0.0, std)
                 layer.bias.zero_()
@@ -100,10 +113,16 @@ class LimeTagHeads(nn.Module):
             previous = torch.where(after_padding[..., None], start, previous)
         return previous
 
-    def forward(self, previous_hidden: torch.Tensor, token_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
-        """`(batch, seq, hidden)` each -> field -> `(batch, seq, labels)` logits of the fed tags."""
-        token_embeds = token_embeds.to(previous_hidden.dtype)
-        features = torch.cat([self.hidden_norm(previous_hidden), self.token_norm(token_embeds)], dim=-1)
+    def forward(
+        self, hidden: torch.Tensor, token_embeds: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """`(batch, seq, hidden)` states -> field -> `(batch, seq, labels)` logits of the fed tags.
+
+        `hidden` is `h_{i-1}` with `token_embeds` `E_tok(t_i)` (`metadata_layer = 0`), or `h^k_i` alone (k > 0).
+        """
+        features = self.hidden_norm(hidden)
+        if self.reads_previous_state:
+            features = torch.cat([features, self.token_norm(token_embeds.to(hidden.dtype))], dim=-1)
         features = self.act(self.proj(features))
         return {name: classifier(features) for name, classifier in self.classifiers.items()}
 
@@ -204,8 +223,12 @@ def self_tagged_forward(
 
     Returns:
         `(batch, seq, vocab)` logits and field -> `(batch, seq)` the tags each position was fed.
+
+    With `metadata_layer > 0` this is one parallel forward (the heads fill the unknown tags inside it; argmax only).
     """
     check_tag_heads(model)
+    if model.config.metadata_layer:
+        return _in_pass_forward(model, input_ids, attention_mask, prompt_metadata, prompt_length, sample)
     heads, shift = model.tag_heads, model.config.metadata_shift
     prompt_metadata = prompt_metadata or {}
     batch, length = input_ids.shape
@@ -239,6 +262,31 @@ def self_tagged_forward(
         if attention_mask is not None:
             previous = torch.where((attention_mask[:, i] == 0)[:, None], heads.start_state, previous)
     return torch.cat(logits, dim=1), fed
+
+
+def _in_pass_forward(
+    model,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None,
+    prompt_metadata: dict[str, torch.LongTensor] | None,
+    prompt_length: int,
+    sample: bool,
+) -> tuple[torch.FloatTensor, dict[str, torch.LongTensor]]:
+    """`self_tagged_forward` of a model with `metadata_layer > 0`: the prompt's tags given, the rest unknown."""
+    if sample:
+        raise ValueError(
+            "With `metadata_layer` > 0 the heads tag inside the forward pass by their argmax: `sample=True` has no "
+            "meaning there."
+        )
+    given = {}
+    for name, tags in (prompt_metadata or {}).items():
+        given[f"{name}_ids"] = torch.full_like(input_ids, UNKNOWN_ID)
+        given[f"{name}_ids"][:, :prompt_length] = tags[:, :prompt_length]
+    extra = {}
+    if attention_mask is not None:
+        extra["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **given, **extra)
+    return outputs.logits, outputs.fed_metadata_ids
 
 
 def self_tags(

@@ -1,0 +1,201 @@
+"""Honest LIME's speed: a model given `input_ids` alone, tagging them itself, against its backbone.
+
+On the 4 x 256 benchmark backbone (`step_cost.TEXT_CONFIG`), every model shares the backbone's weights (retrofits:
+zero metadata tables, random heads); the models with `metadata_layer > 0` get their own copy of it, since their hook
+sits on one of its layers. Measured side by side in one run, as ratios to the backbone:
+
+* scoring: one `model(input_ids=...)` call, batch 4, at 64/256/1,024 tokens, no tags given, for
+  - backbone: the backbone's forward;
+  - layer0_heads: today's LIME with tag heads (`metadata_layer=0`), which self-tags bare input sequentially (one
+    cached step per token) before its forward;
+  - honest: LIME with heads at `metadata_layer=2`, which tags inside its one forward;
+  (goal: honest <= 1.3x the backbone at 1,024 tokens)
+* generation: greedy tokens/s with the KV cache, batch 1 and 8, no tags, guidance or provider given, for
+  - backbone; honest (its own tags); honest1 (LIME+1 at layer 2, guiding itself);
+  - layer0_heads: today's heads model (`metadata_provider="model"`, the tracker's per-step work), for reference;
+  (goal: >= 0.95x the backbone)
+
+Runs alternate round by round; each number is the median of the rounds. Writes benchmarks/results/honest_speed.json
+and .csv and prints a table.
+
+    python benchmarks/honest_speed.py [--threads 1] [--rounds 5] [--generation-rounds 15] [--new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import os
+import platform
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from step_cost import TEXT_CONFIG
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from lime_hf import LimeForCausalLM
+
+RESULTS = Path(__file__).resolve().parent / "results"
+HEADS = {"tag_head_fields": ["pos", "ner"]}
+LAYER = 2  # of the backbone's 4 (the lead's pilot: layer 2)
+SCORING_LENGTHS = (64, 256, 1024)
+SCORING_BATCH = 4
+GENERATION_BATCHES = (1, 8)
+PROMPT_LENGTH = 16
+
+
+def build_models(device: torch.device) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    backbone = AutoModelForCausalLM.from_config(LlamaConfig(**TEXT_CONFIG)).eval().to(device)
+    return {
+        "backbone": backbone,
+        "layer0_heads": LimeForCausalLM.from_backbone(backbone, **HEADS).eval(),
+        "honest": LimeForCausalLM.from_backbone(
+            copy.deepcopy(backbone), metadata_layer=LAYER, **HEADS
+        ).eval(),
+        "honest1": LimeForCausalLM.from_backbone(
+            copy.deepcopy(backbone), metadata_shift=1, metadata_layer=LAYER, **HEADS
+        ).eval(),
+    }
+
+
+def random_ids(shape: tuple[int, int], device: torch.device) -> torch.LongTensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(3, TEXT_CONFIG["vocab_size"], shape, generator=generator).to(device)
+
+
+def timed(call, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    call()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def median_times(calls: dict, rounds: int, device: torch.device, sequential_rounds: int) -> dict[str, float]:
+    """name -> median seconds over alternating rounds (after one warm-up each); the sequential self-tagger, which
+    costs minutes on a CPU at 1,024 tokens, runs `sequential_rounds` times."""
+    for call in calls.values():
+        call()
+    seconds = {name: [] for name in calls}
+    for index in range(rounds):
+        for name, call in calls.items():
+            if name == "layer0_heads" and index >= sequential_rounds:
+                continue
+            seconds[name].append(timed(call, device))
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+@torch.no_grad()
+def scoring(models: dict, rounds: int, device: torch.device) -> list[dict]:
+    rows = []
+    for length in SCORING_LENGTHS:
+        ids = random_ids((SCORING_BATCH, length), device)
+        calls = {
+            name: partial(models[name], input_ids=ids) for name in ("backbone", "layer0_heads", "honest")
+        }
+        seconds = median_times(calls, rounds, device, sequential_rounds=1 if length > 256 else 2)
+        for name, value in seconds.items():
+            rows.append(
+                {
+                    "benchmark": "scoring",
+                    "model": name,
+                    "batch": SCORING_BATCH,
+                    "tokens": length,
+                    "seconds": round(value, 5),
+                    "ratio_to_backbone": round(value / seconds["backbone"], 3),
+                }
+            )
+            print(f"scoring  {name:13s} batch {SCORING_BATCH} x {length:5d}: {value:8.4f} s "
+                  f"{value / seconds['backbone']:7.2f}x the backbone", flush=True)  # fmt: skip
+    return rows
+
+
+@torch.no_grad()
+def generation(models: dict, rounds: int, new_tokens: int, device: torch.device) -> list[dict]:
+    rows = []
+    for batch in GENERATION_BATCHES:
+        ids = random_ids((batch, PROMPT_LENGTH), device)
+        decoding = dict(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+        )  # fmt: skip
+        extra = {"layer0_heads": {"metadata_provider": "model"}}
+        calls = {
+            name: partial(model.generate, **decoding, **extra.get(name, {})) for name, model in models.items()
+        }
+        seconds = median_times(calls, rounds, device, sequential_rounds=rounds)
+        for name, value in seconds.items():
+            speed = batch * new_tokens / value
+            ratio = seconds["backbone"] / value
+            rows.append(
+                {
+                    "benchmark": "generation",
+                    "model": name,
+                    "batch": batch,
+                    "tokens": new_tokens,
+                    "seconds": round(value, 5),
+                    "tokens_per_s": round(speed, 1),
+                    "ratio_to_backbone": round(ratio, 3),
+                }
+            )
+            print(
+                f"generate {name:13s} batch {batch}: {speed:9.1f} tokens/s {ratio:6.3f}x the backbone",
+                flush=True,
+            )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5, help="scoring rounds")
+    parser.add_argument("--generation-rounds", type=int, default=15, help="generation rounds (noisier: more)")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--label", default="", help="suffix of the result files (e.g. h100)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    models = build_models(device)
+    rows = scoring(models, args.rounds, device) + generation(
+        models, args.generation_rounds, args.new_tokens, device
+    )
+    name = "honest_speed" + (f"_{args.label}" if args.label else "")
+    summary = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": args.threads,
+        "rounds": {"scoring": args.rounds, "generation": args.generation_rounds},
+        "load_average_at_end": os.getloadavg(),
+        "backbone": TEXT_CONFIG,
+        "metadata_layer": LAYER,
+        "goals": {"scoring_1024_ratio_max": 1.3, "generation_ratio_min": 0.95},
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    with (RESULTS / f"{name}.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=sorted({key for row in rows for key in row}))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(
+        "\n| benchmark | model | batch | tokens | seconds | x backbone (scoring: time; generation: tokens/s) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        print(f"| {row['benchmark']} | {row['model']} | {row['batch']} | {row['tokens']} | {row['seconds']} | "
+              f"{row['ratio_to_backbone']} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Metadata injected at decoder layer k (`config.metadata_layer = k > 0`): honest LIME in one parallel pass.
+
+The first k decoder layers read the tokens alone. At the input of layer k, for every position i:
+
+    logits_f = head_f(h^k_i)                         h^k_i has seen t_{<=i} and no tag (tag_heads.py)
+    a_f(i)   = the given tag where it is known, else argmax(logits_f)   (LIME+1 guidance is a given tag)
+    h^k_i   += sum_f w_f * E_f(a_f(i))                (the same tables as LIME's, looked up at layer k)
+
+and layers k.. run on the enriched states. A model given `input_ids` alone thus tags them itself inside the one
+forward pass (no spaCy, no oracle, no sequential self-tagging), the same way in training ("predicted" training
+source: the argmax replaces the given tags, which still train the heads) and at inference. Each prediction is a
+pure function of the prefix t_{<=i}, so the output is the same with and without the KV cache.
+
+The computation runs in a forward pre-hook on decoder layer k, so the backbone's code and weight names stay its own
+(`LimeMetadataInjection.attach` is idempotent, `detach` removes it). `LimeForCausalLM.forward` builds a
+`MetadataInjectionState` per call and passes it down as the keyword `metadata_injection_state`, which Transformers
+hands to every decoder layer; the hook reads it there and records the heads' logits and the fed tags in it. The
+hook itself holds nothing: no state is shared between calls.
+
+This file is copied next to the weights by ``save_pretrained`` (remote code), so it imports only ``torch``,
+``transformers`` and its flat siblings.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .configuration_lime import UNKNOWN_ID
+
+STATE_KEYWORD = "metadata_injection_state"
+
+
+@dataclass
+class MetadataInjectionState:
+    """One forward call's injection: its inputs, and what the hook records (read once the backbone has run).
+
+    site: the model's `LimeMetadataInjection`, whose hook alone applies this state (two LIME models retrofitted on
+        one backbone object each hook it; each call is applied once, by its own model's hook).
+    embeddings: the model's `LimeMetadataEmbeddings`.
+    heads: the model's `LimeTagHeads`, or `None` (given tags only).
+    metadata_ids: field -> `(batch, seq)` given tags of the input tokens (validated).
+    next_metadata_ids: field -> `(batch,)` LIME+1 guidance for the token after the input, or `None`.
+    predict: whether the heads' argmax fills the positions whose fed tag is unknown.
+    override: whether the heads' argmax replaces the given tags (`metadata_training_source="predicted"` in
+        training).
+    tag_logits: recorded: field -> `(batch, seq, labels)` the heads' logits (fields with a head).
+    fed_ids: recorded: field -> `(batch, seq)` the tag each position read (LIME+1: the next token's).
+    """
+
+    site: "LimeMetadataInjection"
+    embeddings: nn.Module
+    heads: nn.Module | None
+    metadata_ids: dict[str, torch.LongTensor]
+    next_metadata_ids: dict[str, torch.LongTensor] | None
+    predict: bool
+    override: bool
+    tag_logits: dict[str, torch.Tensor] | None = None
+    fed_ids: dict[str, torch.LongTensor] | None = None
+
+    def inject(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`(batch, seq, hidden)` input of layer k -> the same plus the metadata embeddings of the fed tags."""
+        tag_logits = self.heads(hidden) if self.heads is not None else {}
+        predicted = self.heads.predict(tag_logits) if self.predict or self.override else {}
+        given = set(self.metadata_ids) | set(self.next_metadata_ids or {})
+        # A field with a prediction and no given tag reads the prediction as it is (no merge to pay per step).
+        merged = [name for name in self.embeddings.tables if name in given or name not in predicted]
+        fed = self.embeddings.fed_ids(
+            self.metadata_ids, tuple(hidden.shape[:2]), self.next_metadata_ids, merged
+        )
+        for name, ids in predicted.items():
+            known = name in given and not self.override
+            fed[name] = torch.where(fed[name] == UNKNOWN_ID, ids, fed[name]) if known else ids
+        self.tag_logits, self.fed_ids = tag_logits, fed
+        # Without gradients a field unknown everywhere adds exact zeros: skip its lookup (training keeps it, so
+        # that every table takes part in every step for DDP).
+        looked_up = fed if torch.is_grad_enabled() else {name: fed[name] for name in (given | set(predicted))}
+        if not looked_up:
+            return hidden
+        return hidden + self.embeddings.lookup(looked_up).to(hidden.dtype)
+
+
+class _InjectionHook:
+    """Forward pre-hook of decoder layer k: the call's state (if it is this site's) adds the metadata to the hidden
+    states. An object (not a closure), so that a deep copy of the model hooks the copy's own site."""
+
+    def __init__(self, site: "LimeMetadataInjection"):
+        self.site = site
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        state = kwargs.get(STATE_KEYWORD)
+        if state is None or state.site is not self.site:
+            return None
+        if args:  # every supported backbone passes the hidden states first, positionally
+            return (state.inject(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": state.inject(kwargs["hidden_states"])}
+
+
+class LimeMetadataInjection:
+    """Where the metadata joins the backbone (`layer`: a decoder layer index > 0), and the hook that adds it."""
+
+    def __init__(self, layer: int):
+        self.layer = layer
+        self._handle = None
+
+    def attach(self, backbone: nn.Module) -> None:
+        """Hook decoder layer `layer` of `backbone` (a `*ForCausalLM`). Idempotent: an earlier hook (on this
+        backbone or a replaced one) is removed first."""
+        self.detach()
+        base = backbone.base_model
+        decoder_layers = getattr(base, "layers", None) or getattr(base, "h", None)
+        if not isinstance(decoder_layers, nn.ModuleList) or not self.layer < len(decoder_layers):
+            raise ValueError(
+                f"metadata_layer={self.layer} adds the metadata at the input of that decoder layer of the backbone, "
+                f"found as `layers` (Llama, Qwen2, ...) or `h` (GPT-2) on its base model; {type(base).__name__} "
+                "has no such layer."
+            )
+        self._handle = decoder_layers[self.layer].register_forward_pre_hook(
+            _InjectionHook(self), with_kwargs=True
+        )
+
+    def detach(self) -> None:
+        """Remove the hook (the backbone then runs without metadata)."""
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle = None
+
+    @staticmethod
+    def check_applied(state: MetadataInjectionState) -> None:
+        """Raise if the backbone ran without calling the hook with `state` (it did not hand its keywords on to its
+        decoder layers, or the hook was detached): the metadata would be silently missing."""
+        if state.fed_ids is None and not torch.compiler.is_compiling():
+            raise ValueError(
+                "The metadata was not added at the decoder layer `config.metadata_layer`: the backbone did not pass "
+                f"`{STATE_KEYWORD}` on to its decoder layers, or the injection hook was detached "
+                "(`model.metadata_injection.attach(model.language_model)` puts it back)."
+            )
+
+
+__all__ = ["LimeMetadataInjection", "MetadataInjectionState"]
