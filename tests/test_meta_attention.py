@@ -396,7 +396,9 @@ def test_bad_inputs_get_clear_errors():
         ValueError, match=rf"`meta_token_ids` holds {VOCAB_SIZE}, outside the vocabulary of 97"
     ):
         LimeConfig(text_config=text, meta_token_ids=[VOCAB_SIZE])
-    with pytest.raises(ValueError, match=r"holds -1, outside the vocabulary"):
+    with pytest.raises(
+        ValueError, match=r"`meta_token_ids` must be a list of token ids \(integers >= 0\), got \[-1\]"
+    ):
         LimeConfig(text_config=text, meta_token_ids=[-1])
     with pytest.raises(ValueError, match=r"`meta_positional` must be 'keep' .* or 'zero'"):
         LimeConfig(text_config=text, meta_token_ids=[5], meta_positional="none")

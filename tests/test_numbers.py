@@ -29,7 +29,7 @@ RESULT_PAGES = [ROOT / "README.md", DOCS / "benchmarks.md", DOCS / "reproduction
 # A number: 1,234 / 12.5 / 1.12e+04, not part of a word, a version, a file name or an issue number.
 NUMBER = re.compile(r"(?<![\w.#/$+-])(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(e[+-]\d+)?(?![\w/]|\.\d)")
 SETUP_WORDS = re.compile(
-    r"(arXiv|\d+B\b|torch|transformers|Python|python|ebook|#\d|steps? \d|\d+ steps|\d+ seeds?|seed \d|layers?"
+    r"(arXiv|\d+B\b|torch|transformers|accelerate|datasets|tokenizers|peft|trl|lm-eval|datatrove|\bray\b|Python|python|ebook|#\d|steps? \d|\d+ steps|\d+ seeds?|seed \d|layers?"
     r"|hidden size|tokens? of|batch|x \d|\d x|k = |`|\bstride\b|\d+ (?:new )?positions|every \d+)"
 )
 
