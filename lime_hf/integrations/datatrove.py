@@ -35,7 +35,7 @@ from datatrove.pipeline.readers import JsonlReader, ParquetReader
 from datatrove.pipeline.writers import ParquetWriter
 
 from ..annotation import FieldAnnotator, SpacyAnnotator
-from ..data import _Annotate, annotation_columns
+from ..data import CAUSAL_COLUMN, _Annotate, annotation_columns
 
 # Input file endings -> the datatrove reader for them (JsonlReader infers gzip/zstd from the name).
 READERS = {
@@ -92,9 +92,10 @@ class LimeAnnotate(PipelineStep):
             with self.track_time(unit="batch"):
                 columns = annotate({"text": [document.text for document in batch]})
             for row, document in enumerate(batch):
-                for column, spans in columns.items():
-                    document.metadata[column] = spans[row]
-                    self.stat_update(f"spans_{column}", value=len(spans[row]["starts"]))
+                for column, values in columns.items():
+                    document.metadata[column] = values[row]
+                    if column != CAUSAL_COLUMN:
+                        self.stat_update(f"spans_{column}", value=len(values[row]["starts"]))
                 self.stat_update("words", value=len(document.text.split()))
                 self.stat_update("documents")
                 yield document
