@@ -111,9 +111,9 @@ class NerField(FieldAnnotator):
     labels = NER_TAGS
     whitespace_label = "O"
     components = ("ner",)
-    # The transition state (an open entity) reaches back past the tok2vec's 4 tokens: 4 tokens miss 3 labels
-    # of 8,492 in Persuasion's opening against a 48-token window, 6 and 8 tokens none (see
-    # benchmarks/results/causal_annotation.json); 8 keeps a margin.
+    # The transition state (an open entity) reaches back past the tok2vec's 4 tokens. Against a 48-token window
+    # on 8,257 tokens of Persuasion, 4 tokens differ on 2 labels, 6, 8 and 12 tokens on none
+    # (benchmarks/results/causal_annotation.json); 8 keeps a margin.
     causal_window = 8
 
     def annotate(self, doc: Any) -> list[tuple[int, int, str]]:
@@ -201,11 +201,11 @@ class SpacyAnnotator:
     - `ner`: approximate. The state of an open entity reaches back past the tok2vec's field of view; with
       8 tokens the labels equal those of a 48-token window on every token measured (see `NerField`).
     - custom fields: exact when `annotate` reads at most `causal_window` tokens back.
-    - A word of more than 64 tokens (no whitespace), or a window longer than `max_chars`, is cut inside a
+    - A word of more than `MAX_WORD_TOKENS` (64) tokens, or a window longer than `max_chars`, is cut inside a
       word; the tokens near the cut may differ from the prefix's. Only pathological texts do this.
 
-    It costs about `causal_window + 5` tokens of pipeline work per span end (about 10x the full-document
-    annotation for `("pos", "ner")`; see `benchmarks/causal_annotation.py`). Fields with different windows run
+    It costs about `causal_window + 5` tokens of pipeline work per span end: `("pos", "ner")` annotates at 0.10x
+    the words/s of the full-document mode (`benchmarks/causal_annotation.py`). Fields with different windows run
     in separate passes, each with only its components.
 
     Calling the annotator on `list[str]` returns one `Annotation` per text (see the module docstring).
