@@ -60,6 +60,8 @@ class FieldAnnotator:
             (and the embedding layers they listen to) run. `()` means the tokenizer alone suffices.
         causal_window (`int`): spaCy tokens of left context a causal annotation (`SpacyAnnotator(causal=True)`)
             shows the pipeline for each span; enough when `annotate` reads no further back than that.
+        token_level (`bool`): `annotate` gives one span per spaCy token, so the span boundaries need only the
+            tokenizer (causal annotation then skips the full-document pipeline pass).
     """
 
     name: str
@@ -67,6 +69,7 @@ class FieldAnnotator:
     whitespace_label: str
     components: tuple[str, ...] = ()
     causal_window: int = 32
+    token_level: bool = False
 
     def annotate(self, doc: Any) -> Iterable[tuple[int, int, str]]:
         """Return `(start, end, label)` character spans of `doc`, sorted by start and non-overlapping."""
@@ -98,6 +101,7 @@ class PosField(FieldAnnotator):
     # The tagger reads one token's tok2vec vector; en_core_web_sm/md/lg's tok2vec (window 1, depth 4) sees
     # 4 tokens either side, so 4 tokens of left context give exactly the tag of the whole prefix.
     causal_window = 4
+    token_level = True
 
     def annotate(self, doc: Any) -> list[tuple[int, int, str]]:
         starts, lengths, tags = doc.to_array(["IDX", "LENGTH", "TAG"]).T.tolist()  # no Token objects: fast
@@ -115,6 +119,7 @@ class NerField(FieldAnnotator):
     # on 8,257 tokens of Persuasion, 4 tokens differ on 2 labels, 6, 8 and 12 tokens on none
     # (benchmarks/results/causal_annotation.json); 8 keeps a margin.
     causal_window = 8
+    token_level = True
 
     def annotate(self, doc: Any) -> list[tuple[int, int, str]]:
         starts, lengths, iobs, types = doc.to_array(["IDX", "LENGTH", "ENT_IOB", "ENT_TYPE"]).T.tolist()
@@ -190,7 +195,8 @@ class SpacyAnnotator:
             Causal mode: spaCy tokens of left context shown for each span, instead of each field's
             `FieldAnnotator.causal_window`.
 
-    Causal mode runs the full-document pass (for the boundaries), then one pipeline pass per span end over a
+    Causal mode finds the span boundaries (with the tokenizer alone where every field is `token_level`, else
+    with the full-document pass), then runs the pipeline once per span end over a
     window of text ending there: it starts at a word start (after whitespace) at least `causal_window` tokens
     before the word holding the span end, so the window's tokens are the prefix's own, and it may cross
     `max_chars` chunk boundaries. What is exact and what is approximate:
@@ -258,7 +264,10 @@ class SpacyAnnotator:
             {field.name: {"starts": [], "ends": [], "labels": []} for field in self.fields} for _ in texts
         ]
         token_starts: list[list[int]] = [[] for _ in texts]
-        for index, shift, doc in self._chunk_docs(texts):
+        boundaries_only = self.causal and all(field.token_level for field in self.fields)
+        # Causal labels replace these; token-level fields need only the tokenizer for the boundaries.
+        nlp = load_pipeline(self.spacy_model, []) if boundaries_only else self.nlp
+        for index, shift, doc in self._chunk_docs(nlp, texts):
             for field in self.fields:
                 found = list(field.annotate(doc))
                 if not found:
@@ -275,16 +284,16 @@ class SpacyAnnotator:
                 self._relabel_causally(texts, annotations, token_starts, fields, window)
         return annotations
 
-    def _chunk_docs(self, texts: list[str]) -> Iterator[tuple[int, int, Any]]:
+    def _chunk_docs(self, nlp: Any, texts: list[str]) -> Iterator[tuple[int, int, Any]]:
         """`(text index, chunk offset, Doc)` of every `max_chars` chunk of `texts`, in order."""
-        max_chars = self.max_chars or self.nlp.max_length
+        max_chars = self.max_chars or nlp.max_length
         pieces, owners = [], []
         for index, text in enumerate(texts):
             starts = chunk_offsets(text, max_chars)
             for start, end in zip(starts, [*starts[1:], len(text)], strict=True):
                 pieces.append(text[start:end])
                 owners.append((index, start))
-        docs = self.nlp.pipe(pieces, batch_size=self.batch_size, n_process=self.n_process)
+        docs = nlp.pipe(pieces, batch_size=self.batch_size, n_process=self.n_process)
         for (index, shift), doc in zip(owners, docs, strict=True):
             yield index, shift, doc
 
