@@ -210,7 +210,7 @@ class SpacyAnnotator:
     - A word of more than `MAX_WORD_TOKENS` (64) tokens, or a window longer than `max_chars`, is cut inside a
       word; the tokens near the cut may differ from the prefix's. Only pathological texts do this.
 
-    It costs about `causal_window + 5` tokens of pipeline work per span end: `("pos", "ner")` annotates at 0.10x
+    It costs about `causal_window + 5` tokens of pipeline work per span end: `("pos", "ner")` annotates at 0.14x
     the words/s of the full-document mode (`benchmarks/causal_annotation.py`). Fields with different windows run
     in separate passes, each with only its components.
 
