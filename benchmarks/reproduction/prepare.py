@@ -179,7 +179,7 @@ def prepare_lm(data_dir: Path, dcfg: dict) -> dict:
     return meta
 
 
-def prefix_tags(text: str, annotation: dict, annotator, check_chars: int = 20_000) -> tuple[dict, dict]:
+def prefix_tags(text: str, annotation: dict, annotator, check_chars: int = 6_000) -> tuple[dict, dict]:
     """
     Re-tag every spaCy token of `text` seeing only the text up to and including it: the library's causal mode
     (`SpacyAnnotator(causal=True)`), whose span boundaries are those of `annotation` (the full-document one), so
