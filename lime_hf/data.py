@@ -1,7 +1,9 @@
 """Datasets pipeline: annotate once with spaCy, align many times to any tokenizer, pack for pretraining.
 
 `annotate_dataset` stores each field's character spans in an Arrow column `lime_{field}` (a struct of
-`starts`/`ends`/`labels` lists, the `Annotation` format of `annotation.py`). `align_dataset` turns those
+`starts`/`ends`/`labels` lists, the `Annotation` format of `annotation.py`); causal (prefix-only) annotation also
+adds the column `lime_causal`, `True` in every row, so the dataset says how its labels were made (a dataset
+without it holds full-document labels). `align_dataset` turns those
 spans into `input_ids`/`attention_mask`/`{field}_ids` for a `LimeTokenizer` without running spaCy again.
 Both are `datasets.map(batched=True)` calls: they run with `num_proc=N` (each process loads spaCy lazily),
 show progress bars and resume from the datasets cache, as their functions hash deterministically.
@@ -18,11 +20,24 @@ from .annotation import FieldAnnotator, SpacyAnnotator
 from .configuration_lime import SPECIAL_ID
 
 ANNOTATION_PREFIX = "lime_"
+CAUSAL_COLUMN = ANNOTATION_PREFIX + "causal"
 SPANS_FEATURE = {
     "starts": List(Value("int32")),
     "ends": List(Value("int32")),
     "labels": List(Value("string")),
 }
+
+
+def annotation_columns(fields: Sequence[str], causal: bool = False) -> dict[str, Any]:
+    """The columns annotation adds: `lime_{field}` spans per field, and the `lime_causal` marker if `causal`."""
+    if causal and CAUSAL_COLUMN in [ANNOTATION_PREFIX + name for name in fields]:
+        raise ValueError(
+            f"A field named {CAUSAL_COLUMN[len(ANNOTATION_PREFIX) :]!r} would clash with the column {CAUSAL_COLUMN!r}."
+        )
+    columns: dict[str, Any] = {ANNOTATION_PREFIX + name: SPANS_FEATURE for name in fields}
+    if causal:
+        columns[CAUSAL_COLUMN] = Value("bool")
+    return columns
 
 
 class _Annotate:
@@ -34,10 +49,13 @@ class _Annotate:
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         annotations = self.annotator(batch[self.text_column])
-        return {
+        columns = {
             ANNOTATION_PREFIX + field.name: [annotation[field.name] for annotation in annotations]
             for field in self.annotator.fields
         }
+        if self.annotator.causal:
+            columns[CAUSAL_COLUMN] = [True] * len(annotations)
+        return columns
 
 
 class _Align:
@@ -63,6 +81,7 @@ def annotate_dataset(
     spacy_model: str | None = None,
     batch_size: int = 256,
     num_proc: int | None = None,
+    causal: bool = False,
     **map_kwargs,
 ) -> Dataset:
     """
@@ -70,25 +89,32 @@ def annotate_dataset(
 
     Args:
         dataset (`datasets.Dataset`): the corpus.
-        annotator (`SpacyAnnotator`, *optional*): defaults to `SpacyAnnotator(fields, spacy_model)`.
+        annotator (`SpacyAnnotator`, *optional*): defaults to `SpacyAnnotator(fields, spacy_model, causal=causal)`.
         text_column (`str`, *optional*, defaults to `"text"`): the column holding raw text.
         fields, spacy_model: used only when `annotator` is not given.
         batch_size (`int`, *optional*, defaults to 256): texts per `map` batch.
         num_proc (`int`, *optional*): worker processes; each loads its own spaCy pipeline.
+        causal (`bool`, *optional*, defaults to `False`): prefix-only labels (`SpacyAnnotator(causal=True)`:
+            each span labeled from the text up to its end, as a left-to-right model sees it); adds the column
+            `lime_causal`. With `annotator`, the annotator's own `causal` decides and this must not contradict it.
         map_kwargs: further `Dataset.map` arguments (`cache_file_name`, `load_from_cache_file`, ...).
     """
-    annotator = annotator if annotator is not None else SpacyAnnotator(fields, spacy_model=spacy_model)
+    if annotator is None:
+        annotator = SpacyAnnotator(fields, spacy_model=spacy_model, causal=causal)
+    elif causal and not annotator.causal:
+        raise ValueError(
+            "`causal=True` but the given annotator is not causal: pass `SpacyAnnotator(causal=True)`."
+        )
     check_column(dataset, text_column)
-    features = Features(
-        {**dataset.features, **{ANNOTATION_PREFIX + f.name: SPANS_FEATURE for f in annotator.fields}}
-    )
+    columns = annotation_columns([field.name for field in annotator.fields], annotator.causal)
+    features = Features({**dataset.features, **columns})
     return dataset.map(
         _Annotate(annotator, text_column),
         batched=True,
         batch_size=batch_size,
         num_proc=num_proc,
         features=features,
-        desc="Annotating with spaCy",
+        desc="Annotating with spaCy" + (" (causal)" if annotator.causal else ""),
         **map_kwargs,
     )
 

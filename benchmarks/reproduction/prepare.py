@@ -1,7 +1,13 @@
-"""Stage `prepare`: annotate the Austen corpus once, train the BPE, align, prefix-only tags, addition data."""
+"""Stage `prepare`: annotate the Austen corpus once, train the BPE, align, prefix-only tags, addition data.
+
+`prepare_causal` adds causal (prefix-only) tags of every novel, training novels included, next to the prepared
+data: `lm_train_causal.npz` / `lm_eval_causal.npz` hold `pos_causal` and `ner_causal` aligned with the
+`input_ids` of `lm_train.npz` / `lm_eval.npz`.
+"""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -12,12 +18,12 @@ from common import AUSTEN, train_bpe  # the benchmarks' shared helpers
 from .harness import (
     DATA_CONFIG,
     EVAL_NOVEL,
-    PREFIX_WINDOW,
     SPECIAL_ID,
     SPECIAL_TOKENS,
     TRAIN_NOVELS,
     cut_at_paragraph,
     environment,
+    load_arrays,
     log,
     save_arrays,
     spans_to_annotation,
@@ -76,7 +82,7 @@ def prepare(cache: Path, smoke: bool) -> None:
         return
     data_dir.mkdir(parents=True, exist_ok=True)
     dcfg = DATA_CONFIG["smoke" if smoke else "full"]
-    meta = {"data_config": dcfg, "prefix_window_tokens": PREFIX_WINDOW, "environment": environment()}
+    meta = {"data_config": dcfg, "prefix_window_tokens": causal_windows(), "environment": environment()}
     started = time.time()
     meta["lm"] = prepare_lm(data_dir, dcfg)
     meta["add"] = prepare_addition(data_dir, dcfg)
@@ -85,9 +91,15 @@ def prepare(cache: Path, smoke: bool) -> None:
     log(f"prepare: done in {meta['prepare_wall_s']:.0f}s")
 
 
+def causal_windows() -> dict[str, int]:
+    """Tokens of left context the library's causal mode gives each field (pos: exact; ner: measured)."""
+    from lime_hf.annotation import NerField, PosField
+
+    return {field.name: field.causal_window for field in (PosField(), NerField())}
+
+
 def prepare_lm(data_dir: Path, dcfg: dict) -> dict:
     from lime_hf import LimeTokenizer, SpacyAnnotator
-    from lime_hf.annotation import NerField, PosField
 
     texts = {
         name: cut_at_paragraph(
@@ -138,9 +150,9 @@ def prepare_lm(data_dir: Path, dcfg: dict) -> dict:
     text = texts[EVAL_NOVEL]
     annotation = annotator([text])[0]
     evaluation = encode(text, annotation)
-    # Prefix-only tags: each word tagged from a window of text that ends with the word (no right context).
+    # Prefix-only tags: each token tagged from a window of text that ends with it (no right context).
     started = time.time()
-    prefix_annotation, agreement = prefix_tags(text, annotation, annotator, [PosField(), NerField()])
+    prefix_annotation, agreement = prefix_tags(text, annotation, annotator)
     prefix = encode(text, prefix_annotation)
     if not np.array_equal(prefix["input_ids"], evaluation["input_ids"]):
         raise RuntimeError("prefix-only annotation changed the token stream; it must only change the tags")
@@ -167,54 +179,109 @@ def prepare_lm(data_dir: Path, dcfg: dict) -> dict:
     return meta
 
 
-def prefix_tags(text: str, annotation: dict, annotator, fields) -> tuple[dict, dict]:
+def prefix_tags(text: str, annotation: dict, annotator, check_chars: int = 6_000) -> tuple[dict, dict]:
     """
-    Re-tag every non-space spaCy token of `text` seeing only the text up to and including it.
-
-    Token k is tagged from the text of tokens k-PREFIX_WINDOW .. k (its own full-document span boundaries are
-    kept, so the token stream does not change). Returns the new annotation and agreement statistics of the
-    window against a 4x longer one on a sample of positions.
+    Re-tag every spaCy token of `text` seeing only the text up to and including it: the library's causal mode
+    (`SpacyAnnotator(causal=True)`), whose span boundaries are those of `annotation` (the full-document one), so
+    the token stream does not change. Returns the new annotation and agreement statistics of the default
+    windows against a 48-token window on the first `check_chars` characters.
     """
-    starts, ends = annotation["pos"]["starts"], annotation["pos"]["ends"]
-    words = [k for k in range(len(starts)) if not text[starts[k] : ends[k]].isspace()]
+    from lime_hf import SpacyAnnotator
 
-    def tag_windows(positions: list[int], window: int) -> dict[str, list[str]]:
-        pieces = [text[starts[max(0, k - window)] : ends[k]] for k in positions]
-        labels: dict[str, list[str]] = {field.name: [] for field in fields}
-        for piece, doc in zip(pieces, annotator.nlp.pipe(pieces, batch_size=512), strict=True):
-            last = len(piece.rstrip())
-            for field in fields:
-                spans = field.annotate(doc)
-                # The span ending at the window's end (the word itself), else the last one before it.
-                label = next((lab for s, e, lab in reversed(spans) if s < last), field.whitespace_label)
-                labels[field.name].append(label)
-        return labels
+    def causal(window: int | None = None):
+        return SpacyAnnotator(
+            annotator.fields,
+            annotator.spacy_model,
+            max_chars=annotator.max_chars,
+            causal=True,
+            causal_window=window,
+        )
 
-    new = {name: dict(spans, labels=list(spans["labels"])) for name, spans in annotation.items()}
-    tagged = tag_windows(words, PREFIX_WINDOW)
-    for name, labels in tagged.items():
-        for k, label in zip(words, labels, strict=True):
-            new[name]["labels"][k] = label
-    sample = [
-        int(k) for k in np.random.default_rng(0).choice(words, size=min(600, len(words)), replace=False)
+    new = causal()([text])[0]
+    for name, spans in annotation.items():
+        if new[name]["ends"] != spans["ends"]:
+            raise RuntimeError(f"causal annotation changed the {name} spans; it must only change the labels")
+    excerpt = cut_at_paragraph(text, check_chars)
+    default, longer = causal()([excerpt])[0], causal(48)([excerpt])[0]
+    words = [
+        k
+        for k, (s, e) in enumerate(zip(annotation["pos"]["starts"], annotation["pos"]["ends"], strict=True))
+        if not text[s:e].isspace()
     ]
-    longer = tag_windows(sample, 4 * PREFIX_WINDOW)
-    index = {k: i for i, k in enumerate(words)}
     agreement = {
-        "window_tokens": PREFIX_WINDOW,
+        "window_tokens": causal_windows(),
         "words": len(words),
-        "check_window_tokens": 4 * PREFIX_WINDOW,
-        "check_sample": len(sample),
+        "check_window_tokens": 48,
+        "check_tokens": len(default["pos"]["labels"]),
         "agreement_with_longer_window": {
-            name: float(np.mean([tagged[name][index[k]] == longer[name][i] for i, k in enumerate(sample)]))
-            for name in tagged
+            name: float(np.mean(np.asarray(default[name]["labels"]) == np.asarray(longer[name]["labels"])))
+            for name in new
         },
         "word_fraction_changed_vs_full_doc": {
-            name: float(np.mean([tagged[name][index[k]] != annotation[name]["labels"][k] for k in words]))
-            for name in tagged
+            name: float(np.mean([new[name]["labels"][k] != annotation[name]["labels"][k] for k in words]))
+            for name in new
         },
     }
     return new, agreement
+
+
+def prepare_causal(cache: Path, cfg: dict | None = None) -> dict:
+    """
+    Causal tags of every novel (`pos_causal`, `ner_causal`) aligned with the prepared token streams, written
+    next to them as `data/lm_train_causal.npz` and `data/lm_eval_causal.npz` (with their `input_ids`, checked
+    equal to the prepared ones) and `data/causal_meta.json`. Resumable: each novel is saved to
+    `data/causal/{novel}.npz` as soon as it is done. The signature fits `LmSpec.prepare`; `cfg` is unused.
+    """
+    from lime_hf import LimeTokenizer, SpacyAnnotator
+
+    data_dir = cache / "data"
+    done = data_dir / "causal_meta.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    meta = json.loads((data_dir / "meta.json").read_text())
+    tokenizer = LimeTokenizer.from_pretrained(data_dir / "tokenizer")
+    fields = list(tokenizer.metadata_fields)
+    annotator = SpacyAnnotator(fields, max_chars=100_000, batch_size=4, causal=True)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    (data_dir / "causal").mkdir(exist_ok=True)
+    started = time.time()
+    for name in (*TRAIN_NOVELS, EVAL_NOVEL):
+        path = data_dir / "causal" / f"{name}.npz"
+        if path.exists():
+            continue
+        novel_started = time.time()
+        text = cut_at_paragraph(
+            unwrap((AUSTEN / f"{name}.txt").read_text(encoding="utf-8")), meta["data_config"]["max_chars"]
+        )
+        enc = tokenizer(text, annotations=annotator([text])[0])
+        arrays = {"input_ids": np.asarray([bos, *enc["input_ids"], eos], dtype=np.int32)}
+        for field in fields:
+            arrays[f"{field}_causal"] = np.asarray(
+                [SPECIAL_ID, *enc[f"{field}_ids"], SPECIAL_ID], dtype=np.int16
+            )
+        save_arrays(path, arrays)
+        log(f"prepare_causal: {name} ({len(text):,} chars) in {time.time() - novel_started:.0f}s")
+    stats = {"wall_s_this_run": time.time() - started, "windows": causal_windows(), "fraction_changed": {}}
+    for split, novels in (("train", TRAIN_NOVELS), ("eval", (EVAL_NOVEL,))):
+        parts = [load_arrays(data_dir / "causal" / f"{name}.npz") for name in novels]
+        arrays = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+        prepared = load_arrays(data_dir / f"lm_{split}.npz")
+        if not np.array_equal(arrays["input_ids"], prepared["input_ids"]):
+            raise RuntimeError(
+                f"the causal {split} stream differs from lm_{split}.npz: tokenizer or texts changed"
+            )
+        save_arrays(data_dir / f"lm_{split}_causal.npz", arrays)
+        stats["fraction_changed"][split] = {
+            field: float(np.mean(arrays[f"{field}_causal"] != prepared[field])) for field in fields
+        }
+        if split == "eval":
+            stats["eval_agreement_with_prefix"] = {
+                field: float(np.mean(arrays[f"{field}_causal"] == prepared[f"{field}_prefix"]))
+                for field in fields
+            }
+    write_json(done, stats)
+    log(f"prepare_causal: done {stats}")
+    return stats
 
 
 def addition_problems(rng: np.random.Generator, count: int, max_digits: int, exclude: set) -> list[tuple]:

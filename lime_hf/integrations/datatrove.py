@@ -35,7 +35,7 @@ from datatrove.pipeline.readers import JsonlReader, ParquetReader
 from datatrove.pipeline.writers import ParquetWriter
 
 from ..annotation import FieldAnnotator, SpacyAnnotator
-from ..data import ANNOTATION_PREFIX, SPANS_FEATURE, _Annotate
+from ..data import CAUSAL_COLUMN, _Annotate, annotation_columns
 
 # Input file endings -> the datatrove reader for them (JsonlReader infers gzip/zstd from the name).
 READERS = {
@@ -60,7 +60,9 @@ class LimeAnnotate(PipelineStep):
         fields (`Sequence[str | FieldAnnotator]`, *optional*, defaults to `("pos", "ner")`): the fields.
         spacy_model (`str`, *optional*): the spaCy pipeline (default: en_core_web_sm).
         batch_size (`int`, *optional*, defaults to 256): documents per annotation batch.
-        annotator (`SpacyAnnotator`, *optional*): instead of `fields` and `spacy_model`.
+        annotator (`SpacyAnnotator`, *optional*): instead of `fields`, `spacy_model` and `causal`.
+        causal (`bool`, *optional*, defaults to `False`): prefix-only labels (`SpacyAnnotator(causal=True)`); also
+            sets `document.metadata["lime_causal"] = True`.
     """
 
     name = "🍋 LIME annotate"
@@ -72,12 +74,15 @@ class LimeAnnotate(PipelineStep):
         spacy_model: str | None = None,
         batch_size: int = 256,
         annotator: SpacyAnnotator | None = None,
+        causal: bool = False,
     ):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive number of documents, got {batch_size}.")
         self.annotator = (
-            annotator if annotator is not None else SpacyAnnotator(fields, spacy_model=spacy_model)
+            annotator
+            if annotator is not None
+            else SpacyAnnotator(fields, spacy_model=spacy_model, causal=causal)
         )
         self.batch_size = batch_size
 
@@ -87,9 +92,10 @@ class LimeAnnotate(PipelineStep):
             with self.track_time(unit="batch"):
                 columns = annotate({"text": [document.text for document in batch]})
             for row, document in enumerate(batch):
-                for column, spans in columns.items():
-                    document.metadata[column] = spans[row]
-                    self.stat_update(f"spans_{column}", value=len(spans[row]["starts"]))
+                for column, values in columns.items():
+                    document.metadata[column] = values[row]
+                    if column != CAUSAL_COLUMN:
+                        self.stat_update(f"spans_{column}", value=len(values[row]["starts"]))
                 self.stat_update("words", value=len(document.text.split()))
                 self.stat_update("documents")
                 yield document
@@ -100,15 +106,10 @@ def _folder(folder: Any) -> Any:
     return os.fspath(folder) if isinstance(folder, os.PathLike) else folder
 
 
-def annotation_features(fields: Sequence[str]) -> Features:
-    """The output columns: `id`, `text` and `lime_{field}` per field, typed as `annotate_dataset` types them."""
-    return Features(
-        {
-            "id": Value("string"),
-            "text": Value("string"),
-            **{ANNOTATION_PREFIX + f: SPANS_FEATURE for f in fields},
-        }
-    )
+def annotation_features(fields: Sequence[str], causal: bool = False) -> Features:
+    """The output columns: `id`, `text`, `lime_{field}` per field (and `lime_causal` if `causal`), typed as
+    `annotate_dataset` types them."""
+    return Features({"id": Value("string"), "text": Value("string"), **annotation_columns(fields, causal)})
 
 
 def _annotation_row(writer: ParquetWriter, document: Document) -> dict[str, Any]:
@@ -116,12 +117,14 @@ def _annotation_row(writer: ParquetWriter, document: Document) -> dict[str, Any]
     return {"id": document.id, "text": document.text, **document.metadata}
 
 
-def annotation_writer(output_folder: Any, fields: Sequence[str], batch_size: int = 1000) -> ParquetWriter:
-    """A `ParquetWriter` of `annotation_features(fields)` rows, one file per task; `batch_size` rows per write."""
+def annotation_writer(
+    output_folder: Any, fields: Sequence[str], batch_size: int = 1000, causal: bool = False
+) -> ParquetWriter:
+    """A `ParquetWriter` of `annotation_features(fields, causal)` rows, one file per task; `batch_size` rows per write."""
     return ParquetWriter(
         _folder(output_folder),
         adapter=_annotation_row,
-        schema=annotation_features(fields).arrow_schema,
+        schema=annotation_features(fields, causal).arrow_schema,
         batch_size=batch_size,
     )
 
@@ -155,6 +158,7 @@ def annotation_pipeline(
     text_key: str = "text",
     batch_size: int = 256,
     writer_batch_size: int = 1000,
+    causal: bool = False,
 ) -> list[PipelineStep]:
     """
     The three steps reader -> `LimeAnnotate` -> Parquet writer, for any datatrove executor.
@@ -162,14 +166,14 @@ def annotation_pipeline(
     Args:
         input_folder: folder (path or fsspec URL) of `.parquet` or `.jsonl[.gz|.zst]` shards.
         output_folder: where the annotated Parquet shards go.
-        fields, spacy_model, batch_size: see `LimeAnnotate`.
+        fields, spacy_model, batch_size, causal: see `LimeAnnotate`.
         text_key (`str`, *optional*, defaults to `"text"`): the input's text column; written as `text`.
         writer_batch_size (`int`, *optional*, defaults to 1000): rows per Parquet write.
     """
     return [
         detect_reader(input_folder, text_key=text_key),
-        LimeAnnotate(fields, spacy_model=spacy_model, batch_size=batch_size),
-        annotation_writer(output_folder, fields, batch_size=writer_batch_size),
+        LimeAnnotate(fields, spacy_model=spacy_model, batch_size=batch_size, causal=causal),
+        annotation_writer(output_folder, fields, batch_size=writer_batch_size, causal=causal),
     ]
 
 
@@ -221,6 +225,7 @@ def annotate_corpus(
     spacy_model: str | None = None,
     text_key: str = "text",
     batch_size: int = 256,
+    causal: bool = False,
     **executor_kwargs: Any,
 ) -> PipelineExecutor:
     """
@@ -228,10 +233,16 @@ def annotate_corpus(
 
     Local and Ray runs block until every task is done and raise `RuntimeError` naming the unfinished tasks
     otherwise (rerun the same call to resume them). A Slurm run submits the job array and returns; rerun the same
-    call after it ends to resubmit unfinished tasks. Returns the executor.
+    call after it ends to resubmit unfinished tasks. `causal` as in `LimeAnnotate`. Returns the executor.
     """
     pipeline = annotation_pipeline(
-        input_folder, output_folder, fields, spacy_model=spacy_model, text_key=text_key, batch_size=batch_size
+        input_folder,
+        output_folder,
+        fields,
+        spacy_model=spacy_model,
+        text_key=text_key,
+        batch_size=batch_size,
+        causal=causal,
     )
     runner = build_executor(pipeline, executor, tasks, workers, logging_dir, **executor_kwargs)
     runner.run()
