@@ -14,6 +14,10 @@ Stages (each one resumable; run them in order, or `all`):
     meta      The meta-token experiment (arXiv 2509.16278, `reproduction/meta_tokens.py`), on its own: synthetic
               recall tasks generated from seeds (no `prepare`), its runs trained (resumable) and reported in
               `benchmarks/results/meta_tokens.{json,csv,png}`. One torch thread per run unless `--threads`.
+    honest    The honest LIME (issue 22, `reproduction/honest.py`): tags predicted by the model itself after the
+              first layers, in one forward; its runs (and the baseline and LIME references) trained, resumable,
+              and reported in `benchmarks/results/reproduce_honest.{json,csv}`. Needs spaCy's causal tags of
+              the novels (computed once into the cache, resumable per novel).
     cloze     CPU + spaCy. The held-out Persuasion cloze (last word of a sentence), every trained language model
               scored by lm-evaluation-harness (`reproduce_cloze.json`). Not part of `all`.
 
@@ -36,6 +40,7 @@ from common import check_corpus
 from reproduction.cloze import cloze_stage
 from reproduction.free_generation import generate_stage
 from reproduction.harness import DEFAULT_CACHE, PRESETS, RESULTS
+from reproduction.honest import report_honest_stage, restore_references
 from reproduction.meta_tokens import report_meta
 from reproduction.prepare import prepare
 from reproduction.report import benchmarks_table, report
@@ -48,7 +53,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "stage",
-        choices=["prepare", "train", "run-one", "generate", "report", "all", "table", "meta", "cloze"],
+        choices=[
+            "prepare",
+            "train",
+            "run-one",
+            "generate",
+            "report",
+            "all",
+            "table",
+            "meta",
+            "honest",
+            "cloze",
+        ],
     )
     parser.add_argument(
         "--smoke", action="store_true", help="tiny data and models: the whole pipeline in minutes"
@@ -62,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (subprocesses)")
     parser.add_argument(
         "--only",
-        choices=["lm", "add", "meta"],
+        choices=["lm", "add", "meta", "honest"],
         help="train only the language-model, addition or meta-token runs",
     )
     parser.add_argument("--run", action="append", help="train only this run (repeatable), e.g. lm-lime-s0")
@@ -84,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
             preset = trained[0]
     results = args.results or (cache / "results" if args.smoke else RESULTS)
     # These stages read the novels (train: the plain-BPE baseline's tokenizer); stop early if one is missing.
-    training_lm = args.stage == "train" and args.only in (None, "lm")
+    training_lm = (args.stage == "train" and args.only in (None, "lm", "honest")) or args.stage == "honest"
     if args.stage in ("prepare", "all", "generate", "cloze") or training_lm:
         check_corpus()
     if args.stage == "meta":
@@ -92,6 +108,13 @@ def main(argv: list[str] | None = None) -> None:
         train(cache, preset, args.jobs, "meta", args.run, args.threads or 1)
         headline = report_meta(cache, preset, results)
         print(json.dumps(headline["comparisons"], indent=2))
+        return
+    if args.stage == "honest":
+        prepare(cache, args.smoke or preset == "smoke")
+        restore_references(cache, preset)
+        train(cache, preset, args.jobs, "honest", args.run, args.threads)
+        headline = report_honest_stage(cache, preset, results)
+        print(json.dumps(headline["summary"], indent=2))
         return
     if args.stage in ("prepare", "all"):
         prepare(cache, args.smoke or preset == "smoke")

@@ -300,3 +300,41 @@ def test_meta_token_experiment_smoke_reports_and_resumes(tmp_path):
     assert "0 of 24 runs to do" in second.stdout
     assert json.loads((results / "meta_tokens.json").read_text())["exact_match"] == headline["exact_match"]
     assert {f"meta-copying_{v}-s0" for v in variants} <= set(headline["train_wall_s"])
+
+
+@pytest.mark.slow
+def test_honest_stage_trains_its_runs_and_reports_them_against_the_baseline(tmp_path):
+    """`reproduce.py honest --smoke`: every variant trained with its LimeConfig options, read with its own tags in
+    one forward, and reported against the baseline of its seed; a second call trains nothing."""
+    env = {**os.environ, "LIME_AUSTEN": str(AUSTEN)}
+    first = run_script("honest", "--smoke", "--cache", tmp_path, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    runs = tmp_path / "smoke" / "runs" / "smoke"
+    report = json.loads((tmp_path / "smoke" / "results" / "reproduce_honest.json").read_text())
+    variants = (
+        "honest_given",
+        "honest_predicted",
+        "honest_causal",
+        "honest_best",
+        "heads_only",
+        "honest_plus1",
+    )
+    for variant in variants:
+        run = json.loads((runs / f"lm-{variant}-s0.json").read_text())
+        assert run["config"]["metadata_layer"] == 1  # half of the smoke preset's 2 layers
+        assert run["training_tags"] == (
+            "spaCy causal" if variant in ("honest_causal", "honest_best") else "spaCy full-document"
+        )
+        final, base = run["history"][-1]["own_tags"], json.loads((runs / "lm-baseline-s0.json").read_text())
+        row = next(
+            r for r in report["rows"] if r["run"] == f"lm-{variant}-s0" and r["tags_read"] == "own_tags"
+        )
+        assert row["accuracy"] == final["accuracy"] and 0 < final["pos_tag_accuracy"] <= 1
+        assert row["gain_points"] == pytest.approx(
+            100 * (final["accuracy"] - base["history"][-1]["plain"]["accuracy"])
+        )
+        assert run["history"][-1]["own_tags"]["loss"] < run["history"][0]["own_tags"]["loss"]
+    predicted = json.loads((runs / "lm-honest_predicted-s0.json").read_text())["config"]
+    assert predicted["metadata_training_source"] == "predicted"
+    second = run_script("honest", "--smoke", "--cache", tmp_path, env=env)
+    assert second.returncode == 0 and "0 of" in second.stdout + second.stderr

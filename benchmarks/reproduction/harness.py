@@ -176,11 +176,19 @@ def load_arrays(path: Path) -> dict[str, np.ndarray]:
 
 
 def build_model(
-    cfg: dict, vocab_size: int, special: dict, max_positions: int, seed: int, shift, fields, tag_heads=None
+    cfg: dict,
+    vocab_size: int,
+    special: dict,
+    max_positions: int,
+    seed: int,
+    shift,
+    fields,
+    tag_heads=None,
+    options: dict | None = None,
 ):
     """
     A tiny Llama: the bare backbone for `shift=None`, else LIME (0) / LIME+1 (1) on that same backbone, with
-    tag heads on the fields `tag_heads` if given.
+    tag heads on the fields `tag_heads` if given and further `LimeConfig` options `options`.
 
     For one seed every variant starts from identical backbone weights (the LIME model loads the baseline's),
     so runs of a seed differ only by the metadata.
@@ -210,6 +218,7 @@ def build_model(
         metadata_fields=fields,
         metadata_shift=shift,
         tag_head_fields=tag_heads or None,
+        **(options or {}),
     )
     model = LimeForCausalLM(config)
     model.language_model.load_state_dict(backbone.state_dict())

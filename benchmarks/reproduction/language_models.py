@@ -36,7 +36,8 @@ class LmSpec:
 
     `arrays`: the prepared data `data/{arrays}_train.npz` / `_eval.npz`, made by `prepare(cache)` when missing;
     `cut_eval`: evaluate the first `eval_tokens` of the stream (else all of it: a stream prepared to cover the
-    same text); `extra_modes(device, batch)`: evaluations beyond `lm_eval_modes`.
+    same text); `extra_modes(device, batch)`: evaluations beyond `lm_eval_modes`; `config`: further `LimeConfig`
+    options; `train_tags`: the training tags, `"{field}"` arrays (spaCy's full-document tags) or `"{field}_{train_tags}"`.
     """
 
     shift: int | None
@@ -45,6 +46,8 @@ class LmSpec:
     cut_eval: bool = True
     prepare: Callable[[Path, dict], None] | None = None
     extra_modes: Callable[[torch.device, int], dict[str, EvalMode]] | None = None
+    config: dict | None = None
+    train_tags: str | None = None
 
 
 # ------------------------------------------------------------------------------------------ language models
@@ -112,7 +115,12 @@ def run_lm(
         load_arrays(cache / "data" / f"{spec.arrays}_eval.npz"),
     )
     seq_len, batch = cfg["seq_len"], cfg["batch"]
-    train = {key: lm_blocks(train_np[key], seq_len) for key in ("input_ids", "pos", "ner") if key in train_np}
+    tag_keys = {
+        name: name if spec.train_tags is None else f"{name}_{spec.train_tags}" for name in ("pos", "ner")
+    }
+    train = {
+        key: lm_blocks(train_np[key], seq_len) for key in ("input_ids", *tag_keys.values()) if key in train_np
+    }
     pad = meta["pad_token_id"]
     limit = cfg["eval_tokens"] if spec.cut_eval else None
     eval_arrays = {key: eval_np[key][:limit] for key in eval_np}
@@ -125,7 +133,15 @@ def run_lm(
     eval_steps = sorted({int(round(x)) for x in np.linspace(0, total_steps, cfg["evals"])})
     special = {k: meta[k] for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
     model, text_config = build_model(
-        cfg, meta["vocab_size"], special, seq_len, seed, shift, meta["metadata_fields"], list(spec.tag_heads)
+        cfg,
+        meta["vocab_size"],
+        special,
+        seq_len,
+        seed,
+        shift,
+        meta["metadata_fields"],
+        list(spec.tag_heads),
+        spec.config,
     )
     optimizer, scheduler, checkpoint, state = start_run(model, cfg, total_steps, device, cache, preset, name)
     step, history = state["step"], state["history"]
@@ -165,7 +181,7 @@ def run_lm(
         extra = (
             {}
             if shift is None
-            else {"pos_ids": train["pos"][index].to(device), "ner_ids": train["ner"][index].to(device)}
+            else {f"{name}_ids": train[key][index].to(device) for name, key in tag_keys.items()}
         )
         with autocast(device):
             loss = model(input_ids=ids, labels=ids, **extra).loss
@@ -183,6 +199,8 @@ def run_lm(
         "preset": preset,
         "metadata_shift": shift,
         "tag_heads": list(spec.tag_heads),
+        "config": spec.config or {},
+        "training_tags": "spaCy full-document" if spec.train_tags is None else f"spaCy {spec.train_tags}",
         "token_stream": spec.arrays,
         "train_config": cfg,
         "model_config": text_config,

@@ -14,6 +14,7 @@ import torch
 
 from .addition import ADD_VARIANTS, run_add
 from .harness import PRESETS, log, write_json
+from .honest import HONEST_VARIANTS, honest_specs
 from .language_models import LM_VARIANTS, run_lm
 from .meta_tokens import meta_run_names, run_meta
 from .self_tagging import SELF_TAGGING_VARIANTS, self_tagging_specs
@@ -26,9 +27,13 @@ SCRIPT = str(Path(__file__).resolve().parents[1] / "reproduce.py")
 
 
 def run_names(preset: str, only: str | None = None) -> list[str]:
-    """The runs of an experiment (`only`: "lm", "add" or "meta"), or of the LIME ones (lm and add) by default."""
+    """The runs of an experiment (`only`: "lm", "add", "meta" or "honest"), or of the LIME ones (lm and add) by
+    default."""
     if only == "meta":  # its own stage, `reproduce.py meta`
         return meta_run_names(PRESETS[preset]["meta"])
+    if only == "honest":  # its own stage, `reproduce.py honest`; the baseline and LIME are its references
+        references = ("baseline", "lime", *HONEST_VARIANTS)
+        return [f"lm-{v}-s{s}" for s in PRESETS[preset]["lm"]["seeds"] for v in references]
     names = []
     if only in (None, "lm"):
         variants = (*LM_VARIANTS, *SELF_TAGGING_VARIANTS)
@@ -50,6 +55,9 @@ def run_one(cache: Path, preset: str, name: str, threads: int | None = None) -> 
     kind, variant, seed = re.fullmatch(r"(lm|add|meta)-(\w+)-s(\d+)", name).groups()
     if kind == "meta":
         result = run_meta(cache, preset, variant, int(seed), device, PRESETS[preset]["meta"])
+    elif variant in HONEST_VARIANTS:
+        spec = honest_specs(PRESETS[preset]["lm"]["layers"])[variant]
+        result = run_lm(cache, preset, variant, int(seed), device, spec)
     elif variant in SELF_TAGGING_VARIANTS:
         fields = json.loads((cache / "data" / "meta.json").read_text())["lm"]["metadata_fields"]
         result = run_lm(cache, preset, variant, int(seed), device, self_tagging_specs(fields)[variant])
