@@ -115,6 +115,7 @@ def honest_specs(layers: int) -> dict[str, LmSpec]:
 
 
 HONEST_VARIANTS = tuple(honest_specs(2))
+RUNS_FILE = "reproduce_honest_runs.json"  # every finished run of this stage, whole (histories included)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -174,16 +175,19 @@ def report_honest(lm: dict, results: Path, crossing) -> dict:
 
 
 def restore_references(cache: Path, preset: str) -> list[str]:
-    """Put the committed baseline and LIME runs (`reproduce_runs.json`) into the cache, where none is there yet,
-    so that the stage does not train them again. They were trained by this harness on the same prepared data
-    (`prepare` is deterministic: the same token stream); each keeps its own recorded environment and wall time."""
-    committed = json.loads((RESULTS / "reproduce_runs.json").read_text())["runs"]
+    """Put committed runs into the cache, where none is there yet, so that the stage does not train them again:
+    the baseline and LIME of `reproduce_runs.json`, and this stage's own finished runs (`reproduce_honest_runs.json`,
+    which lets the stage go on across machines). All were trained by this harness on the same prepared data
+    (`prepare` is deterministic: the same token stream); each keeps its recorded environment and wall time."""
     restored = []
-    for name, run in committed.items():
-        path = cache / "runs" / preset / f"{name}.json"
-        if run["preset"] == preset and run["variant"] in ("baseline", "lime") and not path.exists():
-            write_json(path, run | {"restored_from": "benchmarks/results/reproduce_runs.json"})
-            restored.append(name)
+    for file, variants in (("reproduce_runs.json", ("baseline", "lime")), (RUNS_FILE, HONEST_VARIANTS)):
+        path = RESULTS / file
+        committed = json.loads(path.read_text())["runs"] if path.exists() else {}
+        for name, run in committed.items():
+            target = cache / "runs" / preset / f"{name}.json"
+            if run["preset"] == preset and run["variant"] in variants and not target.exists():
+                write_json(target, run | {"restored_from": f"benchmarks/results/{file}"})
+                restored.append(name)
     return restored
 
 
@@ -192,4 +196,7 @@ def report_honest_stage(cache: Path, preset: str, results: Path) -> dict:
 
     runs_dir = cache / "runs" / preset
     lm = {p.stem: json.loads(p.read_text()) for p in sorted(runs_dir.glob("lm-*-s*.json"))}
+    own = {name: run for name, run in lm.items() if run["variant"] in HONEST_VARIANTS}
+    runs = {name: {k: v for k, v in run.items() if k != "restored_from"} for name, run in own.items()}
+    write_json(results / RUNS_FILE, {"runs": runs})
     return report_honest(lm, results, crossing)
