@@ -15,7 +15,7 @@ from datasets import load_from_disk
 from tiny_models import TINY_TEXT_CONFIGS
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-from lime_hf import LimeConfig, LimeForCausalLM, LimeTokenizer, pretrain, tokenization_lime
+from lime_hf import LimeConfig, LimeForCausalLM, LimeTokenizer, SpacyAnnotator, pretrain, tokenization_lime
 from lime_hf.annotation import BUILTIN_FIELDS
 from lime_hf.cli import main, train
 from lime_hf.cli.train import parse_train_arguments
@@ -394,3 +394,15 @@ def test_tag_prints_every_token_with_its_tags(alignment, bpe_tokenizer, annotato
 def test_the_cli_copies_of_the_tokenizer_names_agree_with_the_library():
     """`lime_hf.options` repeats them so that the parsers need not import the tokenizer (torch, transformers)."""
     assert ALIGNMENTS == tokenization_lime.ALIGNMENTS and tuple(BUILTIN_FIELDS) == FIELDS
+
+
+def test_annotate_causal_writes_prefix_only_tags_and_says_so(tmp_path):
+    text = "Emma Woodhouse lived in Highbury. She saw the duck."
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    result = run_cli("annotate", "a.txt", "--output", "annotated", "--causal", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Annotated 1 texts with causal (prefix-only) pos, ner" in result.stdout
+    annotated = load_from_disk(str(tmp_path / "annotated"))
+    assert annotated["lime_causal"] == [True]
+    causal = SpacyAnnotator(("pos", "ner"), causal=True)([annotated[0]["text"]])[0]
+    assert annotated[0]["lime_pos"] == causal["pos"] and annotated[0]["lime_ner"] == causal["ner"]
