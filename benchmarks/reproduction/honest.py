@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .harness import RESULTS, SPECIAL_ID, autocast, load_arrays, save_arrays, write_csv, write_json
-from .language_models import EvalMode, LmSpec
+from .language_models import EvalMode, LmSpec, add_counts, next_token_counts
 from .prepare import prepare_causal
 
 HEAD_FIELDS = ("pos", "ner")
@@ -53,12 +53,7 @@ def evaluate_own_tags(model, blocks: dict[str, torch.Tensor], device, batch: int
         mask = blocks["mask"][start : start + batch].to(device)
         with autocast(device):
             output = model(input_ids=ids, attention_mask=mask)
-        logits = output.logits[:, :-1].float()
-        target, keep = ids[:, 1:], mask[:, 1:].bool()
-        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-        nll += losses[keep].sum().item()
-        correct += (logits.argmax(-1) == target)[keep].sum().item()
-        count += keep.sum().item()
+        nll, correct, count = add_counts((nll, correct, count), next_token_counts(output.logits, ids, mask))
         for name in HEAD_FIELDS:
             predicted = output.tag_logits[name].argmax(-1)
             for ref, key in references.items():

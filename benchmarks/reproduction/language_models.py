@@ -66,6 +66,19 @@ def eval_blocks(array: np.ndarray, seq_len: int, fill: int) -> torch.Tensor:
     return torch.from_numpy(padded.reshape(n_blocks, seq_len))
 
 
+def next_token_counts(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int, int]:
+    """Summed NLL, correct top-1 predictions and scored positions of one batch's next-token predictions
+    (`logits` `(batch, seq, vocab)` of every position; padding and each block's first token are not scored)."""
+    logits = logits[:, :-1].float()
+    target, keep = ids[:, 1:], mask[:, 1:].bool()
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+    return losses[keep].sum().item(), (logits.argmax(-1) == target)[keep].sum().item(), keep.sum().item()
+
+
+def add_counts(total: tuple[float, int, int], batch: tuple[float, int, int]) -> tuple[float, int, int]:
+    return tuple(a + b for a, b in zip(total, batch, strict=True))
+
+
 @torch.no_grad()
 def evaluate_lm(model, blocks: dict[str, torch.Tensor], tags: dict[str, str], device, batch: int) -> dict:
     """Next-token accuracy and perplexity over the evaluation stream; `tags`: model argument -> array key."""
@@ -76,12 +89,8 @@ def evaluate_lm(model, blocks: dict[str, torch.Tensor], tags: dict[str, str], de
         mask = blocks["mask"][start : start + batch].to(device)
         extra = {arg: blocks[key][start : start + batch].to(device) for arg, key in tags.items()}
         with autocast(device):
-            logits = model(input_ids=ids, attention_mask=mask, **extra).logits[:, :-1].float()
-        target, keep = ids[:, 1:], mask[:, 1:].bool()
-        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-        nll += losses[keep].sum().item()
-        correct += (logits.argmax(-1) == target)[keep].sum().item()
-        count += keep.sum().item()
+            logits = model(input_ids=ids, attention_mask=mask, **extra).logits
+        nll, correct, count = add_counts((nll, correct, count), next_token_counts(logits, ids, mask))
     model.train()
     return {
         "accuracy": correct / count,

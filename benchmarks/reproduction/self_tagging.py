@@ -35,7 +35,7 @@ from .harness import (
     save_arrays,
     unwrap,
 )
-from .language_models import EvalMode, LmSpec, evaluate_lm
+from .language_models import EvalMode, LmSpec, add_counts, evaluate_lm, next_token_counts
 
 HEAD_FIELDS = ("pos", "ner")
 NOISE_FRACTIONS = (0.1, 0.3, 0.5)
@@ -59,12 +59,7 @@ def evaluate_self_tagged(model, blocks: dict[str, torch.Tensor], device, batch: 
         mask = blocks["mask"][start : start + batch].to(device)
         with autocast(device):
             logits, fed = self_tagged_forward(model, ids, attention_mask=mask)
-        logits = logits[:, :-1].float()
-        target, keep = ids[:, 1:], mask[:, 1:].bool()
-        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-        nll += losses[keep].sum().item()
-        correct += (logits.argmax(-1) == target)[keep].sum().item()
-        count += keep.sum().item()
+        nll, correct, count = add_counts((nll, correct, count), next_token_counts(logits, ids, mask))
         for name in HEAD_FIELDS:
             reference = model.tag_heads.fed_tags(blocks[name][start : start + batch].to(device))
             scored = (reference > 1) & mask.bool()
