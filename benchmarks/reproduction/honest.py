@@ -180,7 +180,12 @@ def restore_references(cache: Path, preset: str) -> list[str]:
         committed = json.loads(path.read_text())["runs"] if path.exists() else {}
         for name, run in committed.items():
             target = cache / "runs" / preset / f"{name}.json"
-            if run["preset"] == preset and run["variant"] in variants and not target.exists():
+            if (
+                run["kind"] == "lm"
+                and run["preset"] == preset
+                and run["variant"] in variants
+                and not target.exists()
+            ):
                 write_json(target, run | {"restored_from": f"benchmarks/results/{file}"})
                 restored.append(name)
     return restored
