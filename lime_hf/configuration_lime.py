@@ -7,7 +7,7 @@ This file is copied next to the weights by ``save_pretrained`` (remote code), so
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from .rules import check_metadata_injection
+from .rules import check_lime_model_type, check_metadata_injection
 
 # Every field reserves its first three ids; a label's index in its inventory is its id.
 PAD_ID, UNKNOWN_ID, SPECIAL_ID = 0, 1, 2
@@ -199,8 +199,9 @@ class LimeConfig(PreTrainedConfig):
 
     Args:
         text_config (`dict` or `PreTrainedConfig`, *optional*):
-            The backbone's config (any decoder-only architecture: Llama, Qwen2, GPT-2, ...). A dict must
-            name its `model_type`; `None` gives a default Llama config.
+            The backbone's config (any decoder-only architecture: Llama, Qwen2, GPT-2, ...), required. A dict must
+            name its `model_type`. There is no default backbone (it would be a 7B Llama built by accident): to
+            retrofit a checkpoint use `LimeForCausalLM.from_backbone(path)`.
         metadata_fields (`dict[str, list[str]]`, *optional*):
             Field name -> label inventory. A label's index is its id; ids 0/1/2 are padding/unknown/special.
             Defaults to `{"pos": <spaCy fine-grained tags>, "ner": <IOB over 18 OntoNotes types>}`.
@@ -263,6 +264,12 @@ class LimeConfig(PreTrainedConfig):
     meta_positional: str = "keep"
 
     def __post_init__(self, **kwargs):
+        if self.text_config is None:
+            raise ValueError(
+                "LimeConfig needs `text_config`, the backbone's config: a `PreTrainedConfig` or a dict naming its "
+                "`model_type` (e.g. {'model_type': 'llama', 'hidden_size': 256, ...}); to retrofit a checkpoint, "
+                "use `LimeForCausalLM.from_backbone(path, ...)`."
+            )
         super().__post_init__(**kwargs)
         if self.metadata_fields is None:
             self.metadata_fields = {name: list(labels) for name, labels in DEFAULT_METADATA_FIELDS.items()}
@@ -279,6 +286,14 @@ class LimeConfig(PreTrainedConfig):
                 "AutoModel": "modeling_lime.LimeModel",
                 "AutoModelForCausalLM": "modeling_lime.LimeForCausalLM",
             }
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
+        """The saved config, refused unless it is a LIME model's: read as a LIME config, a plain checkpoint's
+        config.json would give no `text_config` (or one without its own sizes)."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        check_lime_model_type(config_dict.get("model_type"), str(pretrained_model_name_or_path))
+        return config_dict, kwargs
 
     def __setattr__(self, name: str, value) -> None:
         check = FIELD_CHECKS.get(name)

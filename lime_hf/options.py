@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .rules import check_metadata_injection
+from .rules import check_lime_model_type, check_metadata_injection
 
 # `LimeTokenizer`'s alignment modes and the built-in fields, repeated here so that the CLI's parsers need not import
 # tokenization_lime (torch, transformers); tests/test_cli.py checks that both places agree.
@@ -280,12 +280,7 @@ def check_model_folder(path: str) -> dict[str, Any]:
     if not config_file.is_file():
         raise ValueError(f"{path!r} holds no config.json: give a folder written by `save_pretrained`")
     config = json.loads(config_file.read_text(encoding="utf-8"))
-    model_type = config.get("model_type")
-    if model_type != "lime":
-        raise ValueError(
-            f"{path!r} holds a {model_type!r} model, not a LIME model; retrofit it first "
-            "(`LimeForCausalLM.from_backbone`, or `lime-hf train --from-backbone`)"
-        )
+    check_lime_model_type(config.get("model_type"), path)
     if not any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
         raise ValueError(
             f"{path!r} holds no weights (model.safetensors): save the model there with `save_pretrained`"

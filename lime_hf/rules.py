@@ -97,3 +97,17 @@ def check_metadata_injection(
 
 
 __all__ = ["PROVIDER_NAMES", "check_generation_request", "check_metadata_injection"]
+
+
+def check_lime_model_type(model_type: object, source: str) -> None:
+    """Raise `ValueError` unless `model_type` (read from `source`'s config.json) is a LIME model's.
+
+    A plain checkpoint (GPT-2, Llama, ...) is a backbone: it becomes a LIME model by retrofitting, never by reading
+    its config as a LIME config (which would build a default backbone instead of the checkpoint's).
+    """
+    if model_type != "lime":
+        raise ValueError(
+            f"{source!r} holds a {model_type!r} model, not a LIME model; retrofit it first "
+            f"(`LimeForCausalLM.from_backbone({source!r}, ...)`, or `lime-hf train --from-backbone`), "
+            "or load it as it is with `AutoModelForCausalLM.from_pretrained`"
+        )

@@ -48,6 +48,12 @@ def workdir(bpe_tokenizer, tmp_path_factory) -> Path:
     config = GPT2Config(vocab_size=len(bpe_tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64)
     GPT2LMHeadModel(config).save_pretrained(folder / "gpt2")
     bpe_tokenizer.save_pretrained(folder / "gpt2")
+    (folder / "content-shards").mkdir()  # JSONL whose text key is not `text`
+    (folder / "content-shards" / "a.jsonl").write_text(
+        '{"content": "Emma lived in Highbury."}\n', encoding="utf-8"
+    )
+    (folder / "empty-text-shards").mkdir()  # a `text` key, and no document with text in it
+    (folder / "empty-text-shards" / "a.jsonl").write_text('{"text": ""}\n', encoding="utf-8")
     (folder / "config-only").mkdir()
     (folder / "config-only" / "config.json").write_text(json.dumps({"model_type": "lime"}), encoding="utf-8")
     return folder
@@ -99,7 +105,7 @@ CASES = {
     ),
     "generate from a plain GPT-2 folder": (
         ["generate", "gpt2", "Emma"],
-        "'gpt2' holds a 'gpt2' model, not a LIME model",
+        "'gpt2' holds a 'gpt2' model, not a LIME model; retrofit it first (`LimeForCausalLM.from_backbone('gpt2', ...)`",
     ),
     "guide a plain GPT-2 model": (
         ["generate", "gpt2", "Emma", "--guide", "pos=NN"],
@@ -174,6 +180,10 @@ CASES = {
         ["annotate", "empty-folder", "-o", "out", "--executor", "local", "--slurm-partition", "p"],
         "--slurm-partition apply to --executor slurm only, not local",
     ),
+    "annotate --executor shards without the text key": (
+        ["annotate", "content-shards", "-o", "out", "--executor", "local"],
+        "No document has the text key 'text': the first record of 'a.jsonl' in ",
+    ),
     "train a saved LimeTokenizer with another spaCy pipeline": (
         ["train", "corpus.txt", "--tokenizer", "lime", "--spacy-model", "en_core_web_trf"],
         "--spacy-model en_core_web_trf differs from the saved LimeTokenizer's pipeline, the default (en_core_web_sm)",
@@ -204,6 +214,18 @@ def test_a_lime_plus_one_model_without_guidance_says_how_to_guide_it(workdir):
     assert "note: lime-plus-1 is a LIME+1 model" in result.stderr
     assert "--guide pos=DT,NN,VBD" in result.stderr
     assert result.stdout.startswith("Emma was")
+
+
+def test_an_annotate_run_that_writes_nothing_fails(workdir):
+    """Every document is skipped (no text): the run itself succeeds, and its empty output is an error."""
+    result = run_cli("annotate", "empty-text-shards", "-o", "empty-out", "--executor", "local", cwd=workdir)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Annotated" not in result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-2] == (
+        "lime-hf annotate: error: Nothing was written to empty-out: no document in empty-text-shards had text under "
+        "the key 'text'; name the text key with --text-column (`text_key=` in Python)"
+    )
 
 
 def test_the_console_script_is_installed():

@@ -27,8 +27,7 @@ def input_ids(shape=(2, 9), seed=0):
 
 
 def test_default_config_has_pos_and_ner_inventories():
-    config = LimeConfig()
-    assert config.text_config.model_type == "llama"
+    config = LimeConfig(text_config=TINY_TEXT_CONFIGS["llama"])
     assert list(config.metadata_fields) == ["pos", "ner"]
     assert config.metadata_fields == DEFAULT_METADATA_FIELDS
     assert config.metadata_fields["pos"][:3] == ["<pad>", "<unk>", "<special>"]
@@ -67,7 +66,7 @@ def test_config_accepts_dict_or_config_backbones_and_round_trips(tmp_path):
 )
 def test_config_rejects_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        LimeConfig(**kwargs)
+        LimeConfig(text_config=TINY_TEXT_CONFIGS["llama"], **kwargs)
 
 
 def test_auto_classes_are_registered():

@@ -183,7 +183,7 @@ def test_checkpoints_grow_heads_and_keep_their_logits(tmp_path):
 )  # fmt: skip
 def test_bad_tag_head_options_are_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        LimeConfig(**kwargs)
+        LimeConfig(text_config={"model_type": "llama", "vocab_size": VOCAB_SIZE}, **kwargs)
 
 
 def test_model_card_describes_the_heads():

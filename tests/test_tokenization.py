@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 import lime_hf  # noqa: F401 - registers LimeTokenizer with AutoTokenizer
-from lime_hf.configuration_lime import LimeConfig
+from lime_hf.configuration_lime import DEFAULT_METADATA_FIELDS
 from lime_hf.tokenization_lime import LimeTokenizer
 from tests.conftest import share_annotator
 
@@ -35,7 +35,7 @@ def labels(tokenizer, encoding, field):
 
 
 def test_metadata_fields_match_the_model_config(lime_pretokenized):
-    assert lime_pretokenized.metadata_fields == LimeConfig().metadata_fields
+    assert lime_pretokenized.metadata_fields == DEFAULT_METADATA_FIELDS
     assert lime_pretokenized.model_input_names == ["input_ids", "attention_mask", "pos_ids", "ner_ids"]
 
 

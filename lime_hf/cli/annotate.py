@@ -25,7 +25,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--dataset-config", metavar="CONFIG", help="config name of a `datasets` source")
     parser.add_argument("--split", help="split of a `datasets` source (default: train)")
     parser.add_argument(
-        "--text-column", default="text", help="text column of a `datasets` source (default: %(default)s)"
+        "--text-column",
+        default="text",
+        help="text column of a `datasets` source, or text key of --executor shards (default: %(default)s)",
     )
     parser.add_argument("--output", "-o", required=True, type=Path, help="folder for `save_to_disk`")
     parser.add_argument(

@@ -21,10 +21,12 @@ Needs `pip install "lime_hf[datatrove]"` (datatrove, and ray for the Ray executo
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
 
+import pyarrow.parquet as pq
 from datasets import Features, Value
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.executor import LocalPipelineExecutor, RayPipelineExecutor, SlurmPipelineExecutor
@@ -147,7 +149,24 @@ def detect_reader(input_folder: Any, text_key: str = "text") -> PipelineStep:
             + (f"it holds {sorted(found)}." if found else "it holds none.")
         )
     [ending] = found
+    first_file = folder.list_files(recursive=True, glob_pattern=f"**/*{ending}")[0]
+    keys = _first_record_keys(folder, first_file, ending)
+    if keys is not None and text_key not in keys:
+        raise ValueError(
+            f"No document has the text key {text_key!r}: the first record of {first_file!r} in {folder.path!r} has "
+            f"keys {keys}; name the text key with --text-column (`text_key=` in Python)"
+        )
     return READERS[ending](folder, text_key=text_key, glob_pattern=f"**/*{ending}")
+
+
+def _first_record_keys(folder: Any, path: str, ending: str) -> list[str] | None:
+    """The columns of a Parquet file, or the keys of a JSONL file's first record (None: the file holds none)."""
+    if ending == ".parquet":
+        with folder.open(path, "rb") as file:
+            return pq.ParquetFile(file).schema_arrow.names
+    with folder.open(path, "rt", compression="infer") as file:
+        line = next((line for line in file if line.strip()), None)
+    return None if line is None else list(json.loads(line))
 
 
 def annotation_pipeline(
@@ -252,6 +271,11 @@ def annotate_corpus(
             raise RuntimeError(
                 f"Tasks {unfinished} of {tasks} did not finish (see the logs in {runner.logging_dir.path}); "
                 "run again with the same logging folder to resume them."
+            )
+        if not get_datafolder(_folder(output_folder)).list_files(recursive=True):
+            raise RuntimeError(
+                f"Nothing was written to {output_folder}: no document in {input_folder} had text under the key "
+                f"{text_key!r}; name the text key with --text-column (`text_key=` in Python)"
             )
     return runner
 
