@@ -1,4 +1,4 @@
-"""FSDP on 2 CPU processes over gloo: the README's FSDP2 configuration under `accelerate launch --config_file`, and
+"""FSDP on 2 CPU processes over gloo: the FSDP2 configuration of docs/scale.md under `accelerate launch --config_file`, and
 FSDP2 sharding itself (`fully_shard`, under torchrun).
 
 What the first shows (accelerate 1.16, transformers 5.24, torch 2.13): on CPU, accelerate never enables FSDP. Its
@@ -62,9 +62,9 @@ main(sys.argv[1:], callbacks=[RecordLogits()])
 
 
 def readme_fsdp_config() -> str:
-    """The YAML block of the README's FSDP paragraph, verbatim."""
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("**FSDP.**") :]
+    """The YAML block of the FSDP paragraph of docs/scale.md, verbatim."""
+    page = (REPO / "docs" / "scale.md").read_text(encoding="utf-8")
+    section = page[page.index("**FSDP.**") :]
     return re.search(r"```yaml\n(.*?)```", section, re.DOTALL).group(1)
 
 
@@ -93,7 +93,7 @@ def accelerate_fsdp(tmp_path: Path) -> list[str]:
     config = tmp_path / "fsdp.yaml"
     config.write_text(readme_fsdp_config(), encoding="utf-8")
     accelerate = str(Path(sys.executable).parent / "accelerate")
-    # 2 processes instead of the README's 8, full precision for a float comparison; every FSDP key as written.
+    # 2 processes instead of the page's 8, full precision for a float comparison; every FSDP key as written.
     return [
         accelerate,
         "launch",

@@ -351,10 +351,12 @@ def lime_fused_forward(
     token_embeds = model.token_embeddings(input_ids, inputs_embeds)
     embeds = model.embed(token_embeds, metadata_ids, next_metadata_ids)
     labels, _, meta_state = model.prepare_meta_attention(input_ids, labels, None, False)
+    # Heads at decoder layer k (`metadata_layer` > 0) run inside the backbone; those at layer 0 read its output.
+    injection = model.prepare_metadata_injection(metadata_ids, next_metadata_ids, predict=True)
     heads = model.tag_heads
     captured = []
     hook = None
-    if heads is not None and metadata_ids:  # the heads read the backbone's last hidden states
+    if heads is not None and metadata_ids and injection is None:
         hook = model.language_model.base_model.register_forward_hook(
             lambda module, args, output: captured.append(
                 output[0] if isinstance(output, tuple) else output.last_hidden_state
@@ -364,6 +366,7 @@ def lime_fused_forward(
         outputs = model.run_backbone(
             model.language_model,
             meta_state,
+            injection,
             None,
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -375,15 +378,19 @@ def lime_fused_forward(
     finally:
         if hook is not None:
             hook.remove()
-    if not captured:
+    if injection is not None and heads is not None and metadata_ids:
+        tag_logits = injection.tag_logits
+    elif captured:
+        previous = heads.previous_states(captured[-1], attention_mask)
+        if (
+            position_ids is not None and attention_mask is None
+        ):  # padding-free: each packed document starts afresh
+            previous = torch.where(
+                (position_ids == 0)[..., None], heads.start_state.to(previous.dtype), previous
+            )
+        tag_logits = heads(previous, token_embeds)
+    else:
         return outputs, {}
-    hidden = captured[-1]
-    previous = heads.previous_states(hidden, attention_mask)
-    if (
-        position_ids is not None and attention_mask is None
-    ):  # padding-free: each packed document starts afresh
-        previous = torch.where((position_ids == 0)[..., None], heads.start_state.to(previous.dtype), previous)
-    tag_logits = heads(previous, token_embeds)
     return outputs, {
         "sum": heads.losses(tag_logits, metadata_ids, attention_mask, num_items_in_batch=1),
         "mean": heads.losses(tag_logits, metadata_ids, attention_mask),
