@@ -44,6 +44,12 @@ def accept_past_key_values(forward: Callable) -> Callable:
             kwargs["cache"] = kwargs.pop("past_key_values")
         return forward(*args, **kwargs)
 
+    # `generate` (before 5.24) checks its model kwargs against the forward's signature: list the old name there too.
+    signature = inspect.signature(forward)
+    parameters = list(signature.parameters.values())
+    at = next((i for i, p in enumerate(parameters) if p.kind is p.VAR_KEYWORD), len(parameters))
+    old_name = inspect.Parameter("past_key_values", inspect.Parameter.KEYWORD_ONLY, default=None)
+    renamed.__signature__ = signature.replace(parameters=[*parameters[:at], old_name, *parameters[at:]])
     return renamed
 
 

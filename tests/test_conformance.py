@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import VOCAB_SIZE, random_tags, tiny_lime
+from tiny_models import VOCAB_SIZE, cache_of, random_tags, tiny_lime
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.stopping_criteria import MaxLengthCriteria
 from transformers.generation.streamers import BaseStreamer
@@ -48,11 +48,6 @@ def parity_provider(ids: torch.LongTensor, step: int) -> dict:
         "pos": [5 + int(row[-1]) % 2 for row in ids.tolist()],
         "ner": [3 + ids.shape[1] % 3] * ids.shape[0],
     }
-
-
-def cache_of(output):
-    """The KV cache of a `generate` output, under the name of the installed transformers."""
-    return output["cache"] if "cache" in output else output["past_key_values"]
 
 
 @pytest.mark.parametrize(("arch", "shift"), SETUPS, ids=SETUP_IDS)

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import VOCAB_SIZE, enable_checkpointing, random_tags, run_without_lime_hf, tiny_lime
+from tiny_models import (
+    VOCAB_SIZE,
+    cache_of,
+    enable_checkpointing,
+    random_tags,
+    run_without_lime_hf,
+    tiny_lime,
+)
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from lime_hf import LimeConfig, LimeForCausalLM
@@ -124,7 +131,7 @@ def test_cached_steps_and_generation_equal_uncached_with_left_padding(arch, shif
     mask[1, :3] = 0
     full = model(input_ids=ids, attention_mask=mask)
     prefix = model(input_ids=ids[:, :-2], attention_mask=mask[:, :-2], use_cache=True)
-    step = model(input_ids=ids[:, -2:], attention_mask=mask, cache=prefix.cache, use_cache=True)
+    step = model(input_ids=ids[:, -2:], attention_mask=mask, cache=cache_of(prefix), use_cache=True)
     torch.testing.assert_close(step.logits, full.logits[:, -2:], atol=1e-5, rtol=1e-4)
     assert torch.equal(step.fed_metadata_ids["pos"], full.fed_metadata_ids["pos"][:, -2:])
     settings = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)

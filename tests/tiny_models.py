@@ -25,6 +25,11 @@ TINY_TEXT_CONFIGS = {
 }  # fmt: skip
 
 
+def cache_of(output):
+    """The KV cache of a forward or `generate` output, under the name of the installed transformers."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
 def tiny_lime(arch: str = "llama", seed: int = 0, **config_kwargs) -> LimeForCausalLM:
     """A random LIME model on a tiny backbone, in eval mode, with non-zero metadata tables."""
     torch.manual_seed(seed)

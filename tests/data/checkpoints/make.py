@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent.parent.parent))  # the repository root, whose `lime_hf` is the code of the day
+sys.path.insert(
+    0, str(HERE.parent.parent.parent)
+)  # the repository root, whose `lime_hf` is the code of the day
 
 from lime_hf import LimeConfig, LimeForCausalLM, MetaTokenPlacement  # noqa: E402
 
