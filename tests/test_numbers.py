@@ -67,7 +67,8 @@ def result_numbers(patterns: tuple[str, ...]) -> list[float]:
 HEADLINES = tuple(
     path.relative_to(RESULTS).as_posix()
     for path in RESULTS.rglob("*.*")
-    if path.name not in {"reproduce_runs.json", "reproduce_curves.csv", "meta_tokens.csv"}
+    if path.name
+    not in {"reproduce_runs.json", "reproduce_honest_runs.json", "reproduce_curves.csv", "meta_tokens.csv"}
 )
 SOURCES = {
     "README.md": HEADLINES,
@@ -75,6 +76,7 @@ SOURCES = {
     "reproduction.md": (
         *("reproduce.json", "reproduce_cloze.json", "reproduce_addition.csv", "reproduce_generation.csv"),
         *("meta_tokens.json", "meta_attention*.json", "meta_attention_runs/*.json", "tag_heads.json"),
+        *("reproduce_honest.json", "honest_pilot.json"),
     ),
     "demo.md": ("demo*",),
 }
@@ -166,7 +168,7 @@ def test_every_quoted_number_is_in_a_results_file(page: Path):
 def test_the_finder_can_fail():
     numbers = result_numbers(SOURCES["reproduction.md"])
     assert backed("17.89", numbers) and backed("1.494e+04", numbers)
-    assert not backed("17.88", numbers) and not backed("1.493e+04", numbers)
+    assert not backed("17.94", numbers) and not backed("1.493e+04", numbers)  # 17.89 and 17.93 are results
 
 
 def test_the_demo_page_quotes_the_demo_run():
