@@ -4,10 +4,12 @@ chat and preference sets. The tags fed to the model in a TRL step are the tokeni
 import json
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from packaging.version import Version
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 pytest.importorskip("trl")
@@ -316,6 +318,11 @@ def test_dpo_feeds_policy_and_reference_the_tags_and_its_loss_is_dpos(annotator,
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    Version(peft.__version__) < Version("0.21"),
+    reason="peft before 0.21 calls the wrapped model's `forward` directly, so the forward pre-hook this test records "
+    "the inputs with does not fire (the training itself runs)",
+)
 def test_dpo_with_lora_reads_the_tags_with_and_without_the_adapter(annotator, tmp_path):
     """LoRA through PEFT on a retrofitted model: the reference pass (adapter disabled) reads the same tags."""
     tok = chat_tokenizer("pretokenized", annotator)
