@@ -21,6 +21,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from datasets import Dataset
+
+from .data import output_features
+
 FORMAT = "lime_hf.blocks"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -116,6 +120,44 @@ class Manifest:
         return cls(**data)
 
 
+def write_shards(
+    blocks: Dataset,
+    folder: str | Path,
+    tokenizer: Any,
+    block_size: int,
+    num_shards: int = 1,
+    **manifest_kwargs: Any,
+) -> Manifest:
+    """
+    Write packed blocks (as `prepare_lm_dataset` returns them) into a shard folder, in `num_shards` contiguous
+    Parquet files, and its manifest. The one-machine way to a shard folder; `lime-hf pack` is the scalable one.
+
+    Args:
+        blocks (`datasets.Dataset`): `input_ids` and the tokenizer's `{field}_ids` per block.
+        folder (`str` or `Path`): the shard folder to write.
+        tokenizer (`LimeTokenizer`): the tokenizer the blocks were made with.
+        block_size (`int`): the packing block size.
+        num_shards (`int`, *optional*, defaults to 1): files to split the blocks into.
+        manifest_kwargs: further `Manifest` fields (`meta_token_id`, `meta_fraction`).
+    """
+    if not 1 <= num_shards <= max(len(blocks), 1):
+        raise ValueError(
+            f"`num_shards` must be between 1 and the number of blocks ({len(blocks)}), got {num_shards}."
+        )
+    manifest = Manifest.for_tokenizer(tokenizer, block_size, **manifest_kwargs)
+    blocks = blocks.select_columns(manifest.columns).cast(output_features(manifest.columns))
+    for index in range(num_shards):
+        shard = blocks.shard(num_shards, index, contiguous=True)
+        file = f"{BLOCKS}/{index:05d}.parquet"
+        (Path(folder) / BLOCKS).mkdir(parents=True, exist_ok=True)
+        shard.to_parquet(str(Path(folder) / file))
+        ids = shard["input_ids"]
+        documents = sum(row.count(manifest.eos_token_id) for row in ids)  # each document ends with EOS
+        manifest.shards.append(ShardInfo(file, len(shard), sum(map(len, ids)), documents))
+    manifest.save(folder)
+    return manifest
+
+
 def check_manifest(manifest: Manifest, tokenizer: Any, fields: dict[str, list[str]] | None = None) -> None:
     """Raise a `ValueError` naming the difference when the shards were made with another tokenizer or other
     inventories than `tokenizer`'s (or the model's `fields`, e.g. `config.metadata_fields`)."""
@@ -154,4 +196,12 @@ def _label(labels: list[str], index: int) -> str:
     return repr(labels[index]) if index < len(labels) else "nothing"
 
 
-__all__ = ["BLOCKS", "MANIFEST", "Manifest", "ShardInfo", "check_manifest", "tokenizer_fingerprint"]
+__all__ = [
+    "BLOCKS",
+    "MANIFEST",
+    "Manifest",
+    "ShardInfo",
+    "check_manifest",
+    "tokenizer_fingerprint",
+    "write_shards",
+]
