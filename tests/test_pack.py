@@ -111,8 +111,15 @@ def test_one_task_equals_prepare_lm_dataset_block_for_block(single, corpus, toke
     expected = expected_blocks(texts, tokenizer)
     assert blocks_of(folder, 0) == expected
     lengths = [len(block) for block in expected["input_ids"]]
-    assert lengths.count(BLOCK) == len(lengths) - 2  # two packing batches (1000 + 300 documents), no block spans them
-    assert manifest.counts == {"shards": 1, "blocks": len(lengths), "tokens": sum(lengths), "documents": len(texts)}
+    assert (
+        lengths.count(BLOCK) == len(lengths) - 2
+    )  # two packing batches (1000 + 300 documents), no block spans them
+    assert manifest.counts == {
+        "shards": 1,
+        "blocks": len(lengths),
+        "tokens": sum(lengths),
+        "documents": len(texts),
+    }
     assert_counts_match_files(folder, manifest)
     assert manifest.block_size == BLOCK and manifest.meta_token_id is None and manifest.meta_seed is None
     check_manifest(manifest, tokenizer, fields=tokenizer.metadata_fields)
@@ -121,9 +128,13 @@ def test_one_task_equals_prepare_lm_dataset_block_for_block(single, corpus, toke
 
 
 def test_two_workers_write_each_task_s_packing(corpus, tokenizer_dir, tokenizer, tmp_path):
-    manifest = pack_corpus(corpus, tmp_path / "out", tokenizer_dir, BLOCK, tmp_path / "logs", tasks=2, workers=2)
+    manifest = pack_corpus(
+        corpus, tmp_path / "out", tokenizer_dir, BLOCK, tmp_path / "logs", tasks=2, workers=2
+    )
     for rank in range(2):  # task r reads files r and r + 2
-        assert blocks_of(tmp_path / "out", rank) == expected_blocks(file_rows(corpus, [rank, rank + 2]), tokenizer)
+        assert blocks_of(tmp_path / "out", rank) == expected_blocks(
+            file_rows(corpus, [rank, rank + 2]), tokenizer
+        )
     assert [shard.file for shard in manifest.shards] == ["blocks/00000.parquet", "blocks/00001.parquet"]
     assert manifest.counts["documents"] == len(lines())
     assert_counts_match_files(tmp_path / "out", manifest)
@@ -153,7 +164,9 @@ def test_meta_tokens_are_injected_seeded_and_recorded(corpus, tokenizer_dir, tok
     expected = {column: [] for column in plain}
     for row in range(len(plain["input_ids"])):
         metadata = {column: plain[column][row] for column in plain if column != "input_ids"}
-        grown = inject_meta_tokens(plain["input_ids"][row], meta_id, 0.1, metadata=metadata, generator=generator)
+        grown = inject_meta_tokens(
+            plain["input_ids"][row], meta_id, 0.1, metadata=metadata, generator=generator
+        )
         for column in expected:
             expected[column].append(grown[column].tolist())
     written = blocks_of(tmp_path / "out", 0)
@@ -162,7 +175,9 @@ def test_meta_tokens_are_injected_seeded_and_recorded(corpus, tokenizer_dir, tok
     assert_counts_match_files(tmp_path / "out", manifest)
 
 
-def test_a_manifest_of_another_tokenizer_or_other_inventories_is_refused(single, wordpiece_tokenizer, tokenizer):
+def test_a_manifest_of_another_tokenizer_or_other_inventories_is_refused(
+    single, wordpiece_tokenizer, tokenizer
+):
     manifest = Manifest.load(single[0])
     with pytest.raises(ValueError, match="made with the tokenizer"):
         check_manifest(manifest, LimeTokenizer.from_tokenizer(wordpiece_tokenizer))
@@ -178,9 +193,9 @@ def test_bad_inputs_are_clear_errors(corpus, annotated, tokenizer_dir, bpe_token
     with pytest.raises(ValueError, match=r"has the spans columns \['lime_pos'\] but not \['lime_ner'\]"):
         pack_corpus(partial, tmp_path / "out", tokenizer_dir, BLOCK, tmp_path / "logs")
     bpe_tokenizer.save_pretrained(tmp_path / "plain")
-    with pytest.raises(ValueError, match="needs a saved LimeTokenizer, got a PreTrainedTokenizerFast"):
+    with pytest.raises(ValueError, match="needs a saved LimeTokenizer, got a "):
         pack_corpus(corpus, tmp_path / "out", tmp_path / "plain", BLOCK, tmp_path / "logs")
-    with pytest.raises(ValueError, match="'<|eos|>' is not a special token|is not a special token"):
+    with pytest.raises(ValueError, match="The meta-token 'the' is not a special token"):
         pack_corpus(corpus, tmp_path / "out", tokenizer_dir, BLOCK, tmp_path / "logs", meta_token="the")
     with pytest.raises(RuntimeError, match=r"Tasks \[0, 1\] of 2 have not finished"):
         finalize_shards(tmp_path / "out", 2)
@@ -191,7 +206,12 @@ def test_shards_of_another_run_in_the_folder_are_refused(single, tmp_path):
     (folder / "counts").mkdir(parents=True)
     record = json.loads((single[0] / "counts" / "00000.json").read_text())
     for rank, block_size in ((0, BLOCK), (1, 2 * BLOCK)):
-        other = {**record, "rank": rank, "world_size": 2, "manifest": {**record["manifest"], "block_size": block_size}}
+        other = {
+            **record,
+            "rank": rank,
+            "world_size": 2,
+            "manifest": {**record["manifest"], "block_size": block_size},
+        }
         (folder / "counts" / f"{rank:05d}.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="not of one run of 2 tasks .* 2 different settings"):
         finalize_shards(folder, 2)
@@ -241,13 +261,17 @@ def test_a_killed_task_resumes_with_nothing_lost_or_duplicated(corpus, tokenizer
     script.write_text(textwrap.dedent(KILL_SCRIPT), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, str(script), str(corpus), str(tmp_path / "out"), str(tokenizer_dir)]
-    code, output = run_until_exit([*command, str(tmp_path / "logs"), str(tmp_path / "killed")], env, tmp_path / "1.log")
+    code, output = run_until_exit(
+        [*command, str(tmp_path / "logs"), str(tmp_path / "killed")], env, tmp_path / "1.log"
+    )
     assert code == -signal.SIGKILL, output[-3000:]
     assert sorted(p.name for p in (tmp_path / "logs" / "completions").iterdir()) == ["00000", "00001"]
     assert sorted(p.name for p in (tmp_path / "out" / "counts").iterdir()) == ["00000.json", "00001.json"]
     assert (tmp_path / "out" / "blocks" / "00002.parquet").stat().st_size > 0  # partial, without a footer
     assert not (tmp_path / "out" / "manifest.json").exists()
-    code, output = run_until_exit([*command, str(tmp_path / "logs"), str(tmp_path / "killed")], env, tmp_path / "2.log")
+    code, output = run_until_exit(
+        [*command, str(tmp_path / "logs"), str(tmp_path / "killed")], env, tmp_path / "2.log"
+    )
     assert code == 0, output[-3000:]
     assert "Skipping 2 already completed tasks" in output
     # The same pipeline, never killed, in fresh folders.
@@ -260,7 +284,9 @@ def test_a_killed_task_resumes_with_nothing_lost_or_duplicated(corpus, tokenizer
 
 
 @pytest.mark.slow
-def test_ray_executor_on_a_local_cluster_equals_the_local_executor(corpus, tokenizer_dir, tokenizer, tmp_path):
+def test_ray_executor_on_a_local_cluster_equals_the_local_executor(
+    corpus, tokenizer_dir, tokenizer, tmp_path
+):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         manifest = pack_corpus(
@@ -270,11 +296,15 @@ def test_ray_executor_on_a_local_cluster_equals_the_local_executor(corpus, token
     finally:
         ray.shutdown()
     for rank in range(2):
-        assert blocks_of(tmp_path / "out", rank) == expected_blocks(file_rows(corpus, [rank, rank + 2]), tokenizer)
+        assert blocks_of(tmp_path / "out", rank) == expected_blocks(
+            file_rows(corpus, [rank, rank + 2]), tokenizer
+        )
     assert_counts_match_files(tmp_path / "out", manifest)
 
 
-def test_slurm_submits_the_array_then_the_manifest_job(corpus, tokenizer_dir, tokenizer, tmp_path, monkeypatch):
+def test_slurm_submits_the_array_then_the_manifest_job(
+    corpus, tokenizer_dir, tokenizer, tmp_path, monkeypatch
+):
     """sbatch, srun and scontrol are stand-ins (as in test_datatrove): the generated job scripts run here, the
     array's tasks and then the manifest job, as Slurm would; then the same call finds everything done."""
     bin_dir = tmp_path / "bin"
@@ -287,9 +317,16 @@ def test_slurm_submits_the_array_then_the_manifest_job(corpus, tokenizer_dir, to
     logs, out = tmp_path / "logs", tmp_path / "out"
     options = dict(partition="cpu", time="01:00:00", cpus_per_task=1)
     assert pack_corpus(corpus, out, tokenizer_dir, BLOCK, logs, "slurm", tasks=2, **options) is None
-    assert "#SBATCH --dependency=afterok:4242\n" in (logs / "finalize" / "launch_script.slurm").read_text()
+    submissions = (
+        (tmp_path / "sbatch.log").read_text().splitlines()
+    )  # the array, its merge_stats, the manifest job, ...
+    assert "--dependency=afterok:4242" in submissions[2] and "finalize" not in submissions[0]
     env = {**os.environ, "SLURM_NODELIST": "node1", "SLURM_JOB_ID": "4242"}
-    scripts = [(logs, "0"), (logs, "1"), (logs / "finalize", "0")]  # the array, then the job that waits for it
+    scripts = [
+        (logs, "0"),
+        (logs, "1"),
+        (logs / "finalize", "0"),
+    ]  # the array, then the job that waits for it
     for folder, task in scripts:
         result = subprocess.run(["bash", str(folder / "launch_script.slurm")], env={**env, "SLURM_ARRAY_TASK_ID": task}, capture_output=True, text=True, timeout=600)  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
@@ -307,7 +344,9 @@ def test_cli_packs_and_says_what_it_found(corpus, tokenizer_dir, tmp_path, capsy
     printed = capsys.readouterr().out
     counts = Manifest.load(out).counts
     words = sum(len(text.split()) for text in lines())
-    expected = f"{counts['documents']:,} documents, {words:,} words -> {counts['blocks']:,} blocks of 64 tokens, "
+    expected = (
+        f"{counts['documents']:,} documents, {words:,} words -> {counts['blocks']:,} blocks of 64 tokens, "
+    )
     assert expected + f"{counts['tokens']:,} tokens in 2 shards" in printed
     assert len(list((tmp_path / "logs-blocks" / "completions").iterdir())) == 2
 
@@ -322,7 +361,10 @@ def test_cli_packs_and_says_what_it_found(corpus, tokenizer_dir, tmp_path, capsy
         (["--slurm-time", "1:00:00"], "--slurm-time apply to --executor slurm only, not local"),
         (["--executor", "slurm"], "--executor slurm needs --slurm-partition and --slurm-time"),
         (["--tokenizer", "no/such/folder"], "no such tokenizer folder 'no/such/folder'"),
-        (["--meta-token", "the"], "The meta-token 'the' is not a special token"),  # found when the tokenizer loads
+        (
+            ["--meta-token", "the"],
+            "The meta-token 'the' is not a special token",
+        ),  # found when the tokenizer loads
     ],
 )
 def test_cli_bad_inputs_are_one_line_errors(options, message, corpus, tokenizer_dir, tmp_path, capsys):
@@ -333,7 +375,9 @@ def test_cli_bad_inputs_are_one_line_errors(options, message, corpus, tokenizer_
         cli_main([*arguments, *options])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
-    assert message in error and "Traceback" not in error and len(error.strip().splitlines()) == 2  # + `see --help`
+    assert (
+        message in error and "Traceback" not in error and len(error.strip().splitlines()) == 2
+    )  # + `see --help`
 
 
 def test_cli_missing_input_folder_is_a_one_line_error(tokenizer_dir, tmp_path, capsys):
