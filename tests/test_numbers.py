@@ -25,7 +25,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks import their help
 import meta_attention_runs  # noqa: E402
 from reproduction.report import benchmarks_table  # noqa: E402
 
-RESULT_PAGES = [ROOT / "README.md", *(DOCS / f"{name}.md" for name in ("benchmarks", "reproduction", "demo", "scale"))]
+RESULT_PAGES = [
+    ROOT / "README.md",
+    *(DOCS / f"{name}.md" for name in ("benchmarks", "reproduction", "demo", "scale")),
+]
 # A number: 1,234 / 12.5 / 1.12e+04, not part of a word, a version, a file name or an issue number.
 NUMBER = re.compile(r"(?<![\w.#/$+-])(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(e[+-]\d+)?(?![\w/]|\.\d)")
 SETUP_WORDS = re.compile(
@@ -126,7 +129,7 @@ SETUP = {
     "benchmarks.md": {"50,304"},  # the vocabulary of the size classes
     "reproduction.md": {"1e-6", "3e-3", "192", "278"},  # a tolerance, a learning rate, MLP widths
     "demo.md": {"1", "75", "0.5"},  # 1 Samuel, the corpus's and the model's sizes
-    "scale.md": {"0.75", "2,048", "4,096", "3"},  # words per token (assumed), cores, a BPE's size, training steps
+    "scale.md": {"0.75", "2,048", "4,096", "3"},  # assumed words/token, cores, a BPE's size, steps
 }
 # Differences of two results, quoted in the prose: (page, number) -> the difference, from the files.
 LIME_HEADS = json.loads((RESULTS / "reproduce.json").read_text(encoding="utf-8"))[

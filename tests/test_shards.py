@@ -39,7 +39,9 @@ def test_check_manifest_names_another_tokenizer_and_other_inventories(
     blocks, lime_pretokenized, wordpiece_tokenizer, tmp_path
 ):
     manifest = write_shards(blocks, tmp_path, lime_pretokenized, block_size=32)
-    with pytest.raises(ValueError, match=r"made with the tokenizer .* \(vocabulary of 600, fingerprint .*pack them again"):
+    with pytest.raises(
+        ValueError, match=r"made with the tokenizer .* \(vocabulary of 600, fingerprint .*pack them again"
+    ):
         check_manifest(manifest, LimeTokenizer.from_tokenizer(wordpiece_tokenizer))
     pos = lime_pretokenized.metadata_fields["pos"]
     fields = {**lime_pretokenized.metadata_fields, "pos": [*pos[:5], "XX", *pos[6:]]}
