@@ -384,3 +384,13 @@ def test_cli_missing_input_folder_is_a_one_line_error(tokenizer_dir, tmp_path, c
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["pack", str(tmp_path / "none"), "-o", str(tmp_path / "out"), "--tokenizer", str(tokenizer_dir), "--block-size", "8"])  # fmt: skip
     assert exit_info.value.code == 2 and "no such input folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv", [["pack", "--help"], ["pack", "x", "-o", "y", "--tokenizer", "z", "--block-size", "8"]]
+)
+def test_cli_help_and_usage_errors_load_nothing_heavy(argv):
+    code = f"import sys; from lime_hf.cli import main\ntry: main({argv!r})\nexcept SystemExit: pass\n"
+    code += "print(sorted(name for name in ('torch', 'transformers', 'datatrove') if name in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.splitlines()[-1] == "[]", result.stderr
