@@ -7,6 +7,9 @@ A shard folder holds packed causal-LM blocks, as `prepare_lm_dataset` makes them
     <folder>/blocks/00000.parquet     one file per writing task: columns `input_ids` and `{field}_ids`
     <folder>/blocks/00001.parquet     (lists of int32, `block_size` long except a batch's last block)
 
+Blocks with injected meta-tokens (`meta_token_id` set) are longer by the meta-tokens: a block of `n` packed tokens
+holds `n + meta_token_count(n, meta_fraction)` ids, drawn with `meta_seed` (see `lime_hf.meta_tokens`).
+
 The manifest names the tokenizer (its name, vocabulary size and a fingerprint of its vocabulary and merges), the
 fields with their inventories, the block size and EOS id, the meta-token (if blocks carry injected ones) and the
 counts per shard and in all. Training reads it first and refuses shards made for another tokenizer or other
@@ -59,6 +62,7 @@ class Manifest:
     eos_token_id: int
     meta_token_id: int | None = None
     meta_fraction: float = 0.0
+    meta_seed: int | None = None  # seeds the meta-token positions (None: none injected, or not recorded)
     shards: list[ShardInfo] = field(default_factory=list)
     format: str = FORMAT
     version: int = VERSION
@@ -95,10 +99,27 @@ class Manifest:
         """The shards' paths, in shard order."""
         return [str(Path(folder) / shard.file) for shard in self.shards]
 
+    def to_json(self) -> str:
+        """The text of `manifest.json` (the counts in all included, for readers)."""
+        return json.dumps(asdict(self) | {"counts": self.counts}, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = MANIFEST) -> Manifest:
+        """The manifest of `manifest.json`'s `text`; `source` names it in errors."""
+        data = json.loads(text)
+        if data.get("format") != FORMAT or data.get("version") != VERSION:
+            raise ValueError(
+                f"{source} is not a {FORMAT} manifest of version {VERSION} "
+                f"(format={data.get('format')!r}, version={data.get('version')!r})."
+            )
+        data.pop("counts", None)
+        data["shards"] = [ShardInfo(**shard) for shard in data["shards"]]
+        return cls(**data)
+
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / MANIFEST
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self) | {"counts": self.counts}, indent=2) + "\n")
+        path.write_text(self.to_json())
         return path
 
     @classmethod
@@ -107,17 +128,9 @@ class Manifest:
         if not path.is_file():
             raise FileNotFoundError(
                 f"{folder} is not a shard folder: it has no {MANIFEST}. Shard folders are written by "
-                "`lime-hf pack` (or `lime_hf.integrations.datatrove.pack_corpus`)."
+                "`lime-hf pack` (or `lime_hf.integrations.datatrove_pack.pack_corpus`)."
             )
-        data = json.loads(path.read_text())
-        if data.get("format") != FORMAT or data.get("version") != VERSION:
-            raise ValueError(
-                f"{path} is not a {FORMAT} manifest of version {VERSION} "
-                f"(format={data.get('format')!r}, version={data.get('version')!r})."
-            )
-        data.pop("counts", None)
-        data["shards"] = [ShardInfo(**shard) for shard in data["shards"]]
-        return cls(**data)
+        return cls.from_json(path.read_text(), str(path))
 
 
 def write_shards(

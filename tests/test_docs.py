@@ -94,6 +94,12 @@ def check_trl(namespace: dict, hub) -> None:
         assert torch.equal(namespace["tuned"](**prompt).logits, reloaded(**prompt).logits)
 
 
+def check_scale(namespace: dict, hub) -> None:
+    manifest = namespace["manifest"]
+    assert manifest.counts["documents"] == len(namespace["paragraphs"]) and manifest.counts["blocks"] > 1
+    assert Path("blocks/blocks/00000.parquet").is_file() and Path("logs-blocks/completions/00000").is_file()
+
+
 # What each page's snippets must have made; a page with snippets and no entry here fails.
 CHECKS: dict[str, Callable[[dict, object], None]] = {
     "README.md": check_readme,
@@ -103,6 +109,7 @@ CHECKS: dict[str, Callable[[dict, object], None]] = {
     "training.md": check_training,
     "meta-tokens.md": check_meta_tokens,
     "trl.md": check_trl,
+    "scale.md": check_scale,
 }
 WITH_SNIPPETS = [page for page in PAGES if python_snippets(page)]
 

@@ -25,7 +25,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks import their help
 import meta_attention_runs  # noqa: E402
 from reproduction.report import benchmarks_table  # noqa: E402
 
-RESULT_PAGES = [ROOT / "README.md", DOCS / "benchmarks.md", DOCS / "reproduction.md", DOCS / "demo.md"]
+RESULT_PAGES = [
+    ROOT / "README.md",
+    *(DOCS / f"{name}.md" for name in ("benchmarks", "reproduction", "demo", "scale")),
+]
 # A number: 1,234 / 12.5 / 1.12e+04, not part of a word, a version, a file name or an issue number.
 NUMBER = re.compile(r"(?<![\w.#/$+-])(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(e[+-]\d+)?(?![\w/]|\.\d)")
 SETUP_WORDS = re.compile(
@@ -79,6 +82,7 @@ SOURCES = {
         *("reproduce_honest.json", "honest_pilot.json"),
     ),
     "demo.md": ("demo*",),
+    "scale.md": ("datatrove_annotation*", "pack_throughput*"),
 }
 
 
@@ -125,14 +129,33 @@ SETUP = {
     "benchmarks.md": {"50,304"},  # the vocabulary of the size classes
     "reproduction.md": {"1e-6", "3e-3", "192", "278"},  # a tolerance, a learning rate, MLP widths
     "demo.md": {"1", "75", "0.5"},  # 1 Samuel, the corpus's and the model's sizes
+    "scale.md": {"0.75", "2,048", "4,096", "3"},  # assumed words/token, cores, a BPE's size, steps
 }
 # Differences of two results, quoted in the prose: (page, number) -> the difference, from the files.
 LIME_HEADS = json.loads((RESULTS / "reproduce.json").read_text(encoding="utf-8"))[
     "self_tagging_final_eval_metrics"
 ]["lm-lime_heads-s0"]
+# The cost models of scale.md: the paper's 302B tokens at 0.75 words per token, at the measured rates per core.
+PAPER_WORDS = 302e9 * 0.75
+ANNOTATE_RATE = next(
+    float(row["marginal_words_per_s"]) / 2
+    for row in csv.DictReader((RESULTS / "datatrove_annotation.csv").open(encoding="utf-8"))
+    if row["setup"] == "local, 2 workers"
+)
+PACK_RATE = next(
+    float(row["marginal_words_per_s"])
+    for row in csv.DictReader((RESULTS / "pack_throughput.csv").open(encoding="utf-8"))
+    if row["setup"] == "local, 1 worker"
+)
 DERIVED = {
     ("reproduction.md", "1.9"): 100
     * (LIME_HEADS["full_doc_tags"]["accuracy"] - LIME_HEADS["noise_10"]["accuracy"]),
+    ("scale.md", "4,446"): ANNOTATE_RATE,
+    ("scale.md", "14,150"): PAPER_WORDS / ANNOTATE_RATE / 3600,
+    ("scale.md", "6.9"): PAPER_WORDS / ANNOTATE_RATE / 2048 / 3600,
+    ("scale.md", "7.5"): PACK_RATE / ANNOTATE_RATE,
+    ("scale.md", "1,898"): PAPER_WORDS / PACK_RATE / 3600,
+    ("scale.md", "0.9"): PAPER_WORDS / PACK_RATE / 2048 / 3600,
 }
 
 

@@ -1,6 +1,7 @@
 """The `lime-hf` command line: `main` parses, checks and runs one command; each command is a module here.
 
     lime-hf annotate book.txt --output annotated/          # spaCy once -> Arrow dataset of char-span tags
+    lime-hf pack annotated/ -o blocks/ --tokenizer TOK_DIR --block-size 512   # aligned block shards, datatrove
     lime-hf train book.txt --train-tokenizer 8000          # pretrain (lime_hf.pretrain); Trainer options too
     lime-hf generate MODEL_DIR "The king" --guide pos=VBD,DT,NN --show-tags
     lime-hf tag "The king left." --tokenizer MODEL_DIR     # how a text is tagged and aligned

@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 # holds the command's arguments and work; only the module of the command being run is imported.
 COMMANDS = {
     "annotate": "annotate text with spaCy and save the tag spans as an Arrow dataset",
+    "pack": "align a corpus to a saved LimeTokenizer and pack it into block shards (datatrove executors)",
     "train": "pretrain a LIME model (see `lime-hf train --help`)",
     "generate": "generate text with a saved LIME / LIME+1 model, optionally guided by tags",
     "tag": "show how a text is tokenized and tagged (a table of tokens with their POS/NER tags)",
