@@ -29,15 +29,18 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
-from datasets import Dataset, Features, IterableDataset, List, Value
+from datasets import Dataset, Features, IterableDataset, List, Value, load_dataset
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
+from transformers import TrainerCallback, TrainingArguments
 
+from .collator import DataCollatorForLime
 from .configuration_lime import check_inventories
 from .data import ANNOTATION_PREFIX, _Align, _Pack
-from .shards import Manifest, check_manifest
+from .options import TrainOptions
+from .shards import MANIFEST, Manifest, check_manifest
 from .tokenization_lime import LimeTokenizer
-from .trainer import LimeTrainer
+from .trainer import LimeTrainer, next_token_metrics
 
 PACK_BATCH_SIZE = (
     1000  # documents per packing batch: `pack_dataset`'s default, so that blocks match its blocks
@@ -420,4 +423,93 @@ class StreamingLimeTrainer(LimeTrainer):
         )
 
 
-__all__ = ["BlockStream", "StreamingLimeTrainer", "document_stream", "shard_stream"]
+# ---- The script (`lime-hf train --shards FOLDER` / `--streaming`) ------------------------------------------------
+
+
+def streaming_trainer(
+    options: TrainOptions, training_args: TrainingArguments, callbacks: list[TrainerCallback] | None = None
+) -> tuple[StreamingLimeTrainer, bool]:
+    """`lime_hf.pretrain.run`'s trainer for `--shards` or `--streaming`, and whether there is an eval set."""
+    from .pretrain import build_model_for, build_tokenizer, check_block_size, training_data
+
+    if training_args.max_steps <= 0:
+        raise ValueError("Streaming training needs --max-steps N: a stream has no length to count epochs in.")
+    tokenizer = build_tokenizer(options, None)
+    model = build_model_for(options, tokenizer)
+    world_size = training_args.world_size
+    if options.shards is not None:
+        stream = shard_stream(
+            options.shards,
+            tokenizer,
+            model.config.metadata_fields,
+            world_size=world_size,
+            num_workers=training_args.dataloader_num_workers,
+        )
+        block_size = stream.manifest.block_size
+    else:
+        block_size = options.block_size
+        stream = document_stream(load_documents(options), tokenizer, block_size, world_size=world_size)
+    check_block_size(block_size, model.config)
+    eval_dataset = None
+    if options.eval_file is not None:
+        with training_args.main_process_first(desc="preparing the eval set"):
+            eval_dataset = eval_blocks(options, tokenizer, block_size)
+    trainer = StreamingLimeTrainer(
+        model=model,
+        args=training_args,
+        train_stream=stream,
+        eval_dataset=eval_dataset,
+        data_collator=DataCollatorForLime(tokenizer, metadata_dropout=options.metadata_dropout),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        training_data=training_data([options.shards] if options.shards else options.sources),
+        **next_token_metrics(),
+    )
+    return trainer, eval_dataset is not None
+
+
+def load_documents(options: TrainOptions) -> Dataset | IterableDataset:
+    """
+    The documents of `--streaming`'s source: a `save_to_disk` folder (memory-mapped, not loaded) or a `datasets`
+    name or data folder, read with `load_dataset(..., streaming=True)`. Empty texts are dropped, as `load_texts`
+    drops them.
+    """
+    from .pretrain import _has_text, _load_dataset_source
+
+    source = options.sources[0]
+    folder = Path(source)
+    if (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file():
+        documents = _load_dataset_source(source, None, options.split, options.cache_dir)
+    else:
+        documents = load_dataset(
+            source, options.dataset_config, split=options.split, streaming=True, cache_dir=options.cache_dir
+        )
+    columns = documents.column_names or []
+    if options.text_column in columns and options.text_column != "text":
+        documents = documents.rename_column(options.text_column, "text")
+    if "input_ids" not in columns and "text" in (documents.column_names or []):
+        keep = ["text", *(c for c in documents.column_names if c.startswith(ANNOTATION_PREFIX))]
+        documents = documents.select_columns(keep).filter(_has_text, input_columns="text")
+    return documents
+
+
+def eval_blocks(options: TrainOptions, tokenizer: Any, block_size: int) -> Dataset:
+    """The held-out blocks of `--eval-file`: a shard folder's (small: read whole), or texts annotated, aligned and
+    packed like the map path's."""
+    from .pretrain import load_texts, prepare_lm_dataset
+
+    if (Path(options.eval_file) / MANIFEST).is_file():
+        manifest = Manifest.load(options.eval_file)
+        check_manifest(manifest, tokenizer)
+        return Dataset.from_parquet(manifest.files(options.eval_file), cache_dir=options.cache_dir)
+    texts = load_texts(
+        [options.eval_file],
+        dataset_config=options.dataset_config,
+        split=options.split,
+        text_column=options.text_column,
+        cache_dir=options.cache_dir,
+    )
+    return prepare_lm_dataset(texts, tokenizer, block_size, options.num_proc)
+
+
+__all__ = ["BlockStream", "StreamingLimeTrainer", "document_stream", "shard_stream", "streaming_trainer"]
