@@ -42,9 +42,8 @@ from .shards import MANIFEST, Manifest, check_manifest
 from .tokenization_lime import LimeTokenizer
 from .trainer import LimeTrainer, next_token_metrics
 
-PACK_BATCH_SIZE = (
-    1000  # documents per packing batch: `pack_dataset`'s default, so that blocks match its blocks
-)
+# Documents per packing batch: `pack_dataset`'s default, so that the blocks are its blocks.
+PACK_BATCH_SIZE = 1000
 READ_BATCH_SIZE = 256  # Parquet rows decoded at a time
 
 
@@ -140,8 +139,9 @@ class _DocumentPacker:
 
 def _generate(units: list[tuple[Any, int]], reader: Callable) -> Iterator[dict[str, list[int]]]:
     """`IterableDataset.from_generator`'s function: the blocks of `units` (each with the blocks to skip)."""
-    for unit, skip in units:
-        yield from reader(unit, skip)
+    for entry in units:
+        if entry is not None:  # another rank's slot, or padding
+            yield from reader(*entry)
 
 
 # ---- Streams ---------------------------------------------------------------------------------------------------
@@ -164,15 +164,28 @@ class BlockStream:
     manifest: Manifest | None = None
     fields: dict[str, list[str]] | None = None
 
-    def dataset(self, rank: int = 0, skips: dict[int, int] | None = None) -> IterableDataset:
+    def dataset(self, rank: int = 0, num_workers: int = 0, resume: _Resume | None = None) -> IterableDataset:
+        """
+        Rank `rank`'s blocks, for a `DataLoader` of `num_workers` workers; `resume` (from `resume_at`) starts each
+        unit at its first unseen block and the workers' turn where the interrupted run left it.
+        """
         if not 0 <= rank < self.world_size:
             raise ValueError(f"`rank` must lie in [0, {self.world_size}) for this stream, got {rank}.")
-        skips = skips or {}
-        units = [(unit, skips.get(index, 0)) for index, unit in enumerate(self.units)]
+        resume = resume or _Resume({}, 0)
+        layout = self.worker_units(rank, num_workers)
+        workers, rounds = len(layout), max(map(len, layout))
+        # DataLoader worker p reads the units of worker (p + first) % n: the loader's turn goes on where it stopped.
+        shifted = [layout[(p + resume.first_worker) % workers] for p in range(workers)]
+        order = [units[i] if i < len(units) else None for i in range(rounds) for units in shifted]
+        # Only this rank's slots are filled: `split_dataset_by_node` gives rank r the units r::world_size, and
+        # datasets gives dataloader worker p of n the rank's units p::n.
+        units: list[tuple[Any, int] | None] = [None] * (len(order) * self.world_size)
+        for position, index in enumerate(order):
+            if index is not None:
+                units[position * self.world_size + rank] = (self.units[index], resume.skips.get(index, 0))
         stream = IterableDataset.from_generator(
             _generate, features=self.features, gen_kwargs={"units": units, "reader": self.reader}
         )
-        # `len(units)` is a multiple of `world_size`, so datasets assigns rank r the units r::world_size.
         return split_dataset_by_node(stream, rank=rank, world_size=self.world_size)
 
     def worker_units(self, rank: int, num_workers: int) -> list[list[int]]:
@@ -181,33 +194,39 @@ class BlockStream:
         workers = max(num_workers, 1)
         return [mine[worker::workers] for worker in range(workers)]
 
-    def resume_skips(self, rank: int, batches: int, batch_size: int, num_workers: int = 0) -> dict[int, int]:
+    def resume_at(self, rank: int, batches: int, batch_size: int, num_workers: int = 0) -> _Resume:
         """
-        The blocks of each of `rank`'s units that `batches` batches of `batch_size` consumed, replaying the
-        `DataLoader`: each worker batches its own units (a short batch at its end), and the loader takes one batch
-        per live worker in turn.
+        Where rank `rank` stands after `batches` batches of `batch_size`, replaying the `DataLoader`: each worker
+        batches its own units (a short batch at its end), and the loader takes one batch per live worker in turn.
+        Block counts come from the reader (a manifest's are free; documents are packed again to count them).
         """
-        workers = [
-            _Counted(self.reader, [self.units[i] for i in units])
-            for units in self.worker_units(rank, num_workers)
-        ]
-        taken = [0] * len(workers)
-        round_ = 0
+        layout = self.worker_units(rank, num_workers)
+        workers = [_Counted(self.reader, [self.units[index] for index in units]) for units in layout]
+        taken, round_, first = [0] * len(workers), 0, 0
         while batches > 0:
             live = [w for w, worker in enumerate(workers) if worker.more_than(round_ * batch_size)]
             if not live:
-                break  # the stream is spent: a resumed run past one pass starts from the beginning
+                break  # the stream is spent: the Trainer's next epoch reads it again from the start
             for w in live[:batches]:
                 taken[w] += 1
+            first = live[batches] if batches < len(live) else 0
             batches -= min(len(live), batches)
             round_ += 1
         skips = {}
-        for units, worker, count in zip(self.worker_units(rank, num_workers), workers, taken, strict=True):
+        for units, worker, count in zip(layout, workers, taken, strict=True):
             consumed = count * batch_size
             for index, blocks in zip(units, worker.counts(consumed), strict=False):
                 skips[index] = min(consumed, blocks)
                 consumed -= skips[index]
-        return {index: skip for index, skip in skips.items() if skip}
+        return _Resume({index: skip for index, skip in skips.items() if skip}, first)
+
+
+@dataclass
+class _Resume:
+    """Blocks already read per unit index, and the dataloader worker whose turn is next."""
+
+    skips: dict[int, int]
+    first_worker: int
 
 
 class _Counted:
@@ -387,16 +406,15 @@ class StreamingLimeTrainer(LimeTrainer):
             check_manifest(train_stream.manifest, self.processing_class, model_fields)
         elif model_fields is not None:
             check_inventories(train_stream.fields, model_fields)
-        self.train_dataset = train_stream.dataset(self.args.process_index)
+        self.train_dataset = train_stream.dataset(self.args.process_index, self.args.dataloader_num_workers)
 
     def get_train_dataloader(self) -> DataLoader:
         return self._stream_dataloader(self.train_dataset)
 
     def get_resumed_dataloader(self, dataloader: DataLoader, num_batches: int) -> DataLoader:
-        skips = self.train_stream.resume_skips(
-            self.args.process_index, num_batches, self._train_batch_size, self.args.dataloader_num_workers
-        )
-        return self._stream_dataloader(self.train_stream.dataset(self.args.process_index, skips))
+        rank, workers = self.args.process_index, self.args.dataloader_num_workers
+        resume = self.train_stream.resume_at(rank, num_batches, self._train_batch_size, workers)
+        return self._stream_dataloader(self.train_stream.dataset(rank, workers, resume))
 
     def _stream_dataloader(self, dataset: IterableDataset) -> DataLoader:
         from accelerate.data_loader import prepare_data_loader
