@@ -35,11 +35,9 @@ from torch.utils.data import DataLoader
 from transformers import TrainerCallback, TrainingArguments
 
 from .collator import DataCollatorForLime
-from .configuration_lime import check_inventories
 from .data import ANNOTATION_PREFIX, _Align, _Pack
 from .options import TrainOptions
 from .shards import MANIFEST, Manifest, check_manifest
-from .tokenization_lime import LimeTokenizer
 from .trainer import LimeTrainer, next_token_metrics
 
 # Documents per packing batch: `pack_dataset`'s default, so that the blocks are its blocks.
@@ -402,10 +400,18 @@ class StreamingLimeTrainer(LimeTrainer):
                 "Streaming training needs --max-steps: a stream has no length to count epochs in."
             )
         model_fields = getattr(self.model.config, "metadata_fields", None)
-        if train_stream.manifest is not None and isinstance(self.processing_class, LimeTokenizer):
-            check_manifest(train_stream.manifest, self.processing_class, model_fields)
-        elif model_fields is not None:
-            check_inventories(train_stream.fields, model_fields)
+        if model_fields is not None and train_stream.fields != {k: list(v) for k, v in model_fields.items()}:
+            name = next(
+                name
+                for name in sorted(set(train_stream.fields) | set(model_fields))
+                if train_stream.fields.get(name)
+                != (list(model_fields[name]) if name in model_fields else None)
+            )
+            raise ValueError(
+                f"The stream's metadata fields differ from the model's, first in {name!r}: the stream has "
+                f"{train_stream.fields.get(name)}, the model {model_fields.get(name)}. Stream blocks made with the "
+                "model's tokenizer."
+            )
         self.train_dataset = train_stream.dataset(self.args.process_index, self.args.dataloader_num_workers)
 
     def get_train_dataloader(self) -> DataLoader:
