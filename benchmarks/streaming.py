@@ -210,9 +210,10 @@ def main() -> None:
     # (b) peak RSS, streaming against map-and-load
     memory = []
     for name, manifest in corpora.items():
-        corpus_mb = (
+        parquet_mb = (
             sum((args.workdir / name / shard.file).stat().st_size for shard in manifest.shards) / 2**20
         )
+        corpus_mb = manifest.counts["tokens"] * 4 * len(manifest.columns) / 2**20  # int32 Arrow in memory
         for mode in ("stream", "map"):
             rss, seconds = peak_rss(
                 mode, args.workdir / name, args.workdir / "tokenizer", args.steps, args.workdir
