@@ -150,6 +150,22 @@ class TrainOptions:
             "type": int,
         },
     )
+    shards: str | None = field(
+        default=None,
+        metadata={
+            "metavar": "FOLDER",
+            "help": "instead of sources: stream-train from this shard folder (`lime-hf pack`); needs --tokenizer "
+            "(the one the shards were packed with) and --max-steps; the block size is the shards'",
+        },
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "stream-train from the source (an annotated or aligned dataset), aligning and packing on the "
+            "fly instead of mapping the whole corpus first; needs --max-steps",
+            "action": "store_true",
+        },
+    )
     resume: bool = field(
         default=False,
         metadata={"help": "resume from the latest checkpoint in --output-dir", "action": "store_true"},
@@ -168,7 +184,10 @@ def check_train_options(options: TrainOptions) -> None:
             "Give exactly one of --tokenizer PATH (a saved LimeTokenizer or a fast tokenizer to wrap) or "
             "--train-tokenizer VOCAB_SIZE (train a byte-level BPE on the corpus)."
         )
-    check_sources(options.sources)
+    if options.shards is not None or options.streaming:
+        check_streaming_options(options)
+    else:
+        check_sources(options.sources)
     if options.metadata_layer < 0:
         raise ValueError(f"--metadata-layer must be 0 or more, got {options.metadata_layer}.")
     check_metadata_injection(
@@ -193,6 +212,32 @@ def check_train_options(options: TrainOptions) -> None:
                 f"{config.get('metadata_shift', 0)}): --from-backbone retrofits a plain causal LM; continue "
                 "a LIME run from one of its checkpoint-N folders with --resume-from-checkpoint"
             )
+
+
+def check_streaming_options(options: TrainOptions) -> None:
+    """`--shards FOLDER` (no sources) or `--streaming` with one dataset source; no held-out fraction of a stream."""
+    if options.shards is not None:
+        if options.sources or options.streaming:
+            raise ValueError("Give either --shards FOLDER or sources (with --streaming), not both.")
+        if not (Path(options.shards) / "manifest.json").is_file():
+            raise ValueError(
+                f"--shards {options.shards!r} is not a shard folder: it has no manifest.json (write one with "
+                "`lime-hf pack`)."
+            )
+    elif check_sources(options.sources):
+        raise ValueError(
+            "--streaming reads an annotated or aligned dataset (a `save_to_disk` folder or a `datasets` name), not "
+            ".txt files: annotate them first (`lime-hf annotate`), or pack them (`lime-hf pack`) and use --shards."
+        )
+    if options.tokenizer is None:
+        raise ValueError(
+            "Streaming needs --tokenizer (for --shards, the LimeTokenizer they were packed with): training a BPE "
+            "would read the whole corpus first."
+        )
+    if options.eval_fraction is not None:
+        raise ValueError(
+            "A stream has no documents to hold out: give --eval-file instead of --eval-fraction."
+        )
 
 
 def check_saved_tokenizer(
@@ -298,6 +343,7 @@ __all__ = [
     "check_model_folder",
     "check_saved_tokenizer",
     "check_sources",
+    "check_streaming_options",
     "check_train_options",
     "check_utf8_text",
 ]

@@ -378,11 +378,18 @@ def run(
     check_launch(training_args)
     setup_logging(training_args)
     set_seed(training_args.seed)  # before the model is built, so its initialisation is reproducible
-    # Processes other than the main one wait here, then find every step below in the datasets cache.
-    with training_args.main_process_first(desc="loading texts and the tokenizer"):
-        train_texts, eval_texts = load_train_and_eval_texts(options, training_args.seed)
-        tokenizer = build_tokenizer(options, train_texts)
-    model = build_model(
+    if options.shards is not None or options.streaming:
+        from .streaming import streaming_trainer
+
+        trainer, evaluate = streaming_trainer(options, training_args, callbacks)
+    else:
+        trainer, evaluate = map_trainer(options, training_args, callbacks)
+    train_and_save(trainer, training_args, options.resume, evaluate)
+
+
+def build_model_for(options: TrainOptions, tokenizer: LimeTokenizer) -> LimeForCausalLM:
+    """`build_model` with the model options of `options`."""
+    return build_model(
         tokenizer,
         model_config=options.model_config,
         from_backbone=options.from_backbone,
@@ -391,6 +398,22 @@ def run(
         metadata_layer=options.metadata_layer,
         metadata_training_source=options.metadata_training_source,
     )
+
+
+def training_data(sources: Sequence[str]) -> list[str]:
+    """The training sources' names, for the model card."""
+    return [Path(source).name if Path(source).exists() else source for source in sources]
+
+
+def map_trainer(
+    options: TrainOptions, training_args: TrainingArguments, callbacks: list[TrainerCallback] | None
+) -> tuple[LimeTrainer, bool]:
+    """The trainer on the whole corpus annotated, aligned and packed by `datasets.map`; and whether to evaluate."""
+    # Processes other than the main one wait here, then find every step below in the datasets cache.
+    with training_args.main_process_first(desc="loading texts and the tokenizer"):
+        train_texts, eval_texts = load_train_and_eval_texts(options, training_args.seed)
+        tokenizer = build_tokenizer(options, train_texts)
+    model = build_model_for(options, tokenizer)
     check_block_size(options.block_size, model.config)
     with training_args.main_process_first(desc="annotating, aligning and packing"):
         train_dataset = prepare_lm_dataset(train_texts, tokenizer, options.block_size, options.num_proc)
@@ -411,15 +434,22 @@ def run(
         data_collator=DataCollatorForLime(tokenizer, metadata_dropout=options.metadata_dropout),
         processing_class=tokenizer,
         callbacks=callbacks,
-        training_data=[Path(source).name if Path(source).exists() else source for source in options.sources],
+        training_data=training_data(options.sources),
         **next_token_metrics(),
     )
-    checkpoint = training_args.resume_from_checkpoint or (True if options.resume else None)
+    return trainer, eval_dataset is not None
+
+
+def train_and_save(
+    trainer: LimeTrainer, training_args: TrainingArguments, resume: bool, evaluate: bool
+) -> None:
+    """Train (from the latest checkpoint with `resume`), evaluate when there is an eval set, save everything."""
+    checkpoint = training_args.resume_from_checkpoint or (True if resume else None)
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
     trainer.save_state()
-    if eval_dataset is not None:
+    if evaluate:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)

@@ -76,6 +76,7 @@ def check_training(namespace: dict, hub) -> None:
         and torch.count_nonzero(merged.metadata_embeddings.tables["pos"].weight) > 0
     )
     assert (hub.folder("me/lime-tiny-llama-tuned") / "model.safetensors").is_file()
+    assert namespace["stream_trainer"].state.global_step == 4
 
 
 def check_meta_tokens(namespace: dict, hub) -> None:

@@ -86,7 +86,10 @@ def build_train_parser(prog: str = PROG) -> Parser:
     """The LIME options of `TrainOptions` (dashed; defaults left to the dataclass); the Trainer's are left over."""
     parser = Parser(
         prog=prog,
-        usage=f"{prog} SOURCE [SOURCE ...] (--tokenizer PATH | --train-tokenizer VOCAB) [options]",
+        usage=(
+            f"{prog} SOURCE [SOURCE ...] (--tokenizer PATH | --train-tokenizer VOCAB) [options]\n"
+            f"       {prog} --shards FOLDER --tokenizer PATH --max-steps N [options]"
+        ),
         description=(
             "Pretrain a LIME decoder on raw texts: annotate, align, pack, train, evaluate, save.\n\n"
             f"SOURCE (first): {SOURCES_HELP}."
