@@ -82,7 +82,7 @@ SOURCES = {
         *("reproduce_honest.json", "honest_pilot.json"),
     ),
     "demo.md": ("demo*",),
-    "scale.md": ("datatrove_annotation*", "pack_throughput*"),
+    "scale.md": ("datatrove_annotation*", "pack_throughput*", "streaming*"),
 }
 
 
@@ -129,7 +129,7 @@ SETUP = {
     "benchmarks.md": {"50,304"},  # the vocabulary of the size classes
     "reproduction.md": {"1e-6", "3e-3", "192", "278"},  # a tolerance, a learning rate, MLP widths
     "demo.md": {"1", "75", "0.5"},  # 1 Samuel, the corpus's and the model's sizes
-    "scale.md": {"0.75", "2,048", "4,096", "3"},  # assumed words/token, cores, a BPE's size, steps
+    "scale.md": {"0.75", "2,048", "4,096", "3", "29500", "100000", "16", "4", "7"},  # assumed words/token, cores, a BPE's size, steps, a port
 }
 # Differences of two results, quoted in the prose: (page, number) -> the difference, from the files.
 LIME_HEADS = json.loads((RESULTS / "reproduce.json").read_text(encoding="utf-8"))[
@@ -156,6 +156,8 @@ DERIVED = {
     ("scale.md", "7.5"): PACK_RATE / ANNOTATE_RATE,
     ("scale.md", "1,898"): PAPER_WORDS / PACK_RATE / 3600,
     ("scale.md", "0.9"): PAPER_WORDS / PACK_RATE / 2048 / 3600,
+    ("README.md", "14,150"): PAPER_WORDS / ANNOTATE_RATE / 3600,
+    ("README.md", "1,898"): PAPER_WORDS / PACK_RATE / 3600,
 }
 
 
