@@ -276,6 +276,7 @@ def check_model_folder(path: str) -> dict[str, Any]:
         raise ValueError(
             f"no such folder {path!r}: give a folder written by `save_pretrained` (model and tokenizer)"
         )
+    check_not_adapter(folder, path)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{path!r} holds no config.json: give a folder written by `save_pretrained`")
@@ -290,12 +291,30 @@ def check_model_folder(path: str) -> dict[str, Any]:
     return config
 
 
+def check_not_adapter(folder: Path, path: str) -> None:
+    """Refuse a PEFT adapter folder where a whole model is needed, saying how to merge it onto its base."""
+    adapter_config = folder / "adapter_config.json"
+    if not adapter_config.is_file():
+        return
+    base = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    base_model = (
+        f"`AutoModelForCausalLM.from_pretrained({base!r})`" if base else "the model it was trained on"
+    )
+    raise ValueError(
+        f"{path!r} is a PEFT adapter (adapter_config.json), not a whole model: merge it onto its base in Python, "
+        f"`PeftModel.from_pretrained(base, {path!r}).merge_and_unload().save_pretrained('merged')` with `base` "
+        f"{base_model} (for a LIME retrofit: `LimeForCausalLM.from_backbone(...)` with the arguments it was "
+        "trained with), save the tokenizer to 'merged' too, and give 'merged' (docs/training.md, PEFT)"
+    )
+
+
 __all__ = [
     "ALIGNMENTS",
     "FIELDS",
     "SOURCES_HELP",
     "TrainOptions",
     "check_model_folder",
+    "check_not_adapter",
     "check_saved_tokenizer",
     "check_sources",
     "check_train_options",
