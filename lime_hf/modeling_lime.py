@@ -174,6 +174,12 @@ class LimePreTrainedModel(PreTrainedModel):
                 module.start_state.zero_()
 
     @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether activation checkpointing is on. PEFT reads this name on every `get_peft_model`, where recent
+        Transformers deprecate it with a FutureWarning the user can do nothing about: answered here, silently."""
+        return any(getattr(module, "gradient_checkpointing", False) for module in self.modules())
+
+    @property
     def _can_compile_fullgraph(self) -> bool:
         # The metadata tables add no graph break; whether the whole forward compiles is the backbone's matter.
         return self.language_model._can_compile_fullgraph

@@ -102,6 +102,8 @@ class LimeTrainer(Trainer):
     def __init__(self, *args, training_data: list[str] | None = None, **kwargs):
         """`Trainer`'s arguments, plus `training_data`: names of the training data sets, for the model card."""
         super().__init__(*args, **kwargs)
+        if self.args.device.type == "cpu":  # pinned memory only speeds copies to an accelerator; torch warns
+            self.args.dataloader_pin_memory = False
         self.training_data = training_data
         # Loss parts of models with tag heads, summed on device since the last log (train) or per evaluation.
         self._loss_parts: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}

@@ -4,16 +4,26 @@ source of `train`'s metrics, no warning noise, and a PEFT adapter folder named a
 Each command runs the installed console script as a real subprocess, offline, on real files and tiny saved models.
 """
 
+import os
+import re
+import shutil
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from peft import get_peft_model
-from tiny_models import TINY_TEXT_CONFIGS
+from tiny_models import TINY_TEXT_CONFIGS, tiny_lime
+from transformers import TrainingArguments
 
-from lime_hf import LimeConfig, LimeForCausalLM, LimeTokenizer
+from lime_hf import DataCollatorForLime, LimeConfig, LimeForCausalLM, LimeTokenizer
 from lime_hf.integrations.peft import lime_lora_config
+from lime_hf.trainer import LimeTrainer
 from tests.test_cli import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +37,8 @@ def workdir(bpe_tokenizer, tmp_path_factory) -> Path:
     )
     get_peft_model(model, lime_lora_config(model, r=4)).save_pretrained(folder / "adapter")
     tokenizer.save_pretrained(folder / "adapter")
+    model.save_pretrained(folder / "lime")
+    tokenizer.save_pretrained(folder / "lime")
     return folder
 
 
@@ -48,3 +60,55 @@ def test_an_adapter_folder_is_named_with_the_way_to_merge_it(command, workdir):
     error = one_line_error(run_cli(*argv, cwd=workdir), command)
     assert "'adapter' is a PEFT adapter (adapter_config.json), not a whole model" in error
     assert "PeftModel.from_pretrained(base, 'adapter').merge_and_unload().save_pretrained('merged')" in error
+
+
+# ---- Item 8: no warning a user cannot act on -----------------------------------------------------------------
+
+
+def test_wrapping_a_lime_model_with_peft_warns_nothing():
+    model = tiny_lime()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        get_peft_model(model, lime_lora_config(model, r=4))
+    assert [str(warning.message) for warning in caught] == []
+
+
+def test_lime_trainer_on_cpu_does_not_ask_for_pinned_memory(lime_pretokenized, tmp_path):
+    """User code: a `TrainingArguments` left at its defaults, on a machine the Trainer runs on the CPU."""
+    tokenizer = lime_pretokenized
+    model = tiny_lime(text_config={"vocab_size": len(tokenizer)})
+    args = TrainingArguments(tmp_path, max_steps=1, use_cpu=True, report_to="none", save_strategy="no")
+    trainer = LimeTrainer(
+        model=model,
+        args=args,
+        train_dataset=[tokenizer("Emma Woodhouse lived in Highbury.")] * 2,
+        data_collator=DataCollatorForLime(tokenizer),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert not [warning for warning in caught if "pin_memory" in str(warning.message)]
+
+
+def test_the_meta_token_page_runs_without_a_word_on_stderr(tmp_path):
+    """docs/meta-tokens.md's snippets in a fresh interpreter: no bos/eos outside the vocabulary, nothing else."""
+    page = (ROOT / "docs" / "meta-tokens.md").read_text(encoding="utf-8")
+    code = "\n".join(re.findall(r"^```python\n(.*?)^```$", page, flags=re.DOTALL | re.MULTILINE))
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
+def test_lime_hf_eval_prints_no_lm_eval_noise(workdir, tmp_path):
+    """Outside a git repository, with the `lime` model: neither the backend warning nor git's "fatal"."""
+    shutil.copytree(ROOT / "tests" / "data" / "lm_eval", tmp_path / "tests" / "data" / "lm_eval")
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "lime_hf.cli", "eval", "--model", "lime", "--model_args",
+               f"pretrained={workdir / 'lime'},tags=none", "--tasks", "lime_cloze", "--include_path",
+               "tests/data/lm_eval", "--device", "cpu", "--limit", "1"]  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "neither marked as CausalLM or Seq2SeqLM" not in result.stderr
+    assert "not a git repository" not in result.stderr
