@@ -113,6 +113,24 @@ class TrainOptions:
             "type": float,
         },
     )
+    meta_token: str | None = field(
+        default=None,
+        metadata={
+            "metavar": "TOKEN",
+            "help": "learned meta-tokens: add TOKEN (e.g. '<meta>') to the tokenizer as a special token, give the "
+            "model meta-attention, and inject TOKEN at random positions of every block (see --meta-fraction); "
+            "`lime-hf generate --meta-every N` places it at inference",
+        },
+    )
+    meta_fraction: float | None = field(
+        default=None,
+        metadata={
+            "metavar": "K",
+            "help": "with --meta-token: meta-tokens per token of a block, in (0, 1); blocks are packed shorter so "
+            "that with them they hold --block-size tokens (default: 0.1, the paper's)",
+            "type": float,
+        },
+    )
     block_size: int = field(
         default=512, metadata={"metavar": "N", "help": "tokens per packed block (default: 512)", "type": int}
     )
@@ -176,6 +194,7 @@ def check_train_options(options: TrainOptions) -> None:
         training_source=options.metadata_training_source,
         tag_head_fields=options.tag_head_fields,
     )
+    check_meta_token_options(options.meta_token, options.meta_fraction)
     saved = Path(options.tokenizer or "") / "tokenizer_config.json"
     if options.tokenizer and saved.is_file():  # a folder here: a Hub id is checked once it is loaded
         config = json.loads(saved.read_text(encoding="utf-8"))
@@ -193,6 +212,20 @@ def check_train_options(options: TrainOptions) -> None:
                 f"{config.get('metadata_shift', 0)}): --from-backbone retrofits a plain causal LM; continue "
                 "a LIME run from one of its checkpoint-N folders with --resume-from-checkpoint"
             )
+
+
+def check_meta_token_options(meta_token: str | None, meta_fraction: float | None) -> None:
+    """`--meta-token` names a token; `--meta-fraction` goes with it and lies in (0, 1)."""
+    if meta_token is not None and not meta_token.strip():
+        raise ValueError("--meta-token is empty: give the meta-token's text, e.g. --meta-token '<meta>'")
+    if meta_fraction is None:
+        return
+    if meta_token is None:
+        raise ValueError(
+            "--meta-fraction sets how many meta-tokens --meta-token injects: add --meta-token '<meta>'"
+        )
+    if not 0.0 < meta_fraction < 1.0:
+        raise ValueError(f"--meta-fraction is meta-tokens per token, in (0, 1): got {meta_fraction}")
 
 
 def check_saved_tokenizer(
@@ -313,6 +346,7 @@ __all__ = [
     "FIELDS",
     "SOURCES_HELP",
     "TrainOptions",
+    "check_meta_token_options",
     "check_model_folder",
     "check_not_adapter",
     "check_saved_tokenizer",

@@ -4,6 +4,9 @@ source of `train`'s metrics, no warning noise, and a PEFT adapter folder named a
 Each command runs the installed console script as a real subprocess, offline, on real files and tiny saved models.
 """
 
+import contextlib
+import io
+import json
 import os
 import re
 import shutil
@@ -16,11 +19,14 @@ import pytest
 import torch
 from peft import get_peft_model
 from tiny_models import TINY_TEXT_CONFIGS, tiny_lime
-from transformers import TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
 
 from lime_hf import DataCollatorForLime, LimeConfig, LimeForCausalLM, LimeTokenizer
+from lime_hf.cli.train import main as train_main
 from lime_hf.integrations.peft import lime_lora_config
+from lime_hf.meta_tokens import meta_token_count
 from lime_hf.trainer import LimeTrainer
+from tests.conftest import AUSTEN
 from tests.test_cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,3 +118,88 @@ def test_lime_hf_eval_prints_no_lm_eval_noise(workdir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "neither marked as CausalLM or Seq2SeqLM" not in result.stderr
     assert "not a git repository" not in result.stderr
+
+
+# ---- Items 3 and 6: `train` with meta-tokens, its results say their tag source --------------------------------
+
+
+class BatchProbe(TrainerCallback):
+    """Keeps the first training batch the Trainer's dataloader gives (what the model is fed)."""
+
+    batch = None
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self.batch = next(iter(train_dataloader))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """`lime-hf train` (as the script `lime_hf.cli.train.main`, the same command) of a LIME+1 model with a POS
+    head and the meta-token `<meta>`: (its folder, its stdout, the first training batch)."""
+    folder = tmp_path_factory.mktemp("trained")
+    corpus = (AUSTEN / "emma.txt").read_text(encoding="utf-8")[:6_000]
+    (folder / "corpus.txt").write_text(corpus, encoding="utf-8")
+    probe = BatchProbe()
+    argv = [str(folder / "corpus.txt"), "--train-tokenizer", "400", "--metadata-shift", "1", "--tag-heads", "pos",
+            "--meta-token", "<meta>", "--meta-fraction", "0.2", "--block-size", "32", "--eval-fraction", "0.3",
+            "--cache-dir", str(folder / "cache"), "--output-dir", str(folder / "model"), "--max-steps", "2",
+            "--per-device-train-batch-size", "4", "--use-cpu", "--report-to", "none", "--save-strategy", "no",
+            "--disable-tqdm", "true"]  # fmt: skip
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        train_main(argv, callbacks=[probe])
+    return folder / "model", stdout.getvalue(), probe.batch
+
+
+def test_train_injects_the_meta_token_and_gives_the_model_meta_attention(trained):
+    folder, stdout, batch = trained
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    meta_id = tokenizer.convert_tokens_to_ids("<meta>")
+    assert meta_id in tokenizer.all_special_ids
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.config.meta_token_ids == [meta_id] and model.meta_attention is not None
+    # Blocks of 27 tokens (27 + round(0.2 * 27) = 32; shorter ones at the ends) get 0.2 of their length in
+    # meta-tokens, left out of the loss.
+    assert f"Meta-token '<meta>' (id {meta_id}): 0.2 of each block" in stdout
+    is_meta = batch["input_ids"] == meta_id
+    tokens = batch["attention_mask"].sum(dim=1) - is_meta.sum(dim=1)
+    assert batch["input_ids"].shape[1] <= 32 and tokens.max() == 27
+    assert is_meta.sum(dim=1).tolist() == [meta_token_count(int(n), 0.2) for n in tokens]
+    assert (batch["labels"][is_meta] == -100).all() and (batch["pos_ids"][is_meta] == 2).all()
+
+
+def test_train_results_say_they_were_measured_with_oracle_next_token_tags(trained):
+    folder, stdout, _ = trained
+    source = "oracle next-token tags (spaCy en_core_web_sm, whole document)"
+    assert re.search(rf"eval_metadata_source\s+= {re.escape(source)}", stdout), stdout[-1500:]
+    for name in ("eval_results.json", "all_results.json"):
+        results = json.loads((folder / name).read_text(encoding="utf-8"))
+        assert results["eval_metadata_source"] == source
+        assert 0.0 <= results["eval_pos_tag_accuracy"] <= 1.0 and "eval_accuracy" in results
+    assert f"| eval_metadata_source | {source} |" in (folder / "README.md").read_text(encoding="utf-8")
+
+
+def test_generate_places_the_meta_token_in_the_prompt_and_the_output(trained):
+    folder, _, _ = trained
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompt = "Emma Woodhouse, handsome, clever"
+    length = len(tokenizer(prompt)["input_ids"])
+    result = run_cli("generate", folder, prompt, "--meta-every", "3", "--max-new-tokens", "8", "--guide", "pos=NN,NN",
+                     "--show-tags", cwd=folder.parent)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [line.split(None, 1) for line in result.stdout.splitlines() if re.match(r"\d+\s", line)]
+    assert [int(step) for step, _ in rows] == list(range(len(rows))) and len(rows) > 4
+    # The prompt has `length + (length - 1) // 3` positions with its meta-tokens; the stride goes on in the output.
+    start = length + (length - 1) // 3
+    placed = [row.startswith("'<meta>'") for _, row in rows]
+    assert placed == [(start + step + 1) % 4 == 0 for step in range(len(rows))]
+    assert "note:" not in result.stderr
+
+
+def test_generate_says_when_a_meta_token_model_gets_none(trained):
+    folder, _, _ = trained
+    result = run_cli(
+        "generate", folder, "Emma", "--max-new-tokens", "2", "--guide", "pos=NN", cwd=folder.parent
+    )
+    assert result.returncode == 0, result.stderr
+    assert "reads meta-tokens ('<meta>') and none is placed: add --meta-every N" in result.stderr
