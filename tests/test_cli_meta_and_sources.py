@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def workdir(bpe_tokenizer, tmp_path_factory) -> Path:
-    """A tiny LIME model's LoRA adapter folder, saved as `LimeTrainer` saves one (adapter and tokenizer)."""
+    """A tiny LIME model (`lime`), its LoRA adapter folder saved as `LimeTrainer` saves one (`adapter`: adapter and
+    tokenizer), and a text file."""
     folder = tmp_path_factory.mktemp("cli-meta")
     tokenizer = LimeTokenizer.from_tokenizer(bpe_tokenizer)
     torch.manual_seed(0)
@@ -45,6 +46,7 @@ def workdir(bpe_tokenizer, tmp_path_factory) -> Path:
     tokenizer.save_pretrained(folder / "adapter")
     model.save_pretrained(folder / "lime")
     tokenizer.save_pretrained(folder / "lime")
+    (folder / "corpus.txt").write_text("Emma Woodhouse lived in Highbury.\n", encoding="utf-8")
     return folder
 
 
@@ -66,6 +68,34 @@ def test_an_adapter_folder_is_named_with_the_way_to_merge_it(command, workdir):
     error = one_line_error(run_cli(*argv, cwd=workdir), command)
     assert "'adapter' is a PEFT adapter (adapter_config.json), not a whole model" in error
     assert "PeftModel.from_pretrained(base, 'adapter').merge_and_unload().save_pretrained('merged')" in error
+
+
+# ---- Item 3: the meta-token options' mistakes, refused before anything loads ---------------------------------
+
+META_OPTION_CASES = {
+    "--meta-fraction without --meta-token": (
+        ["train", "corpus.txt", "--train-tokenizer", "400", "--meta-fraction", "0.1"],
+        "--meta-fraction sets how many meta-tokens --meta-token injects: add --meta-token '<meta>'",
+    ),
+    "--meta-fraction out of range": (
+        ["train", "corpus.txt", "--train-tokenizer", "400", "--meta-token", "<meta>", "--meta-fraction", "1"],
+        "--meta-fraction is meta-tokens per token, in (0, 1): got 1.0",
+    ),
+    "an empty --meta-token": (
+        ["train", "corpus.txt", "--train-tokenizer", "400", "--meta-token", " "],
+        "--meta-token is empty",
+    ),
+    "--meta-every on a model without meta-tokens": (
+        ["generate", "lime", "Emma", "--meta-every", "3"],
+        "--meta-every places the model's meta-tokens, and 'lime' has none",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(META_OPTION_CASES))
+def test_meta_token_option_mistakes_are_one_line(case, workdir):
+    argv, message = META_OPTION_CASES[case]
+    assert message in one_line_error(run_cli(*argv, cwd=workdir), argv[0])
 
 
 # ---- Item 8: no warning a user cannot act on -----------------------------------------------------------------
