@@ -101,8 +101,9 @@ def test_meta_token_option_mistakes_are_one_line(case, workdir):
 # ---- Item 8: no warning a user cannot act on -----------------------------------------------------------------
 
 
-def test_wrapping_a_lime_model_with_peft_warns_nothing():
-    model = tiny_lime()
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_wrapping_a_lime_model_with_peft_warns_nothing(arch):
+    model = tiny_lime(arch)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         get_peft_model(model, lime_lora_config(model, r=4))
