@@ -42,7 +42,8 @@ def render_model_card(
         tokenizer: its `LimeTokenizer` (alignment mode, spaCy pipeline); its inventories must be the model's.
         repo_id: the Hub repository, used in the title and the loading snippets.
         training_data: names or Hub ids of the training data sets (Hub ids become links on the Hub).
-        metrics: evaluation results, metric name -> value.
+        metrics: evaluation results, metric name -> value; `<split>_metadata_source` (the tags they were measured
+            with, as `LimeTrainer` records it) is a row of the table, not a metric of the card's metadata.
         base_model: the Hub id of the retrofitted checkpoint; by default the backbone's `name_or_path` when
             that is a Hub id (as after `LimeForCausalLM.from_backbone("org/name")`), else none.
 
@@ -59,7 +60,7 @@ def render_model_card(
         language=None if tokenizer is None else spacy_model(tokenizer).split("_")[0],
         base_model=base_model,
         datasets=list(training_data or []) or None,
-        metrics=list(metrics) or None,
+        metrics=[name for name in metrics if not name.endswith("_metadata_source")] or None,
         tags=card_tags(model),
     )
     text = load_template().render(

@@ -127,6 +127,11 @@ class LimeMetadataEmbeddings(nn.Module):
         return torch.cat([ids[:, 1:], last.to(ids.dtype)], dim=1)
 
 
+def _on_meta_device(module: nn.Module) -> bool:
+    """Whether any parameter of `module` is still on the meta device (not loaded, not built)."""
+    return any(parameter.is_meta for parameter in module.parameters())
+
+
 class LimePreTrainedModel(PreTrainedModel):
     config_class = LimeConfig
     # The backbone (a `*ForCausalLM`) is the model's body; the metadata tables sit beside it.
@@ -169,6 +174,12 @@ class LimePreTrainedModel(PreTrainedModel):
                 module.start_state.zero_()
 
     @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether activation checkpointing is on. PEFT reads this name on every `get_peft_model`, where recent
+        Transformers deprecate it with a FutureWarning the user can do nothing about: answered here, silently."""
+        return any(getattr(module, "gradient_checkpointing", False) for module in self.modules())
+
+    @property
     def _can_compile_fullgraph(self) -> bool:
         # The metadata tables add no graph break; whether the whole forward compiles is the backbone's matter.
         return self.language_model._can_compile_fullgraph
@@ -185,6 +196,12 @@ class LimePreTrainedModel(PreTrainedModel):
 
         Until the tables are trained, the LIME model's logits equal the checkpoint's for any metadata.
 
+        A LIME model (or its folder) keeps what it learned: its backbone, metadata tables, tag heads and
+        meta-attention carry over with its settings, which `config_kwargs` change; a part the change reshapes, or
+        adds, starts fresh. So `from_backbone(lime_model, meta_token_ids=ids)` after `add_meta_tokens(tokenizer)` and
+        `lime_model.resize_token_embeddings(len(tokenizer))` gives the same LIME model with a new, random
+        meta-attention. The model given becomes the new model's body: use the returned one.
+
         Args:
             model_or_path: a loaded causal LM, or a path/Hub id for `AutoModelForCausalLM.from_pretrained`.
             config_kwargs: `LimeConfig` arguments (`metadata_fields`, `metadata_weights`, `metadata_shift`,
@@ -193,28 +210,70 @@ class LimePreTrainedModel(PreTrainedModel):
         backbone = model_or_path
         if not isinstance(backbone, PreTrainedModel):
             backbone = AutoModelForCausalLM.from_pretrained(model_or_path)
+        trained = backbone if isinstance(backbone, LimePreTrainedModel) else None
+        if trained is not None:
+            config_kwargs = trained._settings_with(config_kwargs)
+            backbone = trained.language_model
+            trained._detach_backbone()  # its hooks would run the old parts inside the new model
         config = LimeConfig(text_config=backbone.config, **config_kwargs)
         with torch.device("meta"):  # skip building (and initialising) a second backbone
             model = cls(config)
         model.language_model = backbone
-        model.metadata_embeddings.to_empty(device=backbone.device)
-        model.metadata_embeddings.to(backbone.dtype)
-        with torch.no_grad():
-            for table in model.metadata_embeddings.tables.values():
-                table.weight.zero_()
-        if model.tag_heads is not None:
-            model.tag_heads.to_empty(device=backbone.device)
-            model.tag_heads.to(backbone.dtype)
-            model.tag_heads.reset_parameters(getattr(backbone.config, "initializer_range", 0.02))
-        if model.meta_attention is not None:  # random: a retrofit learns its meta-tokens from scratch
-            model.meta_attention.to_empty(device=backbone.device)
-            model.meta_attention.to(backbone.dtype)
-            for sublayer in model.meta_attention.layers:
-                sublayer.reset_parameters(getattr(backbone.config, "initializer_range", 0.02))
-            model.meta_attention.attach(backbone)
-        if model.metadata_injection is not None:
-            model.metadata_injection.attach(backbone)
+        if trained is not None:
+            model._take_parts(trained)
+        model._initialize_new_parts(backbone)
         return model
+
+    def _settings_with(self, config_kwargs: dict) -> dict:
+        """This model's LIME settings (every `LimeConfig` argument but `text_config`), `config_kwargs` applied."""
+        names = [name for name in LimeConfig.__annotations__ if name != "text_config"]
+        settings = {name: getattr(self.config, name) for name in names}
+        fields = config_kwargs.get("metadata_fields", settings["metadata_fields"])
+        if fields != settings["metadata_fields"]:
+            raise ValueError(
+                "from_backbone on a LIME model keeps its metadata fields and their inventories (its tables were "
+                "trained on them); to change them, retrofit its backbone instead: "
+                "`LimeForCausalLM.from_backbone(model.language_model, metadata_fields=...)`."
+            )
+        return {**settings, **config_kwargs}
+
+    def _detach_backbone(self) -> None:
+        """Remove this model's hooks from its backbone (meta-attention, metadata injection)."""
+        for part in (self.meta_attention, self.metadata_injection):
+            if part is not None:
+                part.detach()
+
+    def _take_parts(self, trained: "LimePreTrainedModel") -> None:
+        """Share `trained`'s metadata tables, tag heads and meta-attention weights where their shapes are this
+        model's; the rest stays on the meta device for `_initialize_new_parts`."""
+        own = self.state_dict(keep_vars=True)
+        kept = {
+            key: value
+            for key, value in trained.state_dict(keep_vars=True).items()
+            if not key.startswith("language_model.") and key in own and own[key].shape == value.shape
+        }
+        self.load_state_dict(kept, strict=False, assign=True)
+
+    def _initialize_new_parts(self, backbone: PreTrainedModel) -> None:
+        """Build the parts still on the meta device beside `backbone` (zero tables, random heads and meta-attention)
+        and hook meta-attention and metadata injection into it."""
+        std = getattr(backbone.config, "initializer_range", 0.02)
+        for table in self.metadata_embeddings.tables.values():
+            if table.weight.is_meta:
+                table.to_empty(device=backbone.device).to(backbone.dtype)
+                with torch.no_grad():
+                    table.weight.zero_()
+        if self.tag_heads is not None and _on_meta_device(self.tag_heads):
+            self.tag_heads.to_empty(device=backbone.device).to(backbone.dtype)
+            self.tag_heads.reset_parameters(std)
+        if self.meta_attention is not None:
+            if _on_meta_device(self.meta_attention):  # random: a retrofit learns its meta-tokens from scratch
+                self.meta_attention.to_empty(device=backbone.device).to(backbone.dtype)
+                for sublayer in self.meta_attention.layers:
+                    sublayer.reset_parameters(std)
+            self.meta_attention.attach(backbone)
+        if self.metadata_injection is not None:
+            self.metadata_injection.attach(backbone)
 
     # The steps of the forward, in order.
 

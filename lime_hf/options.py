@@ -113,6 +113,24 @@ class TrainOptions:
             "type": float,
         },
     )
+    meta_token: str | None = field(
+        default=None,
+        metadata={
+            "metavar": "TOKEN",
+            "help": "learned meta-tokens: add TOKEN (e.g. '<meta>') to the tokenizer as a special token, give the "
+            "model meta-attention, and inject TOKEN at random positions of every block (see --meta-fraction); "
+            "`lime-hf generate --meta-every N` places it at inference",
+        },
+    )
+    meta_fraction: float | None = field(
+        default=None,
+        metadata={
+            "metavar": "K",
+            "help": "with --meta-token: meta-tokens per token of a block, in (0, 1); blocks are packed shorter so "
+            "that with them they hold --block-size tokens (default: 0.1, the paper's)",
+            "type": float,
+        },
+    )
     block_size: int = field(
         default=512, metadata={"metavar": "N", "help": "tokens per packed block (default: 512)", "type": int}
     )
@@ -195,6 +213,7 @@ def check_train_options(options: TrainOptions) -> None:
         training_source=options.metadata_training_source,
         tag_head_fields=options.tag_head_fields,
     )
+    check_meta_token_options(options.meta_token, options.meta_fraction)
     saved = Path(options.tokenizer or "") / "tokenizer_config.json"
     if options.tokenizer and saved.is_file():  # a folder here: a Hub id is checked once it is loaded
         config = json.loads(saved.read_text(encoding="utf-8"))
@@ -238,6 +257,25 @@ def check_streaming_options(options: TrainOptions) -> None:
         raise ValueError(
             "A stream has no documents to hold out: give --eval-file instead of --eval-fraction."
         )
+    if options.meta_token is not None:
+        raise ValueError(
+            "--meta-token injects meta-tokens while packing, which a stream does not do here: pack the shards with "
+            "them (`lime-hf pack --meta-token`), or train from texts without --shards/--streaming."
+        )
+
+
+def check_meta_token_options(meta_token: str | None, meta_fraction: float | None) -> None:
+    """`--meta-token` names a token; `--meta-fraction` goes with it and lies in (0, 1)."""
+    if meta_token is not None and not meta_token.strip():
+        raise ValueError("--meta-token is empty: give the meta-token's text, e.g. --meta-token '<meta>'")
+    if meta_fraction is None:
+        return
+    if meta_token is None:
+        raise ValueError(
+            "--meta-fraction sets how many meta-tokens --meta-token injects: add --meta-token '<meta>'"
+        )
+    if not 0.0 < meta_fraction < 1.0:
+        raise ValueError(f"--meta-fraction is meta-tokens per token, in (0, 1): got {meta_fraction}")
 
 
 def check_saved_tokenizer(
@@ -321,6 +359,7 @@ def check_model_folder(path: str) -> dict[str, Any]:
         raise ValueError(
             f"no such folder {path!r}: give a folder written by `save_pretrained` (model and tokenizer)"
         )
+    check_not_adapter(folder, path)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{path!r} holds no config.json: give a folder written by `save_pretrained`")
@@ -335,12 +374,31 @@ def check_model_folder(path: str) -> dict[str, Any]:
     return config
 
 
+def check_not_adapter(folder: Path, path: str) -> None:
+    """Refuse a PEFT adapter folder where a whole model is needed, saying how to merge it onto its base."""
+    adapter_config = folder / "adapter_config.json"
+    if not adapter_config.is_file():
+        return
+    base = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    base_model = (
+        f"`AutoModelForCausalLM.from_pretrained({base!r})`" if base else "the model it was trained on"
+    )
+    raise ValueError(
+        f"{path!r} is a PEFT adapter (adapter_config.json), not a whole model: merge it onto its base in Python, "
+        f"`PeftModel.from_pretrained(base, {path!r}).merge_and_unload().save_pretrained('merged')` with `base` "
+        f"{base_model} (for a LIME retrofit: `LimeForCausalLM.from_backbone(...)` with the arguments it was "
+        "trained with), save the tokenizer to 'merged' too, and give 'merged' (docs/training.md, PEFT)"
+    )
+
+
 __all__ = [
     "ALIGNMENTS",
     "FIELDS",
     "SOURCES_HELP",
     "TrainOptions",
+    "check_meta_token_options",
     "check_model_folder",
+    "check_not_adapter",
     "check_saved_tokenizer",
     "check_sources",
     "check_streaming_options",

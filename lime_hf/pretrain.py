@@ -26,6 +26,7 @@ import datasets
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedTokenizerFast,
     TrainerCallback,
@@ -38,6 +39,7 @@ from .annotation import SpacyAnnotator
 from .collator import DataCollatorForLime
 from .configuration_lime import LimeConfig
 from .data import ANNOTATION_PREFIX, align_dataset, annotate_dataset, check_column, pack_dataset
+from .meta_tokens import add_meta_tokens, meta_token_count
 from .modeling_lime import LimeForCausalLM
 from .options import TrainOptions, check_saved_tokenizer, check_sources
 from .tokenization_lime import LimeTokenizer
@@ -225,12 +227,13 @@ def build_model(
     tag_head_fields: Sequence[str] = (),
     metadata_layer: int = 0,
     metadata_training_source: str = "given",
+    meta_token_ids: Sequence[int] = (),
 ) -> LimeForCausalLM:
     """
     A new LIME model for `tokenizer`'s fields: a backbone of `model_config` (a JSON file or string; default a tiny
     Llama), or the causal-LM checkpoint `from_backbone` (path or Hub id) retrofitted; with `metadata_shift` (0 LIME,
-    1 LIME+1), tag heads for `tag_head_fields`, the metadata joining at decoder layer `metadata_layer` and the LM
-    training on `metadata_training_source` tags (see `LimeConfig`).
+    1 LIME+1), tag heads for `tag_head_fields`, the metadata joining at decoder layer `metadata_layer`, the LM
+    training on `metadata_training_source` tags and meta-attention for `meta_token_ids` (see `LimeConfig`).
     """
     lime_kwargs = dict(
         metadata_fields=tokenizer.metadata_fields,
@@ -238,20 +241,23 @@ def build_model(
         tag_head_fields=list(tag_head_fields),
         metadata_layer=metadata_layer,
         metadata_training_source=metadata_training_source,
+        meta_token_ids=list(meta_token_ids),
     )
     if from_backbone is not None:
         if model_config is not None:
             raise ValueError(
                 "Give either --model-config (a new model) or --from-backbone (retrofit), not both."
             )
-        model = LimeForCausalLM.from_backbone(from_backbone, **lime_kwargs)
-        vocab_size = model.get_input_embeddings().num_embeddings
+        backbone = AutoModelForCausalLM.from_pretrained(from_backbone)
+        vocab_size = backbone.get_input_embeddings().num_embeddings
         if len(tokenizer) > vocab_size:
-            raise ValueError(
-                f"The tokenizer has {len(tokenizer)} tokens but the backbone {from_backbone} embeds only "
-                f"{vocab_size}: pass the backbone's own tokenizer."
-            )
-        return model
+            if len(tokenizer) - len(meta_token_ids) > vocab_size:
+                raise ValueError(
+                    f"The tokenizer has {len(tokenizer)} tokens but the backbone {from_backbone} embeds only "
+                    f"{vocab_size}: pass the backbone's own tokenizer."
+                )
+            backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows for the meta-tokens
+        return LimeForCausalLM.from_backbone(backbone, **lime_kwargs)
     text_config = read_text_config(model_config) if model_config else dict(DEFAULT_TEXT_CONFIG)
     text_config.update(
         vocab_size=max(text_config.get("vocab_size", 0), len(tokenizer)),
@@ -291,6 +297,15 @@ def check_block_size(block_size: int, config: LimeConfig) -> None:
 
 
 # ---- Data ----------------------------------------------------------------------------------------------------
+
+
+def block_size_before_meta_tokens(block_size: int, fraction: float) -> int:
+    """The longest packed block that, grown by `fraction` of its length in meta-tokens, holds `block_size` tokens."""
+    return max(
+        length
+        for length in range(1, block_size + 1)
+        if length + meta_token_count(length, fraction) <= block_size
+    )
 
 
 def prepare_lm_dataset(
@@ -370,9 +385,10 @@ def run(
     """
     Pretrain with `options` (checked with `lime_hf.options.check_train_options`) and `training_args`.
 
-    Writes to `training_args.output_dir`: the model (safetensors + code files), the tokenizer,
-    `train_results.json`, `eval_results.json` (`eval_loss`, `eval_accuracy`, `eval_perplexity`) when there is an
-    eval set, the trainer state, and `checkpoint-*` folders every `save_steps`. `callbacks` are passed on to the
+    Writes to `training_args.output_dir`: the model (safetensors + code files), the tokenizer, its model card
+    (`README.md`), `train_results.json`, `eval_results.json` (`eval_loss`, `eval_accuracy`, `eval_perplexity`, with
+    heads `eval_{field}_tag_accuracy`, and `eval_metadata_source`: the tags they were measured with) when there is
+    an eval set, the trainer state, and `checkpoint-*` folders every `save_steps`. `callbacks` are passed on to the
     Trainer.
     """
     check_launch(training_args)
@@ -387,7 +403,9 @@ def run(
     train_and_save(trainer, training_args, options.resume, evaluate)
 
 
-def build_model_for(options: TrainOptions, tokenizer: LimeTokenizer) -> LimeForCausalLM:
+def build_model_for(
+    options: TrainOptions, tokenizer: LimeTokenizer, meta_token_ids: Sequence[int] = ()
+) -> LimeForCausalLM:
     """`build_model` with the model options of `options`."""
     return build_model(
         tokenizer,
@@ -397,12 +415,18 @@ def build_model_for(options: TrainOptions, tokenizer: LimeTokenizer) -> LimeForC
         tag_head_fields=options.tag_head_fields,
         metadata_layer=options.metadata_layer,
         metadata_training_source=options.metadata_training_source,
+        meta_token_ids=list(meta_token_ids),
     )
 
 
 def training_data(sources: Sequence[str]) -> list[str]:
     """The training sources' names, for the model card."""
     return [Path(source).name if Path(source).exists() else source for source in sources]
+
+
+def spacy_source(tokenizer: LimeTokenizer) -> str:
+    """The tags the pipeline trains and evaluates on, for the results (`eval_metadata_source`)."""
+    return f"spaCy {tokenizer.spacy_model or 'en_core_web_sm'}, whole document"
 
 
 def map_trainer(
@@ -413,12 +437,22 @@ def map_trainer(
     with training_args.main_process_first(desc="loading texts and the tokenizer"):
         train_texts, eval_texts = load_train_and_eval_texts(options, training_args.seed)
         tokenizer = build_tokenizer(options, train_texts)
-    model = build_model_for(options, tokenizer)
+    meta_token_ids = add_meta_tokens(tokenizer, [options.meta_token]) if options.meta_token else []
+    meta_fraction = 0.1 if options.meta_fraction is None else options.meta_fraction
+    model = build_model_for(options, tokenizer, meta_token_ids)
     check_block_size(options.block_size, model.config)
+    packed_size = options.block_size
+    if meta_token_ids:
+        packed_size = block_size_before_meta_tokens(options.block_size, meta_fraction)
+        if training_args.process_index == 0:
+            print(
+                f"Meta-token {options.meta_token!r} (id {meta_token_ids[0]}): {meta_fraction:g} of each block, at "
+                f"random positions; blocks of {packed_size} tokens grow to at most {options.block_size}."
+            )
     with training_args.main_process_first(desc="annotating, aligning and packing"):
-        train_dataset = prepare_lm_dataset(train_texts, tokenizer, options.block_size, options.num_proc)
+        train_dataset = prepare_lm_dataset(train_texts, tokenizer, packed_size, options.num_proc)
         eval_dataset = (
-            prepare_lm_dataset(eval_texts, tokenizer, options.block_size, options.num_proc)
+            prepare_lm_dataset(eval_texts, tokenizer, packed_size, options.num_proc)
             if eval_texts is not None
             else None
         )
@@ -431,10 +465,16 @@ def map_trainer(
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=DataCollatorForLime(tokenizer, metadata_dropout=options.metadata_dropout),
+        data_collator=DataCollatorForLime(
+            tokenizer,
+            metadata_dropout=options.metadata_dropout,
+            meta_token_id=meta_token_ids[0] if meta_token_ids else None,
+            meta_fraction=meta_fraction,
+        ),
         processing_class=tokenizer,
         callbacks=callbacks,
         training_data=training_data(options.sources),
+        metadata_source=spacy_source(tokenizer),
         **next_token_metrics(),
     )
     return trainer, eval_dataset is not None
@@ -455,6 +495,7 @@ def train_and_save(
         trainer.save_metrics("eval", metrics)
     # Model and tokenizer, on the main process; with --push_to_hub also the Hub commit with the model card.
     trainer.save_model()
+    trainer.create_model_card()  # README.md: the LIME card, with the latest evaluation and its tag source
     trainer.end()
     if trainer.is_world_process_zero():
         print(f"Saved the model, its tokenizer and the metrics to {training_args.output_dir}")

@@ -454,7 +454,7 @@ def streaming_trainer(
     options: TrainOptions, training_args: TrainingArguments, callbacks: list[TrainerCallback] | None = None
 ) -> tuple[StreamingLimeTrainer, bool]:
     """`lime_hf.pretrain.run`'s trainer for `--shards` or `--streaming`, and whether there is an eval set."""
-    from .pretrain import build_model_for, build_tokenizer, check_block_size, training_data
+    from .pretrain import build_model_for, build_tokenizer, check_block_size, spacy_source, training_data
 
     if training_args.max_steps <= 0:
         raise ValueError("Streaming training needs --max-steps N: a stream has no length to count epochs in.")
@@ -487,6 +487,7 @@ def streaming_trainer(
         processing_class=tokenizer,
         callbacks=callbacks,
         training_data=training_data([options.shards] if options.shards else options.sources),
+        metadata_source=spacy_source(tokenizer),
         **next_token_metrics(),
     )
     return trainer, eval_dataset is not None

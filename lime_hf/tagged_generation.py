@@ -9,6 +9,8 @@ from typing import Any
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .configuration_lime import RESERVED_LABELS, SPECIAL_ID
+from .meta_tokens import MetaTokenPlacement, place_meta_tokens
 from .modeling_lime import LimeForCausalLM
 from .options import check_model_folder
 from .tokenization_lime import LimeTokenizer
@@ -43,14 +45,35 @@ def generate_with_tags(
     guidance: dict[str, list[str]],
     provider: str | None = None,
     spacy_tags: bool = True,
+    meta_every: int | None = None,
     **decoding: Any,
 ) -> list[dict[str, Any]]:
     """
     Generate from one prompt; per returned sequence its `text` and, per generated token, the `token` text, the
     tags it was `fed` (guidance or provider, by field), the tags it was `asked` (guidance) and, with
     `spacy_tags`, the tags spaCy `found` in the output (otherwise spaCy never runs on it).
+
+    With `meta_every`, the model's (first) meta-token follows every `meta_every` ordinary tokens, in the prompt
+    (`place_meta_tokens`) and in the generated text (`MetaTokenPlacement`); guidance labels are for the ordinary
+    tokens, and the meta-tokens are fed the special tag.
     """
     encoding = tokenizer(prompt, return_tensors="pt").to(model.device)
+    if meta_every is not None:
+        meta_id = model.config.meta_token_ids[0]
+        encoding = place_meta_tokens(
+            encoding.pop("input_ids"),
+            meta_id,
+            every=meta_every,
+            attention_mask=encoding.pop("attention_mask"),
+            metadata_ids=dict(encoding),
+            pad_token_id=tokenizer.pad_token_id or 0,
+        )
+        decoding["logits_processor"] = [MetaTokenPlacement(meta_id, every=meta_every)]
+        length = encoding["input_ids"].shape[1]
+        guidance = {
+            field: around_meta_tokens(labels, length, meta_every, decoding.get("max_new_tokens", 20))
+            for field, labels in guidance.items()
+        }
     start = encoding["input_ids"].shape[1]
     output = model.generate(
         **encoding,
@@ -86,6 +109,18 @@ def generate_with_tags(
             )
         sequences.append({"text": tokenizer.decode(ids, skip_special_tokens=True), "tokens": rows})
     return sequences
+
+
+def around_meta_tokens(labels: list[str], start: int, every: int, steps: int) -> list[str]:
+    """A guidance schedule for the ordinary generated tokens, with the special label put in at each step that
+    `MetaTokenPlacement(every=every)` gives a meta-token (position `start + step`)."""
+    labels, schedule = list(labels), []
+    for step in range(steps):
+        if not labels:
+            break
+        is_meta = (start + step + 1) % (every + 1) == 0
+        schedule.append(RESERVED_LABELS[SPECIAL_ID] if is_meta else labels.pop(0))
+    return schedule
 
 
 __all__ = ["generate_with_tags", "load_lime_tokenizer", "load_model"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import datasets
 import evaluate
@@ -19,8 +20,8 @@ from transformers import EvalPrediction, Trainer
 from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import EvalLoopOutput
 
-from .configuration_lime import check_inventories
-from .model_card import push_to_hub
+from .configuration_lime import SPECIAL_ID, UNKNOWN_ID, check_inventories
+from .model_card import push_to_hub, render_model_card
 from .modeling_lime import LimePreTrainedModel
 from .tokenization_lime import LimeTokenizer
 
@@ -93,18 +94,39 @@ class LimeTrainer(Trainer):
       to the kept columns (the extension point TRL's trainers use, `_set_signature_columns_if_needed`).
     - Evaluation also reports `perplexity = exp(loss)` (`eval_perplexity`).
     - A model with tag heads logs its loss parts next to `loss`: `lm_loss` and `{field}_tag_loss` per field
-      (training: averaged per optimizer step like `loss`; evaluation: `eval_lm_loss`, `eval_{field}_tag_loss`).
+      (training: averaged per optimizer step like `loss`; evaluation: `eval_lm_loss`, `eval_{field}_tag_loss`), and
+      at evaluation its heads' accuracy against the given tags, `eval_{field}_tag_accuracy` (over the positions
+      whose fed tag is a real label: not padding, unknown or special).
+    - Results say where the tags they were measured with came from: `log_metrics` and `save_metrics` (stdout,
+      `eval_results.json`, `all_results.json`), `push_to_hub` and `create_model_card` add `eval_metadata_source`,
+      e.g. "oracle next-token tags (spaCy)" for LIME+1, which reads the tags of the very token it predicts.
     - A `LimeTokenizer` given as `processing_class` must have the model's metadata inventories.
     - `push_to_hub` commits model, tokenizer and the LIME model card (fields, inventories, shift, backbone,
       training data, the latest eval metrics) in one commit, in place of Transformers' generic card.
     """
 
-    def __init__(self, *args, training_data: list[str] | None = None, **kwargs):
-        """`Trainer`'s arguments, plus `training_data`: names of the training data sets, for the model card."""
+    def __init__(
+        self,
+        *args,
+        training_data: list[str] | None = None,
+        metadata_source: str = "the dataset's",
+        **kwargs,
+    ):
+        """
+        `Trainer`'s arguments, plus `training_data`: names of the training data sets, for the model card, and
+        `metadata_source`: where the evaluation batches' tags come from (e.g. "spaCy en_core_web_sm"), recorded with
+        the results as `eval_metadata_source`.
+        """
         super().__init__(*args, **kwargs)
+        if self.args.device.type == "cpu":  # pinned memory only speeds copies to an accelerator; torch warns
+            self.args.dataloader_pin_memory = False
         self.training_data = training_data
+        kind = "oracle next-token tags" if getattr(self.model.config, "metadata_shift", 0) else "given tags"
+        self.metadata_source = f"{kind} ({metadata_source})"
         # Loss parts of models with tag heads, summed on device since the last log (train) or per evaluation.
         self._loss_parts: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
+        # Per field with a head: [right, scored] tag predictions of the current evaluation, on device.
+        self._tag_counts: dict[str, list[torch.Tensor]] = {}
         self._loss_parts_step, self._eval_batches = 0, 0
         if isinstance(self.processing_class, LimeTokenizer):
             check_inventories(self.processing_class.metadata_fields, self.model.config.metadata_fields)
@@ -130,7 +152,38 @@ class LimeTrainer(Trainer):
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0) + value.detach()
             self._eval_batches += not model.training
+            if not model.training and outputs.get("tag_logits") is not None:
+                self._count_tags(outputs["tag_logits"], inputs)
         return (loss, outputs) if return_outputs else loss
+
+    def _count_tags(self, tag_logits: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> None:
+        """Add each head's right and scored predictions of the tag each position is fed (the next token's for
+        LIME+1), over positions fed a real label."""
+        shift = self.model.config.metadata_shift
+        for name, logits in tag_logits.items():
+            tags = inputs.get(f"{name}_ids")
+            if tags is None:
+                continue
+            mask = inputs.get("attention_mask", torch.ones_like(tags))
+            if shift:  # position i is fed token i+1's tag; the last position's is unknown
+                tags = torch.cat([tags[:, 1:], torch.full_like(tags[:, :1], UNKNOWN_ID)], dim=1)
+            scored = (tags > SPECIAL_ID) & mask.bool()
+            right = ((logits.argmax(-1) == tags) & scored).sum()
+            counts = self._tag_counts.setdefault(name, [torch.zeros_like(right), torch.zeros_like(right)])
+            counts[0] += right
+            counts[1] += scored.sum()
+
+    def with_metadata_source(self, split: str, metrics: dict[str, float]) -> dict[str, float | str]:
+        """`metrics` of an evaluation split (`eval`, `test`, ...) with `{split}_metadata_source` added."""
+        if split == "train" or f"{split}_loss" not in metrics:
+            return metrics
+        return {**metrics, f"{split}_metadata_source": self.metadata_source}
+
+    def log_metrics(self, split: str, metrics: dict[str, float]) -> None:
+        super().log_metrics(split, self.with_metadata_source(split, metrics))
+
+    def save_metrics(self, split: str, metrics: dict[str, float], combined: bool = True) -> None:
+        super().save_metrics(split, self.with_metadata_source(split, metrics), combined)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         sums = self._loss_parts["train"]
@@ -168,19 +221,38 @@ class LimeTrainer(Trainer):
             return None
         if self.hub_model_id is None:
             self.init_hf_repo(token=token, private=private)
-        evaluations = [entry for entry in self.state.log_history if "eval_loss" in entry]
-        metrics = {
-            key: value for key, value in (evaluations[-1] if evaluations else {}).items() if key != "epoch"
-        }
         return push_to_hub(
             self.model,
             self.processing_class if isinstance(self.processing_class, LimeTokenizer) else None,
             self.hub_model_id,
             training_data=self.training_data,
-            metrics=metrics,
+            metrics=self.latest_eval_metrics(),
             token=token if token is not None else self.args.hub_token,
             commit_message=commit_message or "End of training",
         )
+
+    def latest_eval_metrics(self) -> dict[str, float | str]:
+        """The latest evaluation's metrics (no `epoch`), with their `eval_metadata_source`; empty if none ran."""
+        evaluations = [entry for entry in self.state.log_history if "eval_loss" in entry]
+        if not evaluations:
+            return {}
+        return self.with_metadata_source(
+            "eval", {key: value for key, value in evaluations[-1].items() if key != "epoch"}
+        )
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """Write the LIME model card (`README.md`: fields, inventories, shift, backbone, training data, the latest
+        evaluation with its tag source) to `output_dir`, in place of Transformers' generic card; on the main process.
+        The generic card's arguments are not used."""
+        if not self.is_world_process_zero() or not isinstance(self.model, LimePreTrainedModel):
+            return
+        card = render_model_card(
+            self.model,
+            self.processing_class if isinstance(self.processing_class, LimeTokenizer) else None,
+            training_data=self.training_data,
+            metrics=self.latest_eval_metrics(),
+        )
+        Path(self.args.output_dir, "README.md").write_text(card, encoding="utf-8")
 
     def evaluation_loop(
         self,
@@ -191,6 +263,7 @@ class LimeTrainer(Trainer):
         metric_key_prefix: str = "eval",
     ) -> EvalLoopOutput:
         self._loss_parts["eval"].clear()
+        self._tag_counts.clear()
         self._eval_batches = 0
         output = super().evaluation_loop(
             dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
@@ -198,6 +271,11 @@ class LimeTrainer(Trainer):
         for key, value in self._loss_parts["eval"].items():
             mean = nested_gather(value, self.args.parallel_mode).mean().item() / max(self._eval_batches, 1)
             output.metrics[f"{metric_key_prefix}_{key}"] = mean
+        for name, counts in self._tag_counts.items():
+            right, scored = (nested_gather(count, self.args.parallel_mode).sum().item() for count in counts)
+            output.metrics[f"{metric_key_prefix}_{name}_tag_accuracy"] = (
+                right / scored if scored else math.nan
+            )
         loss = output.metrics.get(f"{metric_key_prefix}_loss")
         if loss is not None:
             output.metrics[f"{metric_key_prefix}_perplexity"] = perplexity(loss)

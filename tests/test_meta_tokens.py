@@ -10,7 +10,7 @@ from datasets import Dataset
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-from lime_hf import DataCollatorForLime, LimeForCausalLM, LimeTokenizer
+from lime_hf import DataCollatorForLime, LimeConfig, LimeForCausalLM, LimeTokenizer
 from lime_hf.meta_tokens import add_meta_tokens, inject_meta_tokens, meta_token_count
 from tests.conftest import share_annotator
 from tests.tiny_models import TINY_TEXT_CONFIGS
@@ -256,3 +256,46 @@ def test_collator_bad_input(meta_tokenizer, bpe_tokenizer):
         DataCollatorForLime(tokenizer, meta_token_id=300)
     with pytest.raises(ValueError, match=r"`meta_fraction` .* must lie in \[0, 1\), got 1.5"):
         DataCollatorForLime(tokenizer, meta_token_id=meta_id, meta_fraction=1.5)
+
+
+# ---- Meta-tokens on a trained LIME model (issue 23, item 3) ----------------------------------------------------
+
+
+def test_from_backbone_adds_meta_tokens_to_a_trained_lime_model(meta_tokenizer, bpe_tokenizer, tmp_path):
+    """The documented recipe on a LIME model itself: its tables, heads and settings carry over; meta-attention is new."""
+    tokenizer, meta_id = meta_tokenizer
+    torch.manual_seed(0)
+    text_config = {**TINY_TEXT_CONFIGS["llama"], "vocab_size": len(bpe_tokenizer)}
+    trained = LimeForCausalLM(
+        LimeConfig(text_config=text_config, metadata_shift=1, tag_head_fields=["pos"])
+    ).eval()
+    with torch.no_grad():  # as if trained: tables that change the logits
+        trained.metadata_embeddings.tables["pos"].weight[3:].normal_()
+    batch = tokenizer(TEXTS[:1], return_tensors="pt")
+    reference = trained(**batch).logits
+    pos_table, head = (
+        trained.metadata_embeddings.tables["pos"].weight,
+        trained.tag_heads.classifiers["pos"].weight,
+    )
+
+    trained.resize_token_embeddings(len(tokenizer))
+    model = LimeForCausalLM.from_backbone(trained, meta_token_ids=[meta_id]).eval()
+
+    assert model.config.meta_token_ids == [meta_id] and model.config.metadata_shift == 1
+    assert model.config.tag_head_fields == ["pos"] and model.tag_heads.classifiers["pos"].weight is head
+    assert model.metadata_embeddings.tables["pos"].weight is pos_table
+    assert not any(parameter.is_meta for parameter in model.parameters())
+    with torch.no_grad():  # no meta-token in the input: the trained model's logits exactly
+        assert torch.equal(model(**batch).logits[..., : len(bpe_tokenizer)], reference)
+    placed = inject_meta_tokens(
+        batch["input_ids"], meta_id, every=3, metadata={k: batch[k] for k in ("pos_ids", "ner_ids")}
+    )
+    with torch.no_grad():  # the meta-tokens are read by the new meta-attention
+        assert model(**placed).logits.shape[1] == placed["input_ids"].shape[1]
+    # The route through a saved folder gives the same model.
+    model.save_pretrained(tmp_path)
+    assert LimeForCausalLM.from_pretrained(tmp_path).config.meta_token_ids == [meta_id]
+    with pytest.raises(ValueError, match="from_backbone on a LIME model keeps its metadata fields"):
+        LimeForCausalLM.from_backbone(
+            model, metadata_fields={"pos": list(model.config.metadata_fields["pos"])}
+        )

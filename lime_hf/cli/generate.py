@@ -68,6 +68,13 @@ def add_parser(subparsers: Any) -> None:
         "--num-return-sequences", type=positive(int), default=1, help="(default: %(default)s)"
     )
     parser.add_argument(
+        "--meta-every",
+        type=positive(int),
+        metavar="N",
+        help="a model with meta-tokens: its meta-token after every N ordinary tokens, in the prompt and in the "
+        "generated text (a model trained with --meta-fraction K saw one per 1/K - 1 tokens on average: 9 for 0.1)",
+    )
+    parser.add_argument(
         "--show-tags",
         action="store_true",
         help="print each generated token with the tags it was fed and the tags spaCy finds in the output",
@@ -90,6 +97,12 @@ def check(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.model!r}: {error}") from None
     if not args.prompt.strip():
         raise ValueError("the prompt is empty: give the text to continue")
+    args.meta_token_ids = config.get("meta_token_ids") or []
+    if args.meta_every is not None and not args.meta_token_ids:
+        raise ValueError(
+            f"--meta-every places the model's meta-tokens, and {args.model!r} has none (its config's meta_token_ids "
+            "is empty); train one with `lime-hf train ... --meta-token '<meta>'`"
+        )
     args.decoding = decoding_settings(args)
 
 
@@ -153,10 +166,24 @@ def run(args: argparse.Namespace) -> None:
             f"(`lime-hf tag TEXT --tokenizer {args.model}` shows its labels in context).",
             file=sys.stderr,
         )
+    if args.meta_token_ids and args.meta_every is None:
+        print(
+            f"note: {args.model} reads meta-tokens ({tokenizer.convert_ids_to_tokens(args.meta_token_ids[0])!r}) and "
+            "none is placed: add --meta-every N to put one after every N tokens (9 for a model trained with "
+            "--meta-fraction 0.1).",
+            file=sys.stderr,
+        )
     set_seed(args.seed)
     with usage_errors(args.parser, ValueError):
         sequences = generate_with_tags(
-            model, tokenizer, args.prompt, guidance, args.provider, spacy_tags=args.show_tags, **args.decoding
+            model,
+            tokenizer,
+            args.prompt,
+            guidance,
+            args.provider,
+            spacy_tags=args.show_tags,
+            meta_every=args.meta_every,
+            **args.decoding,
         )
     for sequence in sequences:
         print(sequence["text"])

@@ -151,6 +151,4 @@ def trainer_arguments(argv: Sequence[str], prog: str = PROG) -> TrainingArgument
             f"Unrecognized arguments {unknown}: `{prog} --help` lists the LIME options, "
             f"`{prog} --help-trainer` the Trainer's."
         )
-    if training_args.device.type == "cpu":  # pinned memory only speeds copies to an accelerator
-        training_args.dataloader_pin_memory = False
     return training_args

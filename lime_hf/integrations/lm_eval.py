@@ -14,12 +14,20 @@ with `config.lime_guidance` (how a LIME+1 model is guided: `self-guided` or `ung
   For LIME+1 this is *self-guided*: the heads predict the next token's tags;
 - `none`: every tag unknown (embeds to zero: the backbone alone). A LIME+1 model without heads always runs
   this way, *unguided*: it reads the tags of the next token, which the harness cannot supply without the answer.
+
+Importing this module also quiets lm-eval's lookup of the git commit it records (`git_hash`), which printed
+"fatal: not a git repository" on every run outside a repository; the value recorded is the same.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+
+import lm_eval.evaluator
 import torch
 from lm_eval.api.registry import register_model
+from lm_eval.loggers.utils import get_commit_from_path
 from lm_eval.models.huggingface import HFLM
 
 # Importing lime_hf (this package) registers the "lime" Auto classes that HFLM loads checkpoints with.
@@ -41,6 +49,8 @@ class LimeLM(HFLM):
     """
 
     def __init__(self, *args, tags: str | None = None, window: int = 32, **kwargs):
+        # A causal LM: said here, since lm-eval's lists of Transformers architectures do not know `lime` and warn.
+        kwargs.setdefault("backend", "causal")
         super().__init__(*args, **kwargs)
         config = self.model.config
         shift = getattr(config, "metadata_shift", None)
@@ -110,6 +120,19 @@ class LimeLM(HFLM):
         else:  # `model`: the heads tag the untagged prompt and every generated token; `none`: all unknown
             generation_kwargs["metadata_provider"] = "model" if self.tags == "model" else "unknown"
         return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+
+def git_commit_hash() -> str | None:
+    """lm-eval's `get_git_commit_hash` (the results' `git_hash`) without git's "fatal: not a git repository" on
+    stderr, which every evaluation run outside a git repository printed."""
+    try:
+        command = ["git", "describe", "--always"]
+        return subprocess.check_output(command, stderr=subprocess.DEVNULL).strip().decode()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return get_commit_from_path(os.getcwd())
+
+
+lm_eval.evaluator.get_git_commit_hash = git_commit_hash
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,6 +26,7 @@ import re
 
 from peft import LoraConfig
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from transformers.pytorch_utils import Conv1D
 
 from ..modeling_lime import LimePreTrainedModel
 
@@ -101,6 +102,10 @@ def lime_lora_config(model: LimePreTrainedModel, **lora_kwargs) -> LoraConfig:
         )
     if lora_kwargs.get("target_modules") is None:
         lora_kwargs["target_modules"] = lime_target_modules(model)
+        # GPT-2's projections are `Conv1D`s (weights stored transposed): PEFT needs `fan_in_fan_out`, and warns
+        # while setting it itself when it is not given.
+        if any(isinstance(module, Conv1D) for module in model.language_model.modules()):
+            lora_kwargs.setdefault("fan_in_fan_out", True)
     if lora_kwargs.get("trainable_token_indices") is None and model.config.meta_token_ids:
         lora_kwargs["trainable_token_indices"] = list(model.config.meta_token_ids)
     return LoraConfig(modules_to_save=modules_to_save, **lora_kwargs)
