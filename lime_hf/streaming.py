@@ -459,7 +459,10 @@ def streaming_trainer(
     if training_args.max_steps <= 0:
         raise ValueError("Streaming training needs --max-steps N: a stream has no length to count epochs in.")
     tokenizer = build_tokenizer(options, None)
-    model = build_model_for(options, tokenizer)
+    # Shards packed with meta-tokens (`lime-hf pack --meta-token`) give the model meta-attention for them.
+    manifest = Manifest.load(options.shards) if options.shards is not None else None
+    meta_token_ids = [manifest.meta_token_id] if manifest and manifest.meta_token_id is not None else []
+    model = build_model_for(options, tokenizer, meta_token_ids)
     world_size = training_args.world_size
     if options.shards is not None:
         stream = shard_stream(
