@@ -1,9 +1,8 @@
-"""Generation in one room: `LimeGenerationMixin.generate`, metadata providers, guidance and the per-row bookkeeping.
+"""Generation in one room: `LimeGenerationMixin.generate` and the per-row bookkeeping of the tags it feeds.
 
-A LIME model (shift 0) needs the tags of every token it is fed, generated ones included: a *provider* gives
-them (re-annotating the decoded tail, "unknown", the model's own tag heads, or a user callable). A LIME+1 model
-(shift 1) is fed, at the last position, the tags of the token it is about to generate: *guidance* gives them (a
-schedule of labels per row, or a callable); where guidance ends, the provider takes over.
+A LIME model (shift 0) needs the tags of every token it is fed, generated ones included; a LIME+1 model (shift 1)
+is fed, at the last position, the tags of the token it is about to generate. Guidance and the metadata providers
+that give them live in `tag_providers.py`; this file decides when each is asked and memoises what they said.
 
 The one difference between the two, in one rule: the tags of token `t` are decided by the prefix `t + 1 - shift`
 tokens long (LIME tags a token once it exists; LIME+1 before it exists). `MetadataTracker.deciding_prefix` says it.
@@ -12,109 +11,50 @@ Every generated token's tags are a pure function of its row's prompt and the tok
 end. `MetadataTracker` memoises them by that prefix, which keeps the output identical with and without the KV
 cache and lets beam search reorder rows freely. Which prompt each row grew from is recorded, not guessed: the
 batch row index travels as the model kwarg `lime_rows`, which `generate` expands with every other kwarg (beams,
-`num_return_sequences`).
+`num_return_sequences`); each step writes it into the call's `RowRecord`, which the tracker and the logits
+processors that need it (`MetaTokenPlacement`) read.
 
 This file is copied next to the weights by ``save_pretrained`` (remote code), so it imports only ``torch``,
 ``transformers`` and flat siblings.
 """
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
-from transformers import GenerationMixin
+from transformers import GenerationMixin, LogitsProcessorList
 from transformers.utils import logging
 
 from .compat import CACHE_NAME
-from .configuration_lime import SPECIAL_ID, UNKNOWN_ID, check_inventories
-from .rules import check_generation_request
-from .tag_heads import check_tag_heads, self_tags
+from .configuration_lime import PAD_ID, SPECIAL_ID, UNKNOWN_ID, check_inventories
+from .rules import check_generation_request, check_meta_generation
+from .tag_heads import self_tags
+from .tag_providers import GuidanceCallable, ModelTagProvider, label_id, parse_guidance, resolve_provider
 
 logger = logging.get_logger(__name__)
 
-# (input_ids `(rows, seq)`, step) -> field -> one label (str) or tag id (int) per row; `None` = no opinion.
-MetadataCallable = Callable[[torch.LongTensor, int], dict[str, Sequence[str | int | None]]]
-GuidanceCallable = Callable[[torch.LongTensor, int], Sequence[str | int | None]]
 
+class RowRecord:
+    """Which batch row (prompt) each row of one `generate` call grew from.
 
-def label_id(metadata_fields: dict[str, list[str]], field: str, label: str | int) -> int:
-    """The id of `label` (a label string or an id) in `field`'s inventory; ValueError listing valid labels."""
-    labels = metadata_fields[field]
-    if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(labels):
-        return label
-    if isinstance(label, str) and label in labels:
-        return labels.index(label)
-    raise ValueError(f"Unknown label {label!r} for metadata field '{field}'. Valid labels: {labels[3:]}.")
-
-
-class UnknownProvider:
-    """Every generated token's tags are "unknown" (they embed to zero)."""
-
-    def __call__(self, input_ids: torch.LongTensor, step: int) -> dict[str, list[int]]:
-        return {}
-
-
-class AnnotatingProvider:
-    """Re-annotates the decoded tail of each row (a LIME model's default) to tag its last token.
-
-    Only the last `window` tokens are decoded and annotated at each step, so the cost per token does not
-    grow with the length of the text. Used with a LIME+1 model it returns unknown: the tags of a token that
-    does not exist yet cannot be annotated.
+    `generate` passes the batch row index as the model kwarg `lime_rows` and expands it with every other kwarg
+    (beams, `num_return_sequences`); each step's `prepare_inputs_for_generation` writes the expanded tensor here,
+    before any logits processor runs. `origins` is its list, converted once per call rather than every step.
     """
 
-    def __init__(self, tokenizer, window: int = 32):
-        self.tokenizer = tokenizer
-        self.window = window
+    __slots__ = ("_origins", "rows")
 
-    def __call__(self, input_ids: torch.LongTensor, step: int) -> dict[str, list[int]]:
-        rows = [self.tokenizer.metadata_for_ids(row[-self.window :].tolist()) for row in input_ids]
-        return {field: [tags[field][-1] for tags in rows] for field in self.tokenizer.metadata_fields}
+    def __init__(self):
+        self.rows: torch.LongTensor | None = None
+        self._origins: list[int] = []
 
+    def update(self, rows: torch.LongTensor) -> None:
+        if rows is not self.rows:  # the same tensor every step of a call
+            self.rows, self._origins = rows, rows.tolist()
 
-def resolve_provider(metadata_provider, tokenizer, metadata_shift: int) -> Callable:
-    """`"annotate"` (the default for LIME when a LimeTokenizer is given), `"unknown"` or a callable; the names'
-    rules are `rules.check_generation_request`'s (checked before)."""
-    if metadata_provider is None:
-        metadata_provider = "annotate" if tokenizer is not None and not metadata_shift else "unknown"
-    if callable(metadata_provider):
-        return metadata_provider
-    if metadata_provider == "unknown":
-        return UnknownProvider()
-    if not hasattr(tokenizer, "metadata_for_ids"):
-        raise ValueError(
-            "metadata_provider='annotate' re-annotates the generated text and needs the LimeTokenizer: "
-            "pass `tokenizer=` to `generate`."
-        )
-    return AnnotatingProvider(tokenizer)
-
-
-def parse_guidance(
-    guidance: dict[str, Sequence | GuidanceCallable] | None,
-    metadata_fields: dict[str, list[str]],
-    batch_size: int,
-) -> dict[str, list[list[int]] | GuidanceCallable]:
-    """Validate guidance: field -> one schedule of labels per batch row (or one for all rows), or a callable.
-
-    Returns field -> per-row lists of tag ids, or the callable unchanged.
-    """
-    parsed = {}
-    for field, schedule in (guidance or {}).items():
-        if callable(schedule):
-            parsed[field] = schedule
-            continue
-        if isinstance(schedule, str) or not isinstance(schedule, Sequence):
-            raise ValueError(
-                f"Guidance for '{field}' must be a list of labels per batch row (e.g. [['VBZ', 'DT']]), a list "
-                f"of labels for every row, or a callable (input_ids, step) -> labels; got {schedule!r}."
-            )
-        if all(isinstance(item, (str, int)) for item in schedule):
-            schedule = [schedule] * batch_size
-        if len(schedule) != batch_size:
-            raise ValueError(
-                f"Guidance for '{field}' has {len(schedule)} schedules but the batch has {batch_size} rows."
-            )
-        parsed[field] = [[label_id(metadata_fields, field, label) for label in row] for row in schedule]
-    return parsed
+    def origins(self, count: int) -> list[int]:
+        """The batch row of each of `count` rows (before the first step: each row its own)."""
+        return self._origins if self.rows is not None else list(range(count))
 
 
 class _PrefixNode:
@@ -127,7 +67,7 @@ class _PrefixNode:
 
     def __init__(self, parent: "_PrefixNode | None" = None):
         self.children: dict[int, _PrefixNode] = {}
-        self.tags: dict[str, int] | None = None
+        self.tags: list[int] | None = None  # one tag id per field, in the tracker's field order
         self.parent = parent
         self.hidden: torch.Tensor | None = None  # final hidden state at the prefix's last token (tag heads)
 
@@ -151,11 +91,15 @@ class MetadataTracker:
         prompt_ids: `(batch, prompt_len)` the prompt.
         metadata_fields: the model's inventories.
         metadata_shift: 0 (LIME) or 1 (LIME+1).
-        provider: tags of generated tokens where guidance has none (see `resolve_provider`).
-        guidance: parsed guidance (see `parse_guidance`), indexed by batch row.
+        provider: tags of generated tokens where guidance has none (see `tag_providers.resolve_provider`).
+        guidance: parsed guidance (see `tag_providers.parse_guidance`), indexed by batch row.
 
     Each call names the batch row every row of `input_ids` grew from (`origins`): `generate` expands rows for beams
     and `num_return_sequences` after this is built.
+
+    A step's cost does not grow with the text: the trie nodes of the last prefixes looked up are kept (the cursor),
+    and a step whose rows extend them in place (greedy, sampling) descends one level instead of walking from the
+    root; beam search, which reorders rows, walks from the root.
     """
 
     def __init__(
@@ -181,6 +125,8 @@ class MetadataTracker:
         # A provider reading hidden states (the tag heads) needs each prefix's last state: `record_hidden`.
         self.uses_hidden_states = getattr(provider, "uses_hidden_states", False)
         self._fed_nodes: list[_PrefixNode] = []
+        # (ids `(rows, length)`, origins, the nodes of those prefixes): the last lookup of `_nodes`.
+        self._cursor: tuple[torch.LongTensor, list[int], list[_PrefixNode]] | None = None
 
     def deciding_prefix(self, token: int) -> int:
         """The length of the prefix that decides the tags of the token at position `token`: LIME tags a token once
@@ -212,18 +158,34 @@ class MetadataTracker:
                 node.hidden = last_hidden[row, position]
                 node = node.parent
 
-    def metadata_ids(self, sequences: torch.LongTensor, origins: list[int]) -> dict[str, torch.LongTensor]:
+    def metadata_ids(
+        self, sequences: torch.LongTensor, origins: list[int], eos_token_ids: list[int] | None = None
+    ) -> dict[str, torch.LongTensor]:
         """`<field>_ids` `(rows, seq)` of every position of `generate`'s output `sequences`.
 
         A LIME model never fed its last generated token; its tags are computed here as the next step would
-        have, so that continuing from `sequences` with them feeds what one longer call would have fed.
+        have, so that continuing from `sequences` with them feeds what one longer call would have fed. After a
+        row's first generated EOS nothing is computed: a position keeps the tags the steps fed it (greedy and
+        sampling feed a finished row padding), else it is padding, `PAD_ID` (beam search pads a finished beam's
+        tail, which no step fed and no tag head could read).
         """
-        return self._tags(sequences, range(sequences.shape[1]), origins)
+        ended = None
+        if eos_token_ids and sequences.shape[1] > self.prompt_len:
+            generated = sequences[:, self.prompt_len :]
+            is_eos = torch.isin(generated, torch.tensor(eos_token_ids, device=sequences.device))
+            ended = (
+                (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+            ).T.tolist()  # per position: rows ended before it
+        return self._tags(sequences, range(sequences.shape[1]), origins, ended)
 
     def _tags(
-        self, input_ids: torch.LongTensor, positions: range, origins: list[int]
+        self,
+        input_ids: torch.LongTensor,
+        positions: range,
+        origins: list[int],
+        ended: list[list[bool]] | None = None,
     ) -> dict[str, torch.LongTensor]:
-        """`<field>_ids` `(rows, len(positions))` of `input_ids` at `positions`."""
+        """`<field>_ids` `(rows, len(positions))` of `input_ids` at `positions` (`ended`: see `_token_tags`)."""
         columns = []
         prompt_end = min(positions.stop, self.prompt_len)
         if positions.start < prompt_end:  # `(fields, rows, n)`
@@ -231,29 +193,61 @@ class MetadataTracker:
                 self.prompt_metadata[:, origins, positions.start : prompt_end].to(input_ids.device)
             )
         for token in range(max(positions.start, self.prompt_len), positions.stop):
-            columns.append(self._token_tags(input_ids, token, origins)[..., None])
+            padding = ended[token - self.prompt_len] if ended is not None else None
+            columns.append(self._token_tags(input_ids, token, origins, padding)[..., None])
         tags = columns[0] if len(columns) == 1 else torch.cat(columns, dim=2)
         return {
             f"{field}_ids": field_tags for field, field_tags in zip(self.fields, tags.unbind(0), strict=True)
         }
 
     def _nodes(self, input_ids: torch.LongTensor, prefix_end: int, origins: list[int]) -> list[_PrefixNode]:
+        """The trie node of each row's prefix `input_ids[:, :prefix_end]`, from the cursor where the rows extend
+        it in place, else walked from the root."""
+        if prefix_end <= self.prompt_len:
+            return [self.prefixes[origin] for origin in origins]
+        if self._cursor is not None:
+            ids, cursor_origins, nodes = self._cursor
+            length = ids.shape[1]
+            if (
+                length <= prefix_end <= length + 1
+                and origins == cursor_origins
+                and torch.equal(input_ids[:, :length], ids)
+            ):
+                if prefix_end == length:
+                    return nodes
+                tokens = input_ids[:, length].tolist()
+                nodes = [node.descend((token,)) for node, token in zip(nodes, tokens, strict=True)]
+                self._cursor = (input_ids[:, :prefix_end].clone(), origins, nodes)
+                return nodes
         generated = input_ids[:, self.prompt_len : prefix_end].tolist()
-        return [
+        nodes = [
             self.prefixes[origin].descend(tokens) for origin, tokens in zip(origins, generated, strict=True)
         ]
+        # A copy: beam search writes its sequences in place.
+        self._cursor = (input_ids[:, :prefix_end].clone(), origins, nodes)
+        return nodes
 
-    def _token_tags(self, input_ids: torch.LongTensor, token: int, origins: list[int]) -> torch.LongTensor:
-        """`(fields, rows)` tags of the generated token at position `token` of each row."""
+    def _token_tags(
+        self,
+        input_ids: torch.LongTensor,
+        token: int,
+        origins: list[int],
+        padding: list[bool] | None = None,
+    ) -> torch.LongTensor:
+        """`(fields, rows)` tags of the generated token at position `token` of each row. The rows `padding` marks
+        keep the tags the steps fed them, if any, else `PAD_ID`: nothing is computed for them."""
         prefix_end = self.deciding_prefix(token)
         nodes = self._nodes(input_ids, prefix_end, origins)
-        missing = [row for row, node in enumerate(nodes) if node.tags is None]
+        missing = [
+            row for row, node in enumerate(nodes) if node.tags is None and not (padding and padding[row])
+        ]
         if missing:
             step = token - self.prompt_len  # the how-many-th generated token
             computed = self._compute(input_ids[missing, :prefix_end], step, missing, nodes, origins)
             for index, row in enumerate(missing):
                 nodes[row].tags = [computed[field][index] for field in self.fields]
-        return torch.tensor([node.tags for node in nodes], device=input_ids.device).T
+        pad = [PAD_ID] * len(self.fields)
+        return torch.tensor([node.tags or pad for node in nodes], device=input_ids.device).T
 
     def _compute(
         self,
@@ -265,13 +259,15 @@ class MetadataTracker:
     ) -> dict[str, list[int]]:
         """Guidance where it covers `step`, else the provider, else unknown (`rows`: the rows of `input_ids`)."""
         batch_rows = [origins[row] for row in rows]
-        guided = {field: [None] * len(rows) for field in self.fields}
+        guided = {}
         for field, schedule in self.guidance.items():
             if callable(schedule):
                 guided[field] = list(schedule(input_ids, step))
             else:
                 guided[field] = [schedule[b][step] if step < len(schedule[b]) else None for b in batch_rows]
-        needs_provider = any(tag is None for tags in guided.values() for tag in tags)
+        needs_provider = len(guided) < len(self.fields) or any(
+            tag is None for tags in guided.values() for tag in tags
+        )
         provided = {}
         if needs_provider and self.uses_hidden_states:
             provided = self.provider(
@@ -279,13 +275,19 @@ class MetadataTracker:
             )
         elif needs_provider:
             provided = self.provider(input_ids, step)
+        unknown = [None] * len(rows)
         result = {}
         for field in self.fields:
-            fallback = provided.get(field, [None] * len(rows))
-            result[field] = [
-                UNKNOWN_ID if tag is None else label_id(self.metadata_fields, field, tag)
-                for tag in (g if g is not None else f for g, f in zip(guided[field], fallback, strict=True))
-            ]
+            size, column = len(self.metadata_fields[field]), []
+            # Runs per row and field at every step: an id in range (the heads' tags) needs no `label_id` call.
+            for given, fallback in zip(guided.get(field, unknown), provided.get(field, unknown), strict=True):
+                tag = given if given is not None else fallback
+                if tag is None:
+                    tag = UNKNOWN_ID
+                elif not (type(tag) is int and 0 <= tag < size):
+                    tag = label_id(self.metadata_fields, field, tag)
+                column.append(tag)
+            result[field] = column
         return result
 
     def _previous_hidden(
@@ -314,93 +316,6 @@ class MetadataTracker:
         )
         states = iter(prompt_states)
         return torch.stack([next(states) if parent is None else parent.hidden for parent in parents])
-
-
-class ModelTagProvider:
-    """`metadata_provider="model"`: the tag heads give the tags of generated tokens, on the model's device.
-
-    For LIME it tags each generated token; for LIME+1 it predicts the next token's tags where guidance is absent
-    (self-guidance). `MetadataTracker` keeps every prefix's last hidden state and calls this with the state
-    before the prefix's last token and that token, so each tag is a pure function of the prefix (the same with
-    and without the KV cache, and under beam reordering). Fields without a head get "unknown".
-
-    Args:
-        model: the `LimeForCausalLM` (with tag heads).
-        attention_mask: `(batch, prompt_len)` mask of the prompt (left padding), if any.
-        self_guidance: `"argmax"` or `"sample"` (draw from the head's softmax); default `config.self_guidance`.
-    """
-
-    uses_hidden_states = True
-
-    def __init__(self, model, attention_mask: torch.Tensor | None = None, self_guidance: str | None = None):
-        check_tag_heads(model)
-        self.model = model
-        self.attention_mask = attention_mask
-        self.sample = (self_guidance or model.config.self_guidance) == "sample"
-
-    def __call__(self, previous_hidden: torch.Tensor, tokens: torch.LongTensor) -> dict[str, list[int]]:
-        """`(rows, hidden)` states before each row's last token, `(rows,)` those tokens -> field -> tag per row."""
-        heads = self.model.tag_heads
-        embeds = self.model.get_input_embeddings()(tokens.to(previous_hidden.device))
-        logits = heads(previous_hidden[:, None], embeds[:, None])
-        predicted = heads.predict(logits, sample=self.sample)
-        return {name: ids[:, 0].tolist() for name, ids in predicted.items()}
-
-    def prompt_states(
-        self,
-        prompt_ids: torch.LongTensor,
-        prompt_metadata: dict[str, torch.LongTensor],
-        batch_rows: list[int],
-    ) -> torch.Tensor:
-        """`(rows, hidden)`: the hidden state before each prompt's last token (LIME+1's first self-guided tag).
-
-        The prompt without its last token is run once; where it is empty or ends in padding, the start state.
-        """
-        heads = self.model.tag_heads
-        rows, length = prompt_ids.shape
-        start = heads.start_state.expand(rows, -1)
-        if length < 2:
-            return start
-        mask = None if self.attention_mask is None else self.attention_mask[batch_rows].to(prompt_ids.device)
-        head_ids = {f"{name}_ids": tags[:, :-1] for name, tags in prompt_metadata.items()}
-        extra = {"next_metadata_ids": {name: tags[:, -1] for name, tags in prompt_metadata.items()}}
-        if mask is not None:
-            extra["attention_mask"] = mask[:, :-1]
-            extra["position_ids"] = (mask[:, :-1].cumsum(-1) - 1).clamp(min=0)
-        outputs = self.model(input_ids=prompt_ids[:, :-1], use_cache=False, **head_ids, **extra)
-        previous = outputs.last_hidden_state[:, -1]
-        if mask is not None:
-            previous = torch.where((mask[:, -2] == 0)[:, None], start, previous)
-        return previous
-
-
-def check_meta_generation(config, generate_kwargs: dict, generation_config) -> None:
-    """Raise unless `generate(generation_config, **generate_kwargs)` suits this model's meta-tokens: every
-    meta-token placement in `logits_processor` places one of them, and no candidate decoding rolls the cache back
-    (a crop counts tokens, and the meta slots are not one per token), asked for in the keywords or in the
-    generation config."""
-    for processor in generate_kwargs.get("logits_processor") or []:
-        token_id = getattr(processor, "meta_token_id", None)
-        if token_id is not None and token_id not in config.meta_token_ids:
-            raise ValueError(
-                f"A meta-token placement asks for meta-token id {token_id}, but this model's meta-tokens are "
-                f"{config.meta_token_ids or 'none'}: "
-                + (
-                    "place one of them."
-                    if config.meta_token_ids
-                    else "build the model with `LimeConfig(meta_token_ids=[...])` to give it meta-attention."
-                )
-            )
-    candidates = [
-        key
-        for key in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
-        if generate_kwargs.get(key) or getattr(generation_config, key, None)
-    ]
-    if config.meta_token_ids and candidates:
-        raise ValueError(
-            f"Assisted and prompt-lookup decoding ({candidates}) crop the KV cache by tokens, which the meta-attention "
-            "cache does not follow: generate without them."
-        )
 
 
 class LimeGenerationMixin(GenerationMixin):
@@ -471,21 +386,30 @@ class LimeGenerationMixin(GenerationMixin):
             tracker = self._new_tracker(prompt_ids, prompt_metadata, guidance, metadata_provider, kwargs)
         if CACHE_NAME == "past_key_values" and "cache" in kwargs:  # `generate` before 5.24 knows the old name
             kwargs["past_key_values"] = kwargs.pop("cache")
-        # Each row's batch row: `generate` expands it with the other model kwargs (beams, `num_return_sequences`).
-        # An assistant gets the assisted model's, with its tracker.
+        # Each row's batch row: `generate` expands it with the other model kwargs (beams, `num_return_sequences`),
+        # and each step records it for the tracker and the logits processors that ask (`for_rows`). An assistant
+        # gets the assisted model's, with its tracker and record.
         rows = kwargs.pop("lime_rows", None)
         if rows is None:
             rows = torch.arange(prompt_ids.shape[0], device=prompt_ids.device)
-        output = super().generate(inputs, generation_config, lime_tracker=tracker, lime_rows=rows, **kwargs)
+        record = kwargs.pop("lime_record", None) or RowRecord()
+        if kwargs.get("logits_processor"):
+            kwargs["logits_processor"] = LogitsProcessorList(
+                processor.for_rows(record) if hasattr(processor, "for_rows") else processor
+                for processor in kwargs["logits_processor"]
+            )
+        output = super().generate(
+            inputs, generation_config, lime_tracker=tracker, lime_rows=rows, lime_record=record, **kwargs
+        )
         if isinstance(output, torch.Tensor) or not (tracker is not None or self._tags_in_pass()):
             return output
         # The output holds `num_return_sequences` rows per prompt, in prompt order, whatever the decoding.
-        returned = (
-            kwargs.get("num_return_sequences")
-            or (generation_config or self.generation_config).num_return_sequences
-        )
+        config = generation_config or self.generation_config
+        returned = kwargs.get("num_return_sequences") or config.num_return_sequences
         origins = torch.arange(prompt_ids.shape[0]).repeat_interleave(returned or 1).tolist()
-        given = tracker.metadata_ids(output.sequences, origins) if tracker is not None else {}
+        eos = kwargs.get("eos_token_id", config.eos_token_id)
+        eos = [eos] if isinstance(eos, int) else list(eos if eos is not None else [])
+        given = tracker.metadata_ids(output.sequences, origins, eos) if tracker is not None else {}
         if self._tags_in_pass():
             given = self._tags_read(output.sequences, given, kwargs.get("attention_mask"), origins)
         output["metadata_ids"] = given
@@ -615,14 +539,18 @@ class LimeGenerationMixin(GenerationMixin):
         next_sequence_length: int | None = None,
         lime_tracker: MetadataTracker | None = None,
         lime_rows: torch.LongTensor | None = None,
+        lime_record: RowRecord | None = None,
         **kwargs,
     ) -> dict:
         """The backbone's inputs for one step, plus the tags of the positions it feeds (see `MetadataTracker`)."""
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, next_sequence_length=next_sequence_length, **kwargs
         )
+        record = lime_record if lime_record is not None else RowRecord()
+        if lime_rows is not None:
+            record.update(lime_rows)
         if lime_tracker is not None:
-            origins = lime_rows.tolist() if lime_rows is not None else list(range(input_ids.shape[0]))
+            origins = record.origins(input_ids.shape[0])
             model_inputs.update(
                 lime_tracker.model_inputs(input_ids, model_inputs["input_ids"].shape[1], origins)
             )
@@ -641,8 +569,5 @@ class LimeGenerationMixin(GenerationMixin):
 __all__ = [
     "LimeGenerationMixin",
     "MetadataTracker",
-    "ModelTagProvider",
-    "check_meta_generation",
-    "parse_guidance",
-    "resolve_provider",
+    "RowRecord",
 ]

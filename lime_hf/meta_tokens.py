@@ -11,6 +11,7 @@ position `p` (from 0) holds one iff `(p + 1) % (N + 1) == 0`.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -61,7 +62,8 @@ class MetaTokenPlacement(LogitsProcessor):
         positions: the positions that take a meta-token.
         policy: a callable `(input_ids_row) -> bool`: whether the row's next token is a meta-token.
         attention_mask: `(batch, prompt_len)` the prompts' mask given to `generate` (left padding, 0 there);
-            the rows of beams and `num_return_sequences` take their prompt's.
+            the rows of beams and `num_return_sequences` take their prompt's: a LIME model's `generate` binds the
+            placement to its record of which prompt each row grew from (`for_rows`).
 
     Example: `model.generate(**prompt, logits_processor=[MetaTokenPlacement(meta_id, every=4,
     attention_mask=prompt["attention_mask"])])`, with `prompt = place_meta_tokens(ids, meta_id, every=4)`.
@@ -83,6 +85,14 @@ class MetaTokenPlacement(LogitsProcessor):
         # Each prompt's left padding, subtracted from the sequence index (nothing when no row is padded).
         padding = None if attention_mask is None else (attention_mask == 0).sum(dim=1)
         self.padding = padding if padding is not None and bool(padding.any()) else None
+        self.record = None  # `generation.RowRecord`: the prompt of each row, set by `for_rows`
+
+    def for_rows(self, record) -> MetaTokenPlacement:
+        """A copy of this placement reading each row's prompt from `record` (a `generation.RowRecord`, which a LIME
+        model's `generate` fills at every step); the placement given stays as it was, for other calls."""
+        bound = copy.copy(self)
+        bound.record = record
+        return bound
 
     def forced(self, input_ids: torch.LongTensor) -> bool | torch.BoolTensor:
         """Whether the next token is the meta-token: one answer for every row (`every`, `positions` on unpadded
@@ -96,16 +106,25 @@ class MetaTokenPlacement(LogitsProcessor):
                 if self.every is not None
                 else position in self.positions
             )
-        rows, prompts = input_ids.shape[0], self.padding.shape[0]
-        if rows % prompts:
-            raise ValueError(
-                f"`attention_mask` has {prompts} prompt rows, and generation has {rows} rows: give the mask of "
-                "the prompts passed to `generate`."
-            )
-        position = input_ids.shape[1] - self.padding.to(input_ids.device).repeat_interleave(rows // prompts)
+        prompts = self._prompts(input_ids.shape[0]).to(input_ids.device)
+        position = input_ids.shape[1] - self.padding.to(input_ids.device)[prompts]
         if self.every is not None:
             return (position + 1) % (self.every + 1) == 0
         return torch.tensor([int(p) in self.positions for p in position], device=input_ids.device)
+
+    def _prompts(self, rows: int) -> torch.LongTensor:
+        """`(rows,)` the prompt of each row: as recorded by `generate`, else each row its own prompt."""
+        prompts = self.padding.shape[0]
+        origins = self.record.rows if self.record is not None else None
+        if origins is None and rows == prompts:
+            return torch.arange(rows)
+        if origins is None or len(origins) != rows or int(origins.max()) >= prompts:
+            raise ValueError(
+                f"`attention_mask` has {prompts} prompt rows, and generation has {rows} rows: give the mask of "
+                "the prompts passed to `generate` (a LIME model's `generate` says which prompt each row of beams "
+                "and `num_return_sequences` grew from; called outside it, the rows must be the prompts)."
+            )
+        return origins
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.meta_token_id >= scores.shape[-1]:

@@ -39,6 +39,17 @@ PREPENDED_POSITIONS = (
 )
 
 
+_ACCEPTED: dict[type, frozenset[str]] = {}
+
+
+def _accepted_keywords(backbone: nn.Module) -> frozenset[str]:
+    """The keywords a backbone's forward takes, with transformers' common ones, once per class (checked every call)."""
+    owner = type(backbone)
+    if owner not in _ACCEPTED:
+        _ACCEPTED[owner] = backbone_parameters(backbone) | TransformersKwargs.__optional_keys__
+    return _ACCEPTED[owner]
+
+
 class LimeTagEmbedding(nn.Embedding):
     """A field's table: row = tag id. The padding and unknown rows are zero and never trained."""
 
@@ -391,7 +402,7 @@ class LimePreTrainedModel(PreTrainedModel):
     def _check_backbone_kwargs(self, kwargs: dict) -> None:
         """A `<name>_ids` keyword that is neither a field of this model nor an argument of the backbone would be
         swallowed by the backbone's `**kwargs` without effect: most likely a mistyped or missing field."""
-        accepted = backbone_parameters(self.language_model) | TransformersKwargs.__optional_keys__
+        accepted = _accepted_keywords(self.language_model)
         for key in kwargs:
             # Token-type ids are generic inputs that `generate` forwards to any model; backbones may ignore them.
             if key.endswith("_ids") and key not in accepted and not key.endswith("token_type_ids"):
@@ -424,7 +435,7 @@ class LimePreTrainedModel(PreTrainedModel):
                     f"field '{name}' needs exactly one tag per input token."
                     + (PREPENDED_POSITIONS.format(input_shape[1] - ids.shape[1]) if prepended else "")
                 )
-            self._check_range(name, f"{name}_ids", ids)
+        checked = [(name, f"{name}_ids", ids) for name, ids in metadata_ids.items()]
         for name, ids in (next_metadata_ids or {}).items():
             if name not in self.config.metadata_fields:
                 raise ValueError(
@@ -435,21 +446,28 @@ class LimePreTrainedModel(PreTrainedModel):
                     f"`next_metadata_ids['{name}']` has shape {tuple(ids.shape)}; expected ({input_shape[0]},): "
                     "one tag per batch row."
                 )
-            self._check_range(name, f"next_metadata_ids['{name}']", ids)
+            checked.append((name, f"next_metadata_ids['{name}']", ids))
+        self._check_ranges(checked)
 
-    def _check_range(self, name: str, argument: str, ids: torch.Tensor) -> None:
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            raise ValueError(f"`{argument}` must hold integer tag ids, got dtype {ids.dtype}.")
-        size = len(self.config.metadata_fields[name])
-        if not ids.numel():
+    def _check_ranges(self, checked: list[tuple[str, str, torch.Tensor]]) -> None:
+        """Raise unless every `(field, argument, ids)` holds integer ids of its field's inventory. It runs at every
+        generation step: one reduction per tensor and one transfer for them all."""
+        for _, argument, ids in checked:
+            if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+                raise ValueError(f"`{argument}` must hold integer tag ids, got dtype {ids.dtype}.")
+        checked = [item for item in checked if item[2].numel()]
+        if not checked:
             return
-        low, high = torch.stack(torch.aminmax(ids)).tolist()  # one reduction, one sync: runs at every step
-        if low < 0 or high >= size:
-            bad = ids[(ids < 0) | (ids >= size)][0].item()
-            raise ValueError(
-                f"`{argument}` holds tag id {bad}, outside field '{name}' whose inventory has {size} labels: "
-                f"valid ids are 0..{size - 1} (0 padding, 1 unknown, 2 special, 3.. labels)."
-            )
+        bounds = torch.stack([bound for *_, ids in checked for bound in torch.aminmax(ids)]).tolist()
+        for index, (name, argument, ids) in enumerate(checked):
+            size = len(self.config.metadata_fields[name])
+            low, high = bounds[2 * index : 2 * index + 2]
+            if low < 0 or high >= size:
+                bad = ids[(ids < 0) | (ids >= size)][0].item()
+                raise ValueError(
+                    f"`{argument}` holds tag id {bad}, outside field '{name}' whose inventory has {size} labels: "
+                    f"valid ids are 0..{size - 1} (0 padding, 1 unknown, 2 special, 3.. labels)."
+                )
 
 
 class LimeModel(LimePreTrainedModel):

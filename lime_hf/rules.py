@@ -96,7 +96,36 @@ def check_metadata_injection(
         )
 
 
-__all__ = ["PROVIDER_NAMES", "check_generation_request", "check_metadata_injection"]
+def check_meta_generation(config, generate_kwargs: dict, generation_config) -> None:
+    """Raise unless `generate(generation_config, **generate_kwargs)` suits this model's meta-tokens: every
+    meta-token placement in `logits_processor` places one of them, and no candidate decoding rolls the cache back
+    (a crop counts tokens, and the meta slots are not one per token), asked for in the keywords or in the
+    generation config."""
+    for processor in generate_kwargs.get("logits_processor") or []:
+        token_id = getattr(processor, "meta_token_id", None)
+        if token_id is not None and token_id not in config.meta_token_ids:
+            raise ValueError(
+                f"A meta-token placement asks for meta-token id {token_id}, but this model's meta-tokens are "
+                f"{config.meta_token_ids or 'none'}: "
+                + (
+                    "place one of them."
+                    if config.meta_token_ids
+                    else "build the model with `LimeConfig(meta_token_ids=[...])` to give it meta-attention."
+                )
+            )
+    candidates = [
+        key
+        for key in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+        if generate_kwargs.get(key) or getattr(generation_config, key, None)
+    ]
+    if config.meta_token_ids and candidates:
+        raise ValueError(
+            f"Assisted and prompt-lookup decoding ({candidates}) crop the KV cache by tokens, which the meta-attention "
+            "cache does not follow: generate without them."
+        )
+
+
+__all__ = ["PROVIDER_NAMES", "check_generation_request", "check_meta_generation", "check_metadata_injection"]
 
 
 def check_lime_model_type(model_type: object, source: str) -> None:

@@ -5,7 +5,7 @@ import torch
 from tiny_models import random_tags, tiny_lime
 from transformers.utils import logging as hf_logging
 
-from lime_hf.configuration_lime import POS_TAGS, UNKNOWN_ID
+from lime_hf.configuration_lime import PAD_ID, POS_TAGS, UNKNOWN_ID
 
 VBZ, DT, NN = (3 + POS_TAGS.index(tag) for tag in ("VBZ", "DT", "NN"))
 
@@ -134,6 +134,26 @@ def test_output_is_the_same_with_and_without_the_kv_cache(arch, shift, decoding)
     expected_rows = 2 * decoding.get("num_return_sequences", 1)
     assert outputs[0].shape == (expected_rows, 12)
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_guided_beams_with_heads_return_padding_tags_after_a_beam_ends():
+    """A beam that ends early is padded after its EOS: no step fed that tail, so its tags are padding (computing
+    them would ask the heads for states that were never computed)."""
+    model = tiny_lime("llama", metadata_shift=1, tag_head_fields=["pos", "ner"])
+    enc = prompt(model)
+    beams = {"num_beams": 3, "do_sample": False, "guidance": {"pos": [["VBZ"], ["DT"]]}, "max_new_tokens": 8}
+    eos = int(model.generate(**enc, **beams)[0, 6])  # the best beam's second token ends it
+    out = model.generate(
+        **enc, **beams, num_return_sequences=2, eos_token_id=eos, pad_token_id=0, return_dict_in_generate=True
+    )
+    generated = out.sequences[:, 5:]
+    is_eos = generated == eos
+    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+    assert after_eos.any()  # a beam ended early
+    for name in ("pos", "ner"):
+        tags = out.metadata_ids[f"{name}_ids"][:, 5:]
+        assert (tags[after_eos] == PAD_ID).all() and (tags[~after_eos] > UNKNOWN_ID).all()
+    assert out.metadata_ids["pos_ids"][:, 5].tolist() == [VBZ, VBZ, DT, DT]  # each prompt's guidance
 
 
 def test_left_padded_batch_matches_rows_generated_alone():

@@ -8,6 +8,7 @@ from tiny_models import VOCAB_SIZE, enable_checkpointing, random_tags, run_witho
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from lime_hf import LimeConfig, LimeForCausalLM, LimeModel
+from lime_hf.generation import RowRecord
 from lime_hf.meta_attention import _ZEROED_POSITIONS, MetaAttentionState
 from lime_hf.meta_tokens import MetaTokenPlacement, place_meta_tokens
 
@@ -261,6 +262,33 @@ def test_generation_is_the_same_with_and_without_the_cache(arch, decoding):
     for row, pad in zip(sequences, padding.tolist(), strict=True):
         tokens = row[pad:]
         assert (tokens == META).tolist() == [(p + 1) % 4 == 0 for p in range(len(tokens))]
+
+
+def test_placement_reads_the_recorded_prompt_of_each_row():
+    """Beams and return sequences of prompts with different padding: each row continues its own prompt's stride,
+    because `generate` records which prompt each row grew from and binds the placement to that record."""
+    model = meta_lime("llama", meta_positional="zero")
+    ids = torch.randint(3, META, (2, 7), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :3], ids[0, :3] = 0, 0  # the first prompt is the shorter one
+    prompt = place_meta_tokens(ids, META, every=2, attention_mask=mask)
+    placement = MetaTokenPlacement(META, every=2, attention_mask=prompt["attention_mask"])
+    out = model.generate(
+        **prompt, max_new_tokens=7, num_beams=2, num_return_sequences=2, logits_processor=[placement]
+    )
+    assert placement.record is None  # the caller's placement is left unbound
+    padding = (prompt["attention_mask"] == 0).sum(dim=1).tolist()
+    assert out.shape[0] == 4 and padding[0] > padding[1]
+    for row, pad in zip(out, [padding[0]] * 2 + [padding[1]] * 2, strict=True):
+        tokens = row[pad:]
+        assert (tokens == META).tolist() == [(p + 1) % 3 == 0 for p in range(len(tokens))]
+    # The record decides, not the order of the rows: rows recorded as grown from the second prompt take its padding.
+    record = RowRecord()
+    record.update(torch.tensor([1, 1, 0, 0]))
+    rows = torch.ones(4, prompt["input_ids"].shape[1], dtype=torch.long)
+    forced = placement.for_rows(record).forced(rows)
+    expected = [(rows.shape[1] - padding[origin] + 1) % 3 == 0 for origin in (1, 1, 0, 0)]
+    assert forced.tolist() == expected and expected[0] != expected[2]
 
 
 def after_an_odd_token(row: torch.LongTensor) -> bool:
