@@ -22,6 +22,7 @@ from .generation import LimeGenerationMixin
 from .meta_attention import LimeMetaAttentionLayers, MetaAttentionState
 from .metadata_injection import STATE_KEYWORD as INJECTION_KEYWORD
 from .metadata_injection import LimeMetadataInjection, MetadataInjectionState
+from .retrofit import detach_backbone, initialize_new_parts, settings_with, take_parts
 from .tag_heads import LimeCausalLMOutputWithPast, LimeTagHeads, self_tags
 
 # PEFT's prompt tuning and p-tuning put learned embeddings in front of the token embeddings (`inputs_embeds`)
@@ -138,11 +139,6 @@ class LimeMetadataEmbeddings(nn.Module):
         return torch.cat([ids[:, 1:], last.to(ids.dtype)], dim=1)
 
 
-def _on_meta_device(module: nn.Module) -> bool:
-    """Whether any parameter of `module` is still on the meta device (not loaded, not built)."""
-    return any(parameter.is_meta for parameter in module.parameters())
-
-
 class LimePreTrainedModel(PreTrainedModel):
     config_class = LimeConfig
     # The backbone (a `*ForCausalLM`) is the model's body; the metadata tables sit beside it.
@@ -223,68 +219,17 @@ class LimePreTrainedModel(PreTrainedModel):
             backbone = AutoModelForCausalLM.from_pretrained(model_or_path)
         trained = backbone if isinstance(backbone, LimePreTrainedModel) else None
         if trained is not None:
-            config_kwargs = trained._settings_with(config_kwargs)
+            config_kwargs = settings_with(trained.config, config_kwargs)
             backbone = trained.language_model
-            trained._detach_backbone()  # its hooks would run the old parts inside the new model
+            detach_backbone(trained)  # its hooks would run the old parts inside the new model
         config = LimeConfig(text_config=backbone.config, **config_kwargs)
         with torch.device("meta"):  # skip building (and initialising) a second backbone
             model = cls(config)
         model.language_model = backbone
         if trained is not None:
-            model._take_parts(trained)
-        model._initialize_new_parts(backbone)
+            take_parts(model, trained)
+        initialize_new_parts(model, backbone)
         return model
-
-    def _settings_with(self, config_kwargs: dict) -> dict:
-        """This model's LIME settings (every `LimeConfig` argument but `text_config`), `config_kwargs` applied."""
-        names = [name for name in LimeConfig.__annotations__ if name != "text_config"]
-        settings = {name: getattr(self.config, name) for name in names}
-        fields = config_kwargs.get("metadata_fields", settings["metadata_fields"])
-        if fields != settings["metadata_fields"]:
-            raise ValueError(
-                "from_backbone on a LIME model keeps its metadata fields and their inventories (its tables were "
-                "trained on them); to change them, retrofit its backbone instead: "
-                "`LimeForCausalLM.from_backbone(model.language_model, metadata_fields=...)`."
-            )
-        return {**settings, **config_kwargs}
-
-    def _detach_backbone(self) -> None:
-        """Remove this model's hooks from its backbone (meta-attention, metadata injection)."""
-        for part in (self.meta_attention, self.metadata_injection):
-            if part is not None:
-                part.detach()
-
-    def _take_parts(self, trained: "LimePreTrainedModel") -> None:
-        """Share `trained`'s metadata tables, tag heads and meta-attention weights where their shapes are this
-        model's; the rest stays on the meta device for `_initialize_new_parts`."""
-        own = self.state_dict(keep_vars=True)
-        kept = {
-            key: value
-            for key, value in trained.state_dict(keep_vars=True).items()
-            if not key.startswith("language_model.") and key in own and own[key].shape == value.shape
-        }
-        self.load_state_dict(kept, strict=False, assign=True)
-
-    def _initialize_new_parts(self, backbone: PreTrainedModel) -> None:
-        """Build the parts still on the meta device beside `backbone` (zero tables, random heads and meta-attention)
-        and hook meta-attention and metadata injection into it."""
-        std = getattr(backbone.config, "initializer_range", 0.02)
-        for table in self.metadata_embeddings.tables.values():
-            if table.weight.is_meta:
-                table.to_empty(device=backbone.device).to(backbone.dtype)
-                with torch.no_grad():
-                    table.weight.zero_()
-        if self.tag_heads is not None and _on_meta_device(self.tag_heads):
-            self.tag_heads.to_empty(device=backbone.device).to(backbone.dtype)
-            self.tag_heads.reset_parameters(std)
-        if self.meta_attention is not None:
-            if _on_meta_device(self.meta_attention):  # random: a retrofit learns its meta-tokens from scratch
-                self.meta_attention.to_empty(device=backbone.device).to(backbone.dtype)
-                for sublayer in self.meta_attention.layers:
-                    sublayer.reset_parameters(std)
-            self.meta_attention.attach(backbone)
-        if self.metadata_injection is not None:
-            self.metadata_injection.attach(backbone)
 
     # The steps of the forward, in order.
 
