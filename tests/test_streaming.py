@@ -285,6 +285,26 @@ def test_streaming_a_saved_annotated_dataset_from_the_command_line(annotated, sa
     assert (output / "model.safetensors").is_file()
 
 
+def test_shards_packed_with_a_meta_token_give_the_model_meta_attention(
+    annotated, lime_pretokenized, tmp_path
+):
+    tokenizer = copy.deepcopy(lime_pretokenized)
+    (meta_id,) = add_meta_tokens(tokenizer, ["<meta>"])
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    folder = tmp_path / "shards"
+    write_shards(
+        prepare_lm_dataset(annotated, tokenizer, BLOCK),
+        folder,
+        tokenizer,
+        BLOCK,
+        meta_token_id=meta_id,
+        meta_fraction=0.1,
+    )
+    main(stream_args(folder, tmp_path / "tokenizer", tmp_path / "out", "--max-steps", "1"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["meta_token_ids"] == [meta_id]
+
+
 RANK_SCRIPT = """
 import sys
 
