@@ -12,6 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
+from difflib import get_close_matches
 from typing import TYPE_CHECKING, Any
 
 from ..options import SOURCES_HELP, TrainOptions, check_train_options
@@ -48,11 +49,13 @@ def check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Parse the Trainer's options and run the pipeline on the checked LIME options."""
+    """Parse the Trainer's options, then run the pipeline on the checked LIME options."""
+    with usage_errors(args.parser):  # a typo'd Trainer option is refused before the pipeline loads anything
+        training_args = trainer_arguments(args.trainer_argv, args.parser.prog)
     from .. import pretrain
 
     with usage_errors(args.parser):  # no documents, a tokenizer or backbone that does not load, ...
-        pretrain.run(args.options, trainer_arguments(args.trainer_argv, args.parser.prog))
+        pretrain.run(args.options, training_args)
 
 
 def main(
@@ -133,20 +136,27 @@ def trainer_parser(prog: str = PROG) -> HfArgumentParser:
     """The `TrainingArguments` options, with this command's defaults: output folder, 20 logs per run."""
     from transformers import HfArgumentParser, TrainingArguments
 
-    parser = HfArgumentParser(TrainingArguments, prog=prog, usage=f"{prog} SOURCE ... [options]")
+    parser = HfArgumentParser(
+        TrainingArguments, prog=prog, usage=f"{prog} SOURCE ... [options]", allow_abbrev=False
+    )
     parser.set_defaults(output_dir="lime-pretrain", logging_steps=0.05, logging_first_step=True)
     return parser
 
 
 def trainer_arguments(argv: Sequence[str], prog: str = PROG) -> TrainingArguments:
     """The `TrainingArguments` of `argv` (what the LIME parser left); `ValueError` for an unknown option."""
-    training_args, unknown = trainer_parser(prog).parse_args_into_dataclasses(
+    parser = trainer_parser(prog)
+    training_args, unknown = parser.parse_args_into_dataclasses(
         args=list(argv), return_remaining_strings=True
     )
     if unknown:
+        known = [*parser._option_string_actions, *build_train_parser(prog)._option_string_actions]
+        names = [arg.partition("=")[0] for arg in unknown if arg.startswith("--")]
+        hints = [f"{close[0]} for {name}" for name in names if (close := get_close_matches(name, known, n=1))]
         raise ValueError(
-            f"Unrecognized arguments {unknown}: `{prog} --help` lists the LIME options, "
-            f"`{prog} --help-trainer` the Trainer's."
+            f"Unrecognized arguments {unknown}"
+            + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+            + f": `{prog} --help` lists the LIME options, `{prog} --help-trainer` the Trainer's."
         )
     if training_args.device.type == "cpu":  # pinned memory only speeds copies to an accelerator
         training_args.dataloader_pin_memory = False
