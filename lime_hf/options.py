@@ -21,8 +21,8 @@ from .rules import check_lime_model_type, check_metadata_injection
 ALIGNMENTS = ("pretokenized", "offsets")
 FIELDS = ("pos", "ner")
 SOURCES_HELP = (
-    ".txt files (one document per paragraph; see --sample-by), a `save_to_disk` folder, or one `datasets` "
-    "name/folder"
+    ".txt files (one document per paragraph; see --sample-by), or one .csv/.json/.jsonl/.parquet file, "
+    "`save_to_disk` folder or `datasets` name/folder"
 )
 # What one document is in a .txt source: `datasets`' text loader's `sample_by`.
 SAMPLE_BY = ("line", "paragraph", "document")

@@ -53,6 +53,14 @@ from .trainer import LimeTrainer, next_token_metrics
 
 logger = logging.get_logger(__name__)
 
+# A local data file given as a source: its suffix -> the `datasets` builder that reads it (one split, "train").
+DATA_FILE_BUILDERS = {
+    ".csv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".jsonl.gz": "json",
+    ".parquet": "parquet",
+}
 # Special tokens of a tokenizer trained by --train-tokenizer (GPT-2 style: one token begins and ends texts).
 EOS_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|pad|>"
 BYTE_ALPHABET_SIZE = 256
@@ -84,6 +92,7 @@ def load_texts(
               lines, line breaks inside kept) is a document, so packing puts EOS between paragraphs and annotation
               parallelises over them;
             - one folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`;
+            - one local `.csv`, `.json`, `.jsonl[.gz]` or `.parquet` file;
             - one `datasets` name or folder of data files, read with `load_dataset`.
         dataset_config (`str`, *optional*): the config name of a `load_dataset` source.
         split (`str`, *optional*, defaults to `"train"`): the split of a dataset source.
@@ -132,6 +141,16 @@ def _load_dataset_source(
         if split not in loaded:
             raise ValueError(f"The saved dataset {source} has no split {split!r}; it has {list(loaded)}.")
         return loaded[split]
+    builder = next((name for suffix, name in DATA_FILE_BUILDERS.items() if source.endswith(suffix)), None)
+    if builder is not None:  # a local data file, never a Hub id: read by its format's builder
+        if not folder.is_file():
+            raise ValueError(f"No such data file {source!r}.")
+        return load_dataset(builder, data_files=source, split="train", cache_dir=cache_dir)
+    if folder.is_file():
+        raise ValueError(
+            f"{source!r} is a file of a format not read here: give .txt files, or one {', '.join(DATA_FILE_BUILDERS)} "
+            "file, a `save_to_disk` folder or a `datasets` name."
+        )
     try:
         return load_dataset(source, dataset_config, split=split, cache_dir=cache_dir)
     except (FileNotFoundError, ConnectionError) as error:  # ConnectionError: not cached, Hub unreachable
@@ -169,12 +188,13 @@ def describe_texts(texts: Dataset, sources: Sequence[str], sample_by: str | None
     documents, words, lines = len(texts), 0, 0
     for batch in texts.iter(batch_size=1000):
         words += sum(len(text.split()) for text in batch["text"])
-        lines += sum(text.count("\n") + 1 for text in batch["text"])
+        lines += sum(text.strip().count("\n") + 1 for text in batch["text"])
+    found = f"{documents:,} document{'s' * (documents != 1)} ({words:,} words) from {', '.join(sources)}"
     if not all(source.endswith(".txt") for source in sources):
-        return f"{documents:,} documents ({words:,} words) from {', '.join(sources)}"
+        return found
     unit = sample_by or "paragraph"
     text = (
-        f"{documents:,} documents ({words:,} words) from {', '.join(sources)}: one per {unit} "
+        f"{found}: one per {unit} "
         f"(--sample-by {unit}{'' if sample_by else ', the default'}; line, paragraph or document)"
     )
     if unit == "paragraph" and documents <= len(sources) and lines > documents:

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 from difflib import get_close_matches
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..options import SOURCES_HELP, TrainOptions, check_train_options
@@ -114,6 +115,12 @@ def parse_train_arguments(argv: Sequence[str], prog: str = PROG) -> tuple[TrainO
     argv = dashed(argv)
     count = next((index for index, arg in enumerate(argv) if arg.startswith("-")), len(argv))
     known, rest = build_train_parser(prog).parse_known_args(argv[count:])
+    late = [arg for arg in rest if not arg.startswith("-") and (arg.endswith(".txt") or Path(arg).exists())]
+    if count == 0 and late:
+        raise ValueError(
+            f"The sources come first, before the options: `{prog} {' '.join(late)} [options]` "
+            f"(got {', '.join(late)} after them)."
+        )
     return TrainOptions(sources=argv[:count], **vars(known)), rest
 
 
