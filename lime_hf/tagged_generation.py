@@ -36,6 +36,14 @@ def load_lime_tokenizer(path: str, alignment: str | None) -> LimeTokenizer:
     )
 
 
+def provider_source(config: Any, provider: str | None) -> str:
+    """Who tags generated tokens that guidance does not cover: `"heads"`, `"spaCy"` or `"unknown"` (`generate`'s rule)."""
+    provider = provider or (
+        "model" if config.tag_head_fields else "unknown" if config.metadata_shift else "annotate"
+    )
+    return {"model": "heads", "annotate": "spaCy"}.get(provider, provider)
+
+
 def generate_with_tags(
     model: LimeForCausalLM,
     tokenizer: LimeTokenizer,
@@ -47,8 +55,9 @@ def generate_with_tags(
 ) -> list[dict[str, Any]]:
     """
     Generate from one prompt; per returned sequence its `text` and, per generated token, the `token` text, the
-    tags it was `fed` (guidance or provider, by field), the tags it was `asked` (guidance) and, with
-    `spacy_tags`, the tags spaCy `found` in the output (otherwise spaCy never runs on it).
+    tags it was `fed` (guidance or provider, by field) and where each came `from` (`"guide"`, or the provider:
+    `"heads"`, `"spaCy"`, `"unknown"`), the tags it was `asked` (guidance) and, with `spacy_tags`, the tags spaCy
+    `found` in the output (otherwise spaCy never runs on it).
     """
     encoding = tokenizer(prompt, return_tensors="pt").to(model.device)
     start = encoding["input_ids"].shape[1]
@@ -63,6 +72,7 @@ def generate_with_tags(
     fields = (
         tokenizer.metadata_fields
     )  # the model's inventories (`generate` checks them), in the tokenizer's order
+    source = provider_source(model.config, provider)
     sequences = []
     for row, ids in enumerate(output.sequences.tolist()):
         # The tags generate fed for each position (guidance or provider); padding after an early EOS is dropped.
@@ -76,6 +86,9 @@ def generate_with_tags(
                 {
                     "token": tokenizer.decode([token]),
                     "fed": {field: fields[field][fed_ids[field][position]] for field in fields},
+                    "from": {
+                        field: "guide" if step < len(guidance.get(field, ())) else source for field in fields
+                    },
                     "asked": {
                         field: labels[step] for field, labels in guidance.items() if step < len(labels)
                     },
@@ -88,4 +101,4 @@ def generate_with_tags(
     return sequences
 
 
-__all__ = ["generate_with_tags", "load_lime_tokenizer", "load_model"]
+__all__ = ["generate_with_tags", "load_lime_tokenizer", "load_model", "provider_source"]
