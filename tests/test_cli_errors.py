@@ -232,27 +232,9 @@ CASES = {
         ["train", "corpus.txt", "--train-tokenizer", "400", "--max-step", "3"],
         "Unrecognized arguments ['--max-step', '3'] (did you mean --max-steps for --max-step?)",
     ),
-    "an abbreviated option": (
-        ["generate", "lime", "Emma", "--max-new-token", "2"],
-        "unrecognized arguments: --max-new-token 2",
-    ),
     "--sample-by with a dataset source": (
         ["annotate", "nobody/no-such-dataset", "-o", "out", "--sample-by", "line"],
         "--sample-by line splits .txt files into documents; a dataset source's rows are its documents",
-    ),
-    "one document held out of one": (
-        [
-            "train",
-            "corpus.txt",
-            "--train-tokenizer",
-            "400",
-            "--sample-by",
-            "document",
-            "--eval-fraction",
-            "0.1",
-        ],
-        "--eval-fraction 0.1 of 1 document(s) leaves none to train on: cut the texts into more documents "
-        "(--sample-by line: one per line), or hold out an --eval-file instead.",
     ),
     # Wording (issue 23): a file is not a folder, sources come first, a local data file is not a Hub id.
     "annotate --executor on a file": (
@@ -409,7 +391,7 @@ def test_tag_shows_the_heads_predictions_and_why_subwords_repeat_b_tags(workdir)
     assert [row[-2] for row in rows] == [labels["pos"][tag] for tag in tags["pos"][0].tolist()]
     assert [row[-1] for row in rows] == [labels["ner"][tag] for tag in tags["ner"][0].tolist()]
     if any(a[4] == b[4] and a[4].startswith("B-") for a, b in zip(rows, rows[1:], strict=False)):
-        assert "note: every subword of a word carries the word's tags, B- included" in result.stdout
+        assert "note: every subword of a word carries the word's tags, B- included" in result.stderr
 
 
 def test_generate_says_which_tags_the_guide_gave_and_which_the_heads(workdir):
@@ -426,3 +408,23 @@ def test_generate_says_which_tags_the_guide_gave_and_which_the_heads(workdir):
     assert header == ["#", "token", "ner fed", "from", "ner spaCy", "pos fed", "from", "pos spaCy"]
     sources = [(row[3], row[6]) for row in table_rows(result.stdout)]
     assert sources == [("guide", "heads"), ("heads", "heads"), ("heads", "heads")]
+
+
+def test_an_abbreviated_option_is_not_taken_for_the_option(workdir):
+    result = run_cli("generate", "lime", "Emma", "--max-new-token", "2", cwd=workdir)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[0] == "lime-hf: error: unrecognized arguments: --max-new-token 2"
+
+
+def test_an_eval_split_that_leaves_no_training_document_fails(workdir):
+    """The whole file is one document: holding a tenth of it out leaves nothing to train on (after loading it)."""
+    result = run_cli(
+        "train", "corpus.txt", "--train-tokenizer", "400", "--sample-by", "document", "--eval-fraction", "0.1",
+        cwd=workdir,
+    )  # fmt: skip
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-2] == (
+        "lime-hf train: error: --eval-fraction 0.1 of 1 document(s) leaves none to train on: cut the texts into more "
+        "documents (--sample-by line: one per line), or hold out an --eval-file instead."
+    )

@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> None:
         print(
             "note: every subword of a word carries the word's tags, B- included: LIME tags words (spaCy's tokens), "
             "and a subword reads its word's tags, so a word reads the same tags under any tokenizer "
-            "(docs/tokenizer.md, alignment)"
+            "(docs/tokenizer.md, alignment)",
+            file=sys.stderr,
         )
 
 
