@@ -21,8 +21,26 @@ from .rules import check_lime_model_type, check_metadata_injection
 ALIGNMENTS = ("pretokenized", "offsets")
 FIELDS = ("pos", "ner")
 SOURCES_HELP = (
-    ".txt files (one document per paragraph), a `save_to_disk` folder, or one `datasets` name/folder"
+    ".txt files (one document per paragraph; see --sample-by), or one .csv/.json/.jsonl/.parquet file, "
+    "`save_to_disk` folder or `datasets` name/folder"
 )
+# What one document is in a .txt source: `datasets`' text loader's `sample_by`.
+SAMPLE_BY = ("line", "paragraph", "document")
+SAMPLE_BY_HELP = (
+    "what one document of a .txt source is: a line, a paragraph (text between blank lines) or the whole file "
+    "(document), as `datasets`' text loader's sample_by (default: paragraph)"
+)
+# The backbone when neither --model-config nor --from-backbone is given: a small Llama (~3 M parameters
+# without the embeddings). `vocab_size` and the special token ids always come from the tokenizer.
+DEFAULT_TEXT_CONFIG: dict[str, Any] = {
+    "model_type": "llama",
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 1024,
+}
 
 
 @dataclass
@@ -131,6 +149,7 @@ class TrainOptions:
             "type": float,
         },
     )
+    sample_by: str | None = field(default=None, metadata={"help": SAMPLE_BY_HELP, "choices": SAMPLE_BY})
     block_size: int = field(
         default=512, metadata={"metavar": "N", "help": "tokens per packed block (default: 512)", "type": int}
     )
@@ -204,8 +223,9 @@ def check_train_options(options: TrainOptions) -> None:
         )
     if options.shards is not None or options.streaming:
         check_streaming_options(options)
+        check_sample_by(options.sample_by, text_files=False)
     else:
-        check_sources(options.sources)
+        check_sample_by(options.sample_by, text_files=check_sources(options.sources))
     if options.metadata_layer < 0:
         raise ValueError(f"--metadata-layer must be 0 or more, got {options.metadata_layer}.")
     check_metadata_injection(
@@ -214,11 +234,19 @@ def check_train_options(options: TrainOptions) -> None:
         tag_head_fields=options.tag_head_fields,
     )
     check_meta_token_options(options.meta_token, options.meta_fraction)
+    fields: Sequence[str] | None = FIELDS  # a new LimeTokenizer's; None: known once a Hub tokenizer loads
     saved = Path(options.tokenizer or "") / "tokenizer_config.json"
     if options.tokenizer and saved.is_file():  # a folder here: a Hub id is checked once it is loaded
         config = json.loads(saved.read_text(encoding="utf-8"))
         if config.get("tokenizer_class") == "LimeTokenizer":
             check_saved_tokenizer(config.get("alignment"), config.get("spacy_model"), options)
+            fields = list(config.get("metadata_fields") or FIELDS)
+    elif options.tokenizer and not Path(options.tokenizer).exists():
+        fields = None
+    if fields is not None and (unknown := [f for f in options.tag_head_fields if f not in fields]):
+        raise ValueError(
+            f"--tag-heads names unknown field(s) {unknown}; the tokenizer's fields are {list(fields)}."
+        )
     if options.eval_file is not None:
         check_sources([options.eval_file])
     backbone_config = Path(options.from_backbone or "") / "config.json"
@@ -231,6 +259,49 @@ def check_train_options(options: TrainOptions) -> None:
                 f"{config.get('metadata_shift', 0)}): --from-backbone retrofits a plain causal LM; continue "
                 "a LIME run from one of its checkpoint-N folders with --resume-from-checkpoint"
             )
+    check_block_size(options.block_size, max_positions(options))
+
+
+def read_text_config(spec: str) -> dict[str, Any]:
+    """A backbone config from a JSON file or an inline JSON object (`--model-config`); it must name its `model_type`."""
+    text = Path(spec).read_text(encoding="utf-8") if Path(spec).is_file() else spec
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"--model-config {spec!r} is neither a JSON file nor a JSON object ({error}). "
+            'Example: \'{"model_type": "llama", "hidden_size": 256, "num_hidden_layers": 4}\'.'
+        ) from error
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ValueError(
+            f"--model-config must be a JSON object with a `model_type` (llama, qwen2, gpt2, ...), got {config!r}."
+        )
+    return config
+
+
+def max_positions(options: TrainOptions) -> int | None:
+    """
+    The backbone's position range, where it is known before loading: `--model-config`, the default backbone, or a
+    `--from-backbone` folder here (GPT-2 calls it `n_positions`); None for a Hub id.
+    """
+    if options.from_backbone is not None:
+        config_file = Path(options.from_backbone) / "config.json"
+        if not config_file.is_file():
+            return None
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config = config.get("text_config", config)  # a LIME checkpoint: refused below, with its own message
+    else:
+        config = read_text_config(options.model_config) if options.model_config else DEFAULT_TEXT_CONFIG
+    return config.get("max_position_embeddings", config.get("n_positions"))
+
+
+def check_block_size(block_size: int, max_positions: int | None) -> None:
+    """A packed block must fit the backbone's position range (`max_positions`; None: not known)."""
+    if block_size < 1 or (max_positions is not None and block_size > max_positions):
+        raise ValueError(
+            f"--block-size {block_size} is not allowed: it must lie between 1 and the backbone's "
+            f"max_position_embeddings ({max_positions})."
+        )
 
 
 def check_streaming_options(options: TrainOptions) -> None:
@@ -326,6 +397,15 @@ def check_sources(sources: Sequence[str]) -> bool:
     return True
 
 
+def check_sample_by(sample_by: str | None, text_files: bool) -> None:
+    """`--sample-by` splits .txt files into documents; a dataset's rows are its documents already."""
+    if sample_by is not None and not text_files:
+        raise ValueError(
+            f"--sample-by {sample_by} splits .txt files into documents; a dataset source's rows are its documents: "
+            "drop --sample-by"
+        )
+
+
 def check_utf8_text(path: Path, chunk_size: int = 1 << 20) -> bool:
     """
     `path` holds at least one byte and decodes as UTF-8 (read in chunks: corpora may be large); returns whether
@@ -393,15 +473,21 @@ def check_not_adapter(folder: Path, path: str) -> None:
 
 __all__ = [
     "ALIGNMENTS",
+    "DEFAULT_TEXT_CONFIG",
     "FIELDS",
+    "SAMPLE_BY",
     "SOURCES_HELP",
     "TrainOptions",
+    "check_block_size",
     "check_meta_token_options",
     "check_model_folder",
     "check_not_adapter",
+    "check_sample_by",
     "check_saved_tokenizer",
     "check_sources",
     "check_streaming_options",
     "check_train_options",
     "check_utf8_text",
+    "max_positions",
+    "read_text_config",
 ]

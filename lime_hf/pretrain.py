@@ -16,13 +16,13 @@ examples/pretrain.py ...` / `torchrun --nproc_per_node N ...`:
 
 from __future__ import annotations
 
-import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import datasets
+import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -41,22 +41,27 @@ from .configuration_lime import LimeConfig
 from .data import ANNOTATION_PREFIX, align_dataset, annotate_dataset, check_column, pack_dataset
 from .meta_tokens import add_meta_tokens, meta_token_count
 from .modeling_lime import LimeForCausalLM
-from .options import TrainOptions, check_saved_tokenizer, check_sources
+from .options import (
+    DEFAULT_TEXT_CONFIG,
+    TrainOptions,
+    check_block_size,
+    check_sample_by,
+    check_saved_tokenizer,
+    check_sources,
+    read_text_config,
+)
 from .tokenization_lime import LimeTokenizer
 from .trainer import LimeTrainer, next_token_metrics
 
 logger = logging.get_logger(__name__)
 
-# The backbone when neither --model-config nor --from-backbone is given: a small Llama (~3 M parameters
-# without the embeddings). `vocab_size` and the special token ids always come from the tokenizer.
-DEFAULT_TEXT_CONFIG: dict[str, Any] = {
-    "model_type": "llama",
-    "hidden_size": 256,
-    "intermediate_size": 768,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 1024,
+# A local data file given as a source: its suffix -> the `datasets` builder that reads it (one split, "train").
+DATA_FILE_BUILDERS = {
+    ".csv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".jsonl.gz": "json",
+    ".parquet": "parquet",
 }
 # Special tokens of a tokenizer trained by --train-tokenizer (GPT-2 style: one token begins and ends texts).
 EOS_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|pad|>"
@@ -77,6 +82,7 @@ def load_texts(
     split: str = "train",
     text_column: str = "text",
     cache_dir: str | None = None,
+    sample_by: str | None = None,
 ) -> Dataset:
     """
     Load raw texts as a dataset with a column `text`, one document per row; empty documents are dropped. The
@@ -84,22 +90,31 @@ def load_texts(
 
     Args:
         sources (`list[str]`): either
-            - `.txt` files: every paragraph (text between blank lines, line breaks inside kept) is a document,
-              so packing puts EOS between paragraphs and annotation parallelises over them;
+            - `.txt` files, cut into documents by `sample_by`: by default every paragraph (text between blank
+              lines, line breaks inside kept) is a document, so packing puts EOS between paragraphs and annotation
+              parallelises over them;
             - one folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`;
+            - one local `.csv`, `.json`, `.jsonl[.gz]` or `.parquet` file;
             - one `datasets` name or folder of data files, read with `load_dataset`.
         dataset_config (`str`, *optional*): the config name of a `load_dataset` source.
         split (`str`, *optional*, defaults to `"train"`): the split of a dataset source.
         text_column (`str`, *optional*, defaults to `"text"`): the column holding the text in a dataset source.
         cache_dir (`str`, *optional*): the datasets cache folder.
+        sample_by (`str`, *optional*, defaults to `"paragraph"`): what one document of a `.txt` file is: a `"line"`,
+            a `"paragraph"` or the whole file (`"document"`), as `datasets`' text loader's `sample_by`.
 
     The result is disk-backed (in the datasets cache), so every later `map` is cached and other processes of a
     distributed run reuse the main process's work.
     """
     text_files = sources if check_sources(sources) else []
+    check_sample_by(sample_by, bool(text_files))
     if text_files:
         texts = load_dataset(
-            "text", data_files=text_files, sample_by="paragraph", split="train", cache_dir=cache_dir
+            "text",
+            data_files=text_files,
+            sample_by=sample_by or "paragraph",
+            split="train",
+            cache_dir=cache_dir,
         )
     else:
         texts = _load_dataset_source(sources[0], dataset_config, split, cache_dir)
@@ -128,6 +143,16 @@ def _load_dataset_source(
         if split not in loaded:
             raise ValueError(f"The saved dataset {source} has no split {split!r}; it has {list(loaded)}.")
         return loaded[split]
+    builder = next((name for suffix, name in DATA_FILE_BUILDERS.items() if source.endswith(suffix)), None)
+    if builder is not None:  # a local data file, never a Hub id: read by its format's builder
+        if not folder.is_file():
+            raise ValueError(f"No such data file {source!r}.")
+        return load_dataset(builder, data_files=source, split="train", cache_dir=cache_dir)
+    if folder.is_file():
+        raise ValueError(
+            f"{source!r} is a file of a format not read here: give .txt files, or one {', '.join(DATA_FILE_BUILDERS)} "
+            "file, a `save_to_disk` folder or a `datasets` name."
+        )
     try:
         return load_dataset(source, dataset_config, split=split, cache_dir=cache_dir)
     except (FileNotFoundError, ConnectionError) as error:  # ConnectionError: not cached, Hub unreachable
@@ -147,8 +172,39 @@ def split_texts(
         raise ValueError("Give either --eval-file or --eval-fraction, not both.")
     if not 0.0 < eval_fraction < 1.0:
         raise ValueError(f"--eval-fraction must lie strictly between 0 and 1, got {eval_fraction}.")
+    held_out = math.ceil(eval_fraction * len(texts))  # as `train_test_split` rounds it
+    if held_out >= len(texts):
+        raise ValueError(
+            f"--eval-fraction {eval_fraction} of {len(texts)} document(s) leaves none to train on: cut the texts into "
+            "more documents (--sample-by line: one per line), or hold out an --eval-file instead."
+        )
     parts = texts.train_test_split(test_size=eval_fraction, seed=seed)
     return parts["train"], parts["test"]
+
+
+def describe_texts(texts: Dataset, sources: Sequence[str], sample_by: str | None) -> str:
+    """
+    What `load_texts` found, for the user: documents, words and how a .txt source was cut (with a hint when each
+    file came out as one document of several lines: a one-sentence-per-line corpus read by paragraph).
+    """
+    documents, words, lines = len(texts), 0, 0
+    for batch in texts.iter(batch_size=1000):
+        words += sum(len(text.split()) for text in batch["text"])
+        lines += sum(text.strip().count("\n") + 1 for text in batch["text"])
+    found = f"{documents:,} document{'s' * (documents != 1)} ({words:,} words) from {', '.join(sources)}"
+    if not all(source.endswith(".txt") for source in sources):
+        return found
+    unit = sample_by or "paragraph"
+    text = (
+        f"{found}: one per {unit} "
+        f"(--sample-by {unit}{'' if sample_by else ', the default'}; line, paragraph or document)"
+    )
+    if unit == "paragraph" and documents <= len(sources) and lines > documents:
+        text += (
+            f"\nnote: each file is one paragraph of {lines:,} lines in all, so one document; if each line is a "
+            "document (one sentence per line), pass --sample-by line"
+        )
+    return text
 
 
 # ---- Tokenizer -----------------------------------------------------------------------------------------------
@@ -269,33 +325,6 @@ def build_model(
     return LimeForCausalLM(config)
 
 
-def read_text_config(spec: str) -> dict[str, Any]:
-    """A backbone config from a JSON file or an inline JSON object; it must name its `model_type`."""
-    text = Path(spec).read_text(encoding="utf-8") if Path(spec).is_file() else spec
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(
-            f"--model-config {spec!r} is neither a JSON file nor a JSON object ({error}). "
-            'Example: \'{"model_type": "llama", "hidden_size": 256, "num_hidden_layers": 4}\'.'
-        ) from error
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise ValueError(
-            f"--model-config must be a JSON object with a `model_type` (llama, qwen2, gpt2, ...), got {config!r}."
-        )
-    return config
-
-
-def check_block_size(block_size: int, config: LimeConfig) -> None:
-    """A block must fit the backbone's position range."""
-    max_positions = getattr(config.get_text_config(), "max_position_embeddings", None)
-    if block_size < 1 or (max_positions is not None and block_size > max_positions):
-        raise ValueError(
-            f"--block-size {block_size} is not allowed: it must lie between 1 and the backbone's "
-            f"max_position_embeddings ({max_positions})."
-        )
-
-
 # ---- Data ----------------------------------------------------------------------------------------------------
 
 
@@ -346,17 +375,37 @@ def prepare_lm_dataset(
 # ---- The script ----------------------------------------------------------------------------------------------
 
 
-def load_train_and_eval_texts(options: TrainOptions, seed: int) -> tuple[Dataset, Dataset | None]:
-    """The training documents and the held-out ones (`--eval-file` or `--eval-fraction`), if any."""
+def load_train_and_eval_texts(
+    options: TrainOptions, seed: int, report: bool = False
+) -> tuple[Dataset, Dataset | None]:
+    """
+    The training documents and the held-out ones (`--eval-file` or `--eval-fraction`), if any; with `report`,
+    print what was found (documents, words, how .txt files were cut).
+    """
     source_options = dict(
         dataset_config=options.dataset_config,
         split=options.split,
         text_column=options.text_column,
         cache_dir=options.cache_dir,
+        sample_by=options.sample_by,
     )
     texts = load_texts(options.sources, **source_options)
     eval_texts = load_texts([options.eval_file], **source_options) if options.eval_file else None
-    return split_texts(texts, eval_texts, options.eval_fraction, seed)
+    train_texts, eval_texts = split_texts(texts, eval_texts, options.eval_fraction, seed)
+    if report:
+        print(f"Read {describe_texts(texts, options.sources, options.sample_by)}")
+        if options.eval_file:
+            print(f"Held out {describe_texts(eval_texts, [options.eval_file], options.sample_by)}")
+        elif eval_texts is not None:
+            print(
+                f"Held out {len(eval_texts):,} of them for evaluation (--eval-fraction {options.eval_fraction})"
+            )
+    return train_texts, eval_texts
+
+
+def count_tokens(blocks: Dataset) -> int:
+    """The tokens packed into `blocks` (the last block of a packing batch may be short), from the Arrow lengths."""
+    return pc.sum(pc.list_value_length(blocks.data.column("input_ids"))).as_py() or 0
 
 
 def check_launch(training_args: TrainingArguments) -> None:
@@ -419,6 +468,11 @@ def build_model_for(
     )
 
 
+def check_model_block_size(block_size: int, model: LimeForCausalLM) -> None:
+    """`check_block_size` against the built model's position range."""
+    check_block_size(block_size, getattr(model.config.get_text_config(), "max_position_embeddings", None))
+
+
 def training_data(sources: Sequence[str]) -> list[str]:
     """The training sources' names, for the model card."""
     return [Path(source).name if Path(source).exists() else source for source in sources]
@@ -435,12 +489,14 @@ def map_trainer(
     """The trainer on the whole corpus annotated, aligned and packed by `datasets.map`; and whether to evaluate."""
     # Processes other than the main one wait here, then find every step below in the datasets cache.
     with training_args.main_process_first(desc="loading texts and the tokenizer"):
-        train_texts, eval_texts = load_train_and_eval_texts(options, training_args.seed)
+        train_texts, eval_texts = load_train_and_eval_texts(
+            options, training_args.seed, report=training_args.process_index == 0
+        )
         tokenizer = build_tokenizer(options, train_texts)
     meta_token_ids = add_meta_tokens(tokenizer, [options.meta_token]) if options.meta_token else []
     meta_fraction = 0.1 if options.meta_fraction is None else options.meta_fraction
     model = build_model_for(options, tokenizer, meta_token_ids)
-    check_block_size(options.block_size, model.config)
+    check_model_block_size(options.block_size, model)
     packed_size = options.block_size
     if meta_token_ids:
         packed_size = block_size_before_meta_tokens(options.block_size, meta_fraction)
@@ -456,10 +512,16 @@ def map_trainer(
             if eval_texts is not None
             else None
         )
-    logger.info(
-        f"{len(train_dataset)} training blocks of {options.block_size} tokens, "
-        f"{0 if eval_dataset is None else len(eval_dataset)} eval blocks; model: {model.num_parameters():,} parameters."
-    )
+    if training_args.process_index == 0:
+        held_out = (
+            ""
+            if eval_dataset is None
+            else (f"; eval: {count_tokens(eval_dataset):,} tokens in {len(eval_dataset):,} blocks")
+        )
+        print(
+            f"Packed {count_tokens(train_dataset):,} training tokens into {len(train_dataset):,} blocks of up to "
+            f"{options.block_size}{held_out}; model: {model.num_parameters():,} parameters"
+        )
     trainer = LimeTrainer(
         model=model,
         args=training_args,

@@ -9,6 +9,9 @@ Both say the same thing. Standard library only: the CLI's pre-flight must not im
 from collections.abc import Iterable
 
 PROVIDER_NAMES = ("annotate", "unknown", "model")
+# Where lm-eval's `lime` model (`lime_hf.integrations.lm_eval`) takes each position's tags from: `tags=` of
+# `--model_args`.
+EVAL_TAG_SOURCES = ("prefix", "model", "none")
 
 
 def check_generation_request(
@@ -125,9 +128,6 @@ def check_meta_generation(config, generate_kwargs: dict, generation_config) -> N
         )
 
 
-__all__ = ["PROVIDER_NAMES", "check_generation_request", "check_meta_generation", "check_metadata_injection"]
-
-
 def check_lime_model_type(model_type: object, source: str) -> None:
     """Raise `ValueError` unless `model_type` (read from `source`'s config.json) is a LIME model's.
 
@@ -140,3 +140,39 @@ def check_lime_model_type(model_type: object, source: str) -> None:
             f"(`LimeForCausalLM.from_backbone({source!r}, ...)`, or `lime-hf train --from-backbone`), "
             "or load it as it is with `AutoModelForCausalLM.from_pretrained`"
         )
+
+
+def check_eval_tags(tags: str | None, *, metadata_shift: int, has_tag_heads: bool) -> str:
+    """The tag source of lm-eval's `lime` model for `tags=` (None: the model's default); `ValueError` if it cannot be.
+
+    Default: the tag heads (`model`) where the model has them, else spaCy on the text up to each token (`prefix`)
+    for LIME and unknown tags (`none`) for LIME+1, which reads the next token's tags.
+    """
+    tags = tags or ("model" if has_tag_heads else "none" if metadata_shift else "prefix")
+    if tags not in EVAL_TAG_SOURCES:
+        raise ValueError(
+            f"tags must be one of {list(EVAL_TAG_SOURCES)}, got {tags!r}: prefix (spaCy on the text up to each "
+            "token), model (the model's tag heads) or none (every tag unknown)."
+        )
+    if tags == "model" and not has_tag_heads:
+        raise ValueError(
+            "tags=model uses the model's tag heads, and this checkpoint has none (config.tag_head_fields "
+            "is empty): use tags=prefix (LIME) or tags=none."
+        )
+    if metadata_shift and tags == "prefix":
+        raise ValueError(
+            "A LIME+1 model reads the tags of the next token, which the harness can only know from the "
+            "answer itself: run it unguided (tags=none) or, with tag heads, self-guided (tags=model)."
+        )
+    return tags
+
+
+__all__ = [
+    "EVAL_TAG_SOURCES",
+    "PROVIDER_NAMES",
+    "check_eval_tags",
+    "check_generation_request",
+    "check_lime_model_type",
+    "check_meta_generation",
+    "check_metadata_injection",
+]

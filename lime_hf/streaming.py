@@ -454,7 +454,13 @@ def streaming_trainer(
     options: TrainOptions, training_args: TrainingArguments, callbacks: list[TrainerCallback] | None = None
 ) -> tuple[StreamingLimeTrainer, bool]:
     """`lime_hf.pretrain.run`'s trainer for `--shards` or `--streaming`, and whether there is an eval set."""
-    from .pretrain import build_model_for, build_tokenizer, check_block_size, spacy_source, training_data
+    from .pretrain import (
+        build_model_for,
+        build_tokenizer,
+        check_model_block_size,
+        spacy_source,
+        training_data,
+    )
 
     if training_args.max_steps <= 0:
         raise ValueError("Streaming training needs --max-steps N: a stream has no length to count epochs in.")
@@ -476,7 +482,7 @@ def streaming_trainer(
     else:
         block_size = options.block_size
         stream = document_stream(load_documents(options), tokenizer, block_size, world_size=world_size)
-    check_block_size(block_size, model.config)
+    check_model_block_size(block_size, model)
     eval_dataset = None
     if options.eval_file is not None:
         with training_args.main_process_first(desc="preparing the eval set"):

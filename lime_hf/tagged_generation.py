@@ -38,6 +38,14 @@ def load_lime_tokenizer(path: str, alignment: str | None) -> LimeTokenizer:
     )
 
 
+def provider_source(config: Any, provider: str | None) -> str:
+    """Who tags generated tokens that guidance does not cover: `"heads"`, `"spaCy"` or `"unknown"` (`generate`'s rule)."""
+    provider = provider or (
+        "model" if config.tag_head_fields else "unknown" if config.metadata_shift else "annotate"
+    )
+    return {"model": "heads", "annotate": "spaCy"}.get(provider, provider)
+
+
 def generate_with_tags(
     model: LimeForCausalLM,
     tokenizer: LimeTokenizer,
@@ -50,8 +58,9 @@ def generate_with_tags(
 ) -> list[dict[str, Any]]:
     """
     Generate from one prompt; per returned sequence its `text` and, per generated token, the `token` text, the
-    tags it was `fed` (guidance or provider, by field), the tags it was `asked` (guidance) and, with
-    `spacy_tags`, the tags spaCy `found` in the output (otherwise spaCy never runs on it).
+    tags it was `fed` (guidance or provider, by field) and where each came `from` (`"guide"`, or the provider:
+    `"heads"`, `"spaCy"`, `"unknown"`), the tags it was `asked` (guidance) and, with `spacy_tags`, the tags spaCy
+    `found` in the output (otherwise spaCy never runs on it).
 
     With `meta_every`, the model's (first) meta-token follows every `meta_every` ordinary tokens, in the prompt
     (`place_meta_tokens`) and in the generated text (`MetaTokenPlacement`); guidance labels are for the ordinary
@@ -86,6 +95,7 @@ def generate_with_tags(
     fields = (
         tokenizer.metadata_fields
     )  # the model's inventories (`generate` checks them), in the tokenizer's order
+    source = provider_source(model.config, provider)
     sequences = []
     for row, ids in enumerate(output.sequences.tolist()):
         # The tags generate fed for each position (guidance or provider); padding after an early EOS is dropped.
@@ -99,6 +109,9 @@ def generate_with_tags(
                 {
                     "token": tokenizer.decode([token]),
                     "fed": {field: fields[field][fed_ids[field][position]] for field in fields},
+                    "from": {
+                        field: "guide" if step < len(guidance.get(field, ())) else source for field in fields
+                    },
                     "asked": {
                         field: labels[step] for field, labels in guidance.items() if step < len(labels)
                     },
@@ -123,4 +136,4 @@ def around_meta_tokens(labels: list[str], start: int, every: int, steps: int) ->
     return schedule
 
 
-__all__ = ["generate_with_tags", "load_lime_tokenizer", "load_model"]
+__all__ = ["generate_with_tags", "load_lime_tokenizer", "load_model", "provider_source"]

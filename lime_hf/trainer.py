@@ -16,7 +16,7 @@ import evaluate
 import numpy as np
 import torch
 from huggingface_hub import CommitInfo
-from transformers import EvalPrediction, Trainer
+from transformers import EvalPrediction, PrinterCallback, ProgressCallback, Trainer
 from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import EvalLoopOutput
 
@@ -84,6 +84,28 @@ def perplexity(loss: float) -> float:
         return math.inf
 
 
+def rounded_logs(logs: dict[str, float]) -> dict[str, float]:
+    """The logs to print: floats to 4 significant digits, kept numbers (stock callbacks print them as strings)."""
+    return {key: float(f"{value:.4g}") if isinstance(value, float) else value for key, value in logs.items()}
+
+
+class NumericProgressCallback(ProgressCallback):
+    """`ProgressCallback` whose log lines show numbers, `{'loss': 9.154}`, not `{'loss': '9.154'}`."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None:
+            logs = {key: value for key, value in (logs or {}).items() if key != "total_flos"}
+            self.training_bar.write(str(rounded_logs(logs)))
+
+
+class NumericPrinterCallback(PrinterCallback):
+    """`PrinterCallback` (`disable_tqdm=True`) whose log lines show numbers, not strings."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_local_process_zero:
+            print(rounded_logs({key: value for key, value in (logs or {}).items() if key != "total_flos"}))
+
+
 class LimeTrainer(Trainer):
     """
     `Trainer` for LIME models. Differences from `Trainer`:
@@ -101,6 +123,7 @@ class LimeTrainer(Trainer):
       `eval_results.json`, `all_results.json`), `push_to_hub` and `create_model_card` add `eval_metadata_source`,
       e.g. "oracle next-token tags (spaCy)" for LIME+1, which reads the tags of the very token it predicts.
     - A `LimeTokenizer` given as `processing_class` must have the model's metadata inventories.
+    - Its log lines print numbers as numbers (`{'loss': 9.154}`; stock `Trainer` prints them as strings).
     - `push_to_hub` commits model, tokenizer and the LIME model card (fields, inventories, shift, backbone,
       training data, the latest eval metrics) in one commit, in place of Transformers' generic card.
     """
@@ -120,6 +143,12 @@ class LimeTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if self.args.device.type == "cpu":  # pinned memory only speeds copies to an accelerator; torch warns
             self.args.dataloader_pin_memory = False
+        for stock, numeric in (
+            (ProgressCallback, NumericProgressCallback),
+            (PrinterCallback, NumericPrinterCallback),
+        ):
+            if self.pop_callback(stock) is not None:
+                self.add_callback(numeric)
         self.training_data = training_data
         kind = "oracle next-token tags" if getattr(self.model.config, "metadata_shift", 0) else "given tags"
         self.metadata_source = f"{kind} ({metadata_source})"

@@ -50,7 +50,7 @@ def test_help_lists_every_command(tmp_path):
     result = run_cli("--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "usage: lime-hf" in result.stdout
-    for command in ("annotate", "train", "generate", "tag", "demo", "app"):
+    for command in ("annotate", "train", "generate", "tag", "demo", "app", "eval"):
         assert f"    {command} " in result.stdout
 
 
@@ -63,11 +63,11 @@ def test_each_command_has_its_own_help(command, capsys):
 
 
 @pytest.mark.parametrize(
-    "argv", [["--help"], ["train", "--help"], ["generate", "--help"], ["train", "x.txt"]]
+    "argv", [["--help"], ["train", "--help"], ["generate", "--help"], ["train", "x.txt"], ["eval", "--help"]]
 )
 def test_help_and_usage_errors_import_neither_torch_nor_transformers(argv):
     code = f"import sys; from lime_hf.cli import main\ntry: main({argv!r})\nexcept SystemExit: pass\n"
-    code += "print(sorted(name for name in ('torch', 'transformers') if name in sys.modules))"
+    code += "print(sorted(name for name in ('torch', 'transformers', 'lm_eval') if name in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.splitlines()[-1] == "[]", result.stderr
 
@@ -77,6 +77,10 @@ def test_annotate_saves_span_columns_for_every_paragraph(tmp_path):
     (tmp_path / "b.txt").write_text("Mr. Knightley came to Hartfield on Tuesday.", encoding="utf-8")
     result = run_cli("annotate", "a.txt", "b.txt", "--output", "annotated", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(
+        "Read 3 documents (15 words) from a.txt, b.txt: one per paragraph (--sample-by paragraph, the default; "
+        "line, paragraph or document)\n"
+    )
     assert "Annotated 3 texts with pos, ner" in result.stdout
 
     annotated = load_from_disk(str(tmp_path / "annotated"))
@@ -243,7 +247,17 @@ def test_train_logs_loss_and_learning_rate_says_where_it_saved_and_warns_of_a_sm
     assert [sorted(log) for log in logs] == [
         ["epoch", "grad_norm", "learning_rate", "loss"]
     ] * 4  # every step
-    assert float(logs[0]["learning_rate"]) > float(logs[-1]["learning_rate"]) > 0  # the linear decay
+    assert all(isinstance(log[key], float) for log in logs for key in log)  # numbers, not strings
+    assert logs[0]["learning_rate"] > logs[-1]["learning_rate"] > 0  # the linear decay
+    assert re.search(
+        r"^Read [\d,]+ documents \([\d,]+ words\) from small.txt: one per paragraph \(--sample-by paragraph, the "
+        r"default; line, paragraph or document\)$",
+        result.stdout,
+        flags=re.MULTILINE,
+    )
+    assert re.search(
+        r"^Packed [\d,]+ training tokens into [\d,]+ blocks of up to 64; model: ", result.stdout, re.M
+    )
     assert result.stdout.rstrip().endswith("Saved the model, its tokenizer and the metrics to run")
     vocabulary = len(AutoTokenizer.from_pretrained(tmp_path / "run"))
     assert vocabulary < 8000
@@ -299,22 +313,27 @@ def test_generate_show_tags_prints_the_fed_and_the_found_tags(lime_plus_one_dir,
 
     assert result.stdout.splitlines()[0] == tokenizer.decode(ids, skip_special_tokens=True)
     columns = result.stdout.splitlines()[1].split("  ")
-    header = ["#", "token", *(f"{name} {kind}" for name in labels for kind in ("fed", "spaCy"))]
+    header = ["#", "token", *(kind for name in labels for kind in (f"{name} fed", "from", f"{name} spaCy"))]
     assert [column.strip() for column in columns if column.strip()] == header
     rows = table_rows(result.stdout)
     assert [row[0] for row in rows] == ["0", "1", "2", "3"]
     assert [row[1] for row in rows] == [repr(tokenizer.decode([token])) for token in ids[start:]]
     columns = {
-        name: [row[2 + 2 * index : 4 + 2 * index] for row in rows] for index, name in enumerate(labels)
+        name: [row[2 + 3 * index : 5 + 3 * index] for row in rows] for index, name in enumerate(labels)
     }
-    assert [fed for fed, _ in columns["pos"]] == [
-        *schedule,
-        "<unk>",
-    ]  # guidance, then LIME+1's default provider
-    assert [fed for fed, _ in columns["ner"]] == ["<unk>"] * 4  # ner was not guided
+    # guidance, then LIME+1's default provider; ner was not guided
+    assert [(fed, source) for fed, source, _ in columns["pos"]] == [
+        *((s, "guide") for s in schedule),
+        ("<unk>", "unknown"),
+    ]
+    assert [(fed, source) for fed, source, _ in columns["ner"]] == [("<unk>", "unknown")] * 4
     for name in labels:
-        assert [spacy for _, spacy in columns[name]] == [labels[name][tag] for tag in found[name][start:]]
-    agree = sum(asked == spacy for asked, (_, spacy) in zip(schedule, columns["pos"], strict=False))
+        assert [spacy for _, _, spacy in columns[name]] == [labels[name][tag] for tag in found[name][start:]]
+    assert (
+        "note: --guide pos gives 3 label(s) for up to 4 new tokens: the first 3 follow it, the rest take their pos "
+        "tags from the provider (unknown); repeat a label to hold it (pos=DT,DT,DT,...)" in result.stderr
+    )
+    agree = sum(asked == spacy for asked, (_, _, spacy) in zip(schedule, columns["pos"], strict=False))
     assert f"spaCy finds the asked pos tag on {agree} of 3 guided tokens." in result.stdout
 
 

@@ -5,6 +5,7 @@ Each case runs the installed console script as a real subprocess, offline, on re
 
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -17,16 +18,20 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from lime_hf import LimeConfig, LimeForCausalLM, LimeTokenizer
 from lime_hf.options import TrainOptions
 from lime_hf.pretrain import build_tokenizer
-from tests.test_cli import run_cli
+from tests.test_cli import run_cli, table_rows
 
 
-def save_tiny_lime(folder: Path, tokenizer: LimeTokenizer, metadata_shift: int) -> Path:
-    """A tiny random LIME (shift 0) or LIME+1 (shift 1) Llama with its LimeTokenizer, saved to `folder`."""
+def save_tiny_lime(
+    folder: Path, tokenizer: LimeTokenizer, metadata_shift: int, tag_head_fields: tuple[str, ...] = ()
+) -> Path:
+    """A tiny random LIME (shift 0) or LIME+1 (shift 1) Llama (with tag heads for `tag_head_fields`) and its
+    LimeTokenizer, saved to `folder`."""
     torch.manual_seed(0)
     text_config = {**TINY_TEXT_CONFIGS["llama"], "vocab_size": len(tokenizer)}
-    LimeForCausalLM(LimeConfig(text_config=text_config, metadata_shift=metadata_shift)).save_pretrained(
-        folder
+    config = LimeConfig(
+        text_config=text_config, metadata_shift=metadata_shift, tag_head_fields=list(tag_head_fields)
     )
+    LimeForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -45,6 +50,14 @@ def workdir(bpe_tokenizer, tmp_path_factory) -> Path:
     tokenizer = LimeTokenizer.from_tokenizer(bpe_tokenizer)
     save_tiny_lime(folder / "lime", tokenizer, metadata_shift=0)
     save_tiny_lime(folder / "lime-plus-1", tokenizer, metadata_shift=1)
+    save_tiny_lime(folder / "lime-plus-1-heads", tokenizer, metadata_shift=1, tag_head_fields=("pos", "ner"))
+    (folder / "lines.txt").write_text("Emma lived in Highbury.\nShe was happy.\nHe came.\n", encoding="utf-8")
+    (folder / "tasks").mkdir()  # a task whose data file is not there
+    (folder / "tasks" / "gone.yaml").write_text(
+        "task: gone\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: gone.jsonl\n"
+        "test_split: test\noutput_type: loglikelihood\ndoc_to_text: '{{context}}'\ndoc_to_target: '{{word}}'\n",
+        encoding="utf-8",
+    )
     config = GPT2Config(vocab_size=len(bpe_tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64)
     GPT2LMHeadModel(config).save_pretrained(folder / "gpt2")
     bpe_tokenizer.save_pretrained(folder / "gpt2")
@@ -193,6 +206,90 @@ CASES = {
         "--alignment offsets differs from the saved LimeTokenizer's 'pretokenized'",
     ),
     "tag an empty text": (["tag", "", "--tokenizer", "lime"], "the text is empty"),
+    # Checked before anything loads (issue 23): the model's fields, its position range, no abbreviations.
+    "an unknown --tag-heads field": (
+        ["train", "corpus.txt", "--train-tokenizer", "400", "--tag-heads", "pos,nerr"],
+        "--tag-heads names unknown field(s) ['nerr']; the tokenizer's fields are ['pos', 'ner'].",
+    ),
+    "a block larger than the backbone's positions": (
+        ["train", "corpus.txt", "--train-tokenizer", "400", "--block-size", "4096"],
+        "--block-size 4096 is not allowed: it must lie between 1 and the backbone's max_position_embeddings (1024).",
+    ),
+    "a block larger than the --model-config positions": (
+        [
+            "train",
+            "corpus.txt",
+            "--train-tokenizer",
+            "400",
+            "--block-size",
+            "200",
+            "--model-config",
+            '{"model_type": "gpt2", "n_positions": 128}',
+        ],
+        "--block-size 200 is not allowed: it must lie between 1 and the backbone's max_position_embeddings (128).",
+    ),  # fmt: skip
+    "an abbreviated Trainer option": (
+        ["train", "corpus.txt", "--train-tokenizer", "400", "--max-step", "3"],
+        "Unrecognized arguments ['--max-step', '3'] (did you mean --max-steps for --max-step?)",
+    ),
+    "--sample-by with a dataset source": (
+        ["annotate", "nobody/no-such-dataset", "-o", "out", "--sample-by", "line"],
+        "--sample-by line splits .txt files into documents; a dataset source's rows are its documents",
+    ),
+    # Wording (issue 23): a file is not a folder, sources come first, a local data file is not a Hub id.
+    "annotate --executor on a file": (
+        ["annotate", "corpus.txt", "-o", "out", "--executor", "local"],
+        "--executor reads a folder of .parquet or .jsonl shards, and 'corpus.txt' is a file: annotate it without "
+        "--executor",
+    ),
+    "train with the sources after the options": (
+        ["train", "--train-tokenizer", "500", "corpus.txt"],
+        "The sources come first, before the options: `lime-hf train corpus.txt [options]`",
+    ),
+    "a local .csv that is not there": (
+        ["annotate", "nothere.csv", "-o", "out"],
+        "No such data file 'nothere.csv'.",
+    ),
+    "tag --heads of a model without heads": (
+        ["tag", "Emma", "--tokenizer", "lime", "--heads"],
+        "--heads shows the predictions of a model's tag heads, and 'lime' has none",
+    ),
+    # `lime-hf eval`: lm-eval's command line, its errors one line too.
+    "eval with an unknown tag source": (
+        ["eval", "--model", "lime", "--model_args", "pretrained=lime,tags=spacy", "--tasks", "x"],
+        "tags must be one of ['prefix', 'model', 'none'], got 'spacy'",
+    ),
+    "eval of LIME+1 with prefix tags": (
+        ["eval", "--model", "lime", "--model_args", "pretrained=lime-plus-1,tags=prefix", "--tasks", "x"],
+        "A LIME+1 model reads the tags of the next token, which the harness can only know from the answer itself",
+    ),
+    "eval with tags=model without heads": (
+        ["eval", "--model", "lime", "--model_args", "pretrained=lime,tags=model", "--tasks", "x"],
+        "tags=model uses the model's tag heads, and this checkpoint has none",
+    ),
+    "eval of a plain GPT-2 folder": (
+        ["eval", "--model", "lime", "--model_args", "pretrained=gpt2", "--tasks", "x"],
+        "'gpt2' holds a 'gpt2' model, not a LIME model",
+    ),
+    "eval of a task whose data file is missing": (
+        [
+            "eval",
+            "--model",
+            "lime",
+            "--model_args",
+            "pretrained=lime",
+            "--tasks",
+            "gone",
+            "--include_path",
+            "tasks",
+        ],
+        "task 'gone' (tasks/gone.yaml): its data file 'gone.jsonl' is neither beside the YAML (tasks) nor in the "
+        "working directory",
+    ),
+    "eval of an unknown task": (
+        ["eval", "--model", "lime", "--model_args", "pretrained=lime", "--tasks", "no_such_task"],
+        "Tasks not found: no_such_task; `lime-hf eval ls tasks` lists lm-eval's tasks",
+    ),
 }
 
 
@@ -243,3 +340,91 @@ def test_a_loaded_lime_tokenizer_keeps_its_own_pipeline(workdir):
         build_tokenizer(options, train_texts=None)
     options.spacy_model = None
     assert isinstance(build_tokenizer(options, train_texts=None), LimeTokenizer)
+
+
+def test_eval_help_explains_the_lime_model_and_its_tag_sources(workdir):
+    result = run_cli("eval", "--help", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(
+        "usage: lime-hf eval --model lime --model_args pretrained=PATH[,tags=SOURCE]"
+    )
+    for source in ("tags=prefix", "tags=model", "tags=none"):
+        assert f"\n  {source}  " in result.stdout
+    assert "lime-hf eval run --help" in result.stdout
+
+
+def test_a_one_sentence_per_line_file_is_reported_and_splits_by_line(workdir):
+    """The default cuts paragraphs, and says so; a file of lines read as one paragraph gets a note."""
+    result = run_cli("annotate", "lines.txt", "-o", "by-paragraph", "--fields", "pos", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[:2] == [
+        "Read 1 document (9 words) from lines.txt: one per paragraph (--sample-by paragraph, the default; line, "
+        "paragraph or document)",
+        "note: each file is one paragraph of 3 lines in all, so one document; if each line is a document (one "
+        "sentence per line), pass --sample-by line",
+    ]
+    result = run_cli(
+        "annotate", "lines.txt", "-o", "by-line", "--fields", "pos", "--sample-by", "line", cwd=workdir
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == (
+        "Read 3 documents (9 words) from lines.txt: one per line (--sample-by line; line, paragraph or document)"
+    )
+    assert "Annotated 3 texts with pos" in result.stdout
+
+
+def test_tag_shows_the_heads_predictions_and_why_subwords_repeat_b_tags(workdir):
+    """`tag --heads` adds one column per head (the heads' causal predictions, as `self_tags` gives them)."""
+    from lime_hf.tag_heads import self_tags
+
+    text = "Emma Woodhouse went to London."
+    result = run_cli("tag", text, "--tokenizer", "lime-plus-1-heads", "--heads", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    header = re.split(r" {2,}", result.stdout.splitlines()[1].strip())
+    assert header == ["#", "token", "id", "chars", "ner", "pos", "pos heads", "ner heads"]
+    rows = table_rows(result.stdout)
+    model = LimeForCausalLM.from_pretrained(workdir / "lime-plus-1-heads").eval()
+    ids = LimeTokenizer.from_pretrained(workdir / "lime-plus-1-heads")(text)["input_ids"]
+    with torch.no_grad():
+        tags, _ = self_tags(model, torch.tensor([ids]))
+    labels = model.config.metadata_fields
+    assert [row[-2] for row in rows] == [labels["pos"][tag] for tag in tags["pos"][0].tolist()]
+    assert [row[-1] for row in rows] == [labels["ner"][tag] for tag in tags["ner"][0].tolist()]
+    if any(a[4] == b[4] and a[4].startswith("B-") for a, b in zip(rows, rows[1:], strict=False)):
+        assert "note: every subword of a word carries the word's tags, B- included" in result.stderr
+
+
+def test_generate_says_which_tags_the_guide_gave_and_which_the_heads(workdir):
+    result = run_cli(
+        "generate", "lime-plus-1-heads", "Emma", "--guide", "ner=O", "--max-new-tokens", "3", "--show-tags",
+        cwd=workdir,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (
+        "note: --guide ner gives 1 label(s) for up to 3 new tokens: the first 1 follow it, the rest take their ner "
+        "tags from the provider (heads); repeat a label to hold it (ner=O,O,O,...)" in result.stderr
+    )
+    header = re.split(r" {2,}", result.stdout.splitlines()[1].strip())
+    assert header == ["#", "token", "ner fed", "from", "ner spaCy", "pos fed", "from", "pos spaCy"]
+    sources = [(row[3], row[6]) for row in table_rows(result.stdout)]
+    assert sources == [("guide", "heads"), ("heads", "heads"), ("heads", "heads")]
+
+
+def test_an_abbreviated_option_is_not_taken_for_the_option(workdir):
+    result = run_cli("generate", "lime", "Emma", "--max-new-token", "2", cwd=workdir)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[0] == "lime-hf: error: unrecognized arguments: --max-new-token 2"
+
+
+def test_an_eval_split_that_leaves_no_training_document_fails(workdir):
+    """The whole file is one document: holding a tenth of it out leaves nothing to train on (after loading it)."""
+    result = run_cli(
+        "train", "corpus.txt", "--train-tokenizer", "400", "--sample-by", "document", "--eval-fraction", "0.1",
+        cwd=workdir,
+    )  # fmt: skip
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-2] == (
+        "lime-hf train: error: --eval-fraction 0.1 of 1 document(s) leaves none to train on: cut the texts into more "
+        "documents (--sample-by line: one per line), or hold out an --eval-file instead."
+    )

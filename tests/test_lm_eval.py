@@ -5,6 +5,7 @@ import functools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -175,3 +176,49 @@ def test_lime_hf_eval_subprocess_records_tag_source_and_scores_by_spacys_prefix_
         greedy.append(all(logprobs[i - 1].argmax().item() == ids[i] for i in targets))
         assert is_greedy in (greedy[-1], str(greedy[-1]))
     assert results["results"]["lime_cloze"]["acc,none"] == sum(greedy) / len(greedy)
+
+
+def test_relative_data_files_are_read_beside_the_task_yaml(tmp_path, monkeypatch):
+    """A relative path that exists beside the YAML is read from there; others keep lm-eval's working-directory rule."""
+    from lime_hf.integrations.lm_eval import beside
+
+    (tmp_path / "tasks" / "data").mkdir(parents=True)
+    (tmp_path / "tasks" / "a.jsonl").write_text("{}\n")
+    (tmp_path / "tasks" / "data" / "b.jsonl").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    folder = Path("tasks").resolve()
+    files = {
+        "test": "a.jsonl",
+        "train": ["data/*.jsonl", "elsewhere.jsonl"],
+        "abs": str(tmp_path / "x.jsonl"),
+    }
+    assert beside(files, folder) == {
+        "test": str(folder / "a.jsonl"),
+        "train": [str(folder / "data" / "*.jsonl"), "elsewhere.jsonl"],
+        "abs": str(tmp_path / "x.jsonl"),
+    }
+
+
+@pytest.mark.slow
+def test_the_docs_own_task_runs_from_another_directory(tmp_path, lime_offsets):
+    """docs/evaluation.md's "write your own task", as written, run by `lime-hf eval` from outside its folder."""
+    root = Path(__file__).resolve().parents[1]
+    page = (root / "docs" / "evaluation.md").read_text(encoding="utf-8")
+    (tmp_path / "my_tasks").mkdir()
+    (tmp_path / "my_tasks" / "my_cloze.yaml").write_text(re.search(r"```yaml\n(.*?)```", page, re.S)[1])
+    (tmp_path / "my_tasks" / "my_cloze.jsonl").write_text(re.search(r"```json\n(.*?)```", page, re.S)[1])
+    tiny_lime("llama", text_config={"vocab_size": len(lime_offsets)}).save_pretrained(tmp_path / "m")
+    lime_offsets.save_pretrained(tmp_path / "m")
+    (tmp_path / "elsewhere").mkdir()
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-c", "import sys; from lime_hf.cli import main; sys.exit(main())", "eval",
+               "--model", "lime", "--model_args", f"pretrained={tmp_path / 'm'}", "--tasks", "my_cloze",
+               "--include_path", "../my_tasks", "--device", "cpu", "--batch_size", "1", "--output_path", "out"]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=tmp_path / "elsewhere", env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (path,) = (tmp_path / "elsewhere" / "out").rglob("results_*.json")
+    results = json.loads(path.read_text())
+    assert results["n-samples"]["my_cloze"]["effective"] == 2
+    assert results["config"]["lime_tags"] == "prefix"

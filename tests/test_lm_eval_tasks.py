@@ -224,18 +224,19 @@ def test_stock_hf_model_with_remote_code_scores_the_self_tagged_reading(tmp_path
     model = tiny_lime("llama", metadata_shift=shift, text_config={"vocab_size": len(bpe_tokenizer)}, **HEADS)
     model.save_pretrained(tmp_path / "model")
     bpe_tokenizer.save_pretrained(tmp_path / "model")  # a plain tokenizer: the model needs no annotator
-    shutil.copytree(ROOT / "tests" / "data" / "lm_eval", tmp_path / "tests" / "data" / "lm_eval")
+    # Stock lm-eval reads a task's relative data_files from the working directory: run it in the tasks' folder.
+    shutil.copytree(ROOT / "tests" / "data" / "lm_eval", tmp_path / "tasks")
     run_without_lime_hf(
         """
         import sys
         from lm_eval.__main__ import cli_evaluate
-        sys.argv = ["lm_eval", "run", "--model", "hf", "--model_args", "pretrained=model,trust_remote_code=True",
-                    "--tasks", "lime_cloze,lime_choice,lime_generate", "--include_path", "tests/data/lm_eval",
-                    "--device", "cpu", "--batch_size", "1", "--output_path", "out", "--log_samples"]
+        sys.argv = ["lm_eval", "run", "--model", "hf", "--model_args", "pretrained=../model,trust_remote_code=True",
+                    "--tasks", "lime_cloze,lime_choice,lime_generate", "--include_path", ".",
+                    "--device", "cpu", "--batch_size", "1", "--output_path", "../out", "--log_samples"]
         cli_evaluate()
         assert not [name for name in sys.modules if name.startswith("lime_hf")]
         """,
-        cwd=tmp_path,
+        cwd=tmp_path / "tasks",
     )
     lm = LimeLM(pretrained=str(tmp_path / "model"), tags="model", batch_size=1, device="cpu")
     samples = {

@@ -129,7 +129,17 @@ SETUP = {
     "benchmarks.md": {"50,304"},  # the vocabulary of the size classes
     "reproduction.md": {"1e-6", "3e-3", "192", "278"},  # a tolerance, a learning rate, MLP widths
     "demo.md": {"1", "75", "0.5"},  # 1 Samuel, the corpus's and the model's sizes
-    "scale.md": {"0.75", "2,048", "4,096", "3", "29500", "100000", "16", "4", "7"},  # assumed words/token, cores, a BPE's size, steps, a port
+    "scale.md": {
+        "0.75",
+        "2,048",
+        "4,096",
+        "3",
+        "29500",
+        "100000",
+        "16",
+        "4",
+        "7",
+    },  # assumed words/token, cores, a BPE's size, steps, a port
 }
 # Differences of two results, quoted in the prose: (page, number) -> the difference, from the files.
 LIME_HEADS = json.loads((RESULTS / "reproduce.json").read_text(encoding="utf-8"))[

@@ -25,7 +25,14 @@ COMMANDS = {
 
 
 class Parser(argparse.ArgumentParser):
-    """An `ArgumentParser` whose errors are one line and a pointer to `--help`, without the usage block."""
+    """
+    An `ArgumentParser` whose errors are one line and a pointer to `--help`, without the usage block, and that
+    takes no abbreviations: `--max-step` is a typo to report, not `--max-steps`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n  (see `{self.prog} --help`)\n")

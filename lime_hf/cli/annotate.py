@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..options import FIELDS, SOURCES_HELP, check_sources
+from ..options import FIELDS, SAMPLE_BY, SAMPLE_BY_HELP, SOURCES_HELP, check_sample_by, check_sources
 from ._common import add_command, one_line, positive, usage_errors
 
 
@@ -22,6 +22,7 @@ def add_parser(subparsers: Any) -> None:
         ),
     )
     parser.add_argument("sources", nargs="+", metavar="SOURCE", help=SOURCES_HELP)
+    parser.add_argument("--sample-by", choices=SAMPLE_BY, help=SAMPLE_BY_HELP)
     parser.add_argument("--dataset-config", metavar="CONFIG", help="config name of a `datasets` source")
     parser.add_argument("--split", help="split of a `datasets` source (default: train)")
     parser.add_argument(
@@ -67,7 +68,12 @@ def add_parser(subparsers: Any) -> None:
 
 
 # The options of one way of annotating that the other would ignore: each is refused there instead.
-DATASETS_ONLY = {"num_proc": "--num-proc", "dataset_config": "--dataset-config", "split": "--split"}
+DATASETS_ONLY = {
+    "num_proc": "--num-proc",
+    "dataset_config": "--dataset-config",
+    "split": "--split",
+    "sample_by": "--sample-by",
+}
 EXECUTOR_ONLY = {"tasks": "--tasks", "workers": "--workers", "logging_dir": "--logging-dir"}
 SLURM_ONLY = {"slurm_partition": "--slurm-partition", "slurm_time": "--slurm-time"}
 
@@ -83,7 +89,7 @@ def check(args: argparse.Namespace) -> None:
             raise ValueError(
                 f"{', '.join(flags)} set up a datatrove executor: add --executor local (or slurm, ray), or drop them"
             )
-        check_sources(args.sources)
+        check_sample_by(args.sample_by, text_files=check_sources(args.sources))
         return
     if flags := given(args, DATASETS_ONLY):
         raise ValueError(
@@ -95,6 +101,11 @@ def check(args: argparse.Namespace) -> None:
         raise ValueError(f"{', '.join(flags)} apply to --executor slurm only, not {args.executor}")
     if len(args.sources) != 1:
         raise ValueError(f"--executor takes one input folder of shards, got {args.sources}")
+    if Path(args.sources[0]).is_file():
+        raise ValueError(
+            f"--executor reads a folder of .parquet or .jsonl shards, and {args.sources[0]!r} is a file: annotate "
+            "it without --executor (on this machine), or put it in a folder of shards"
+        )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -102,10 +113,17 @@ def run(args: argparse.Namespace) -> None:
     if args.executor is not None:
         return run_datatrove(args)
     from ..data import annotate_dataset
-    from ..pretrain import load_texts
+    from ..pretrain import describe_texts, load_texts
 
     with usage_errors(args.parser):  # unknown dataset or column, no documents, unknown spaCy pipeline
-        texts = load_texts(args.sources, args.dataset_config, args.split or "train", args.text_column)
+        texts = load_texts(
+            args.sources,
+            args.dataset_config,
+            args.split or "train",
+            args.text_column,
+            sample_by=args.sample_by,
+        )
+        print(f"Read {describe_texts(texts, args.sources, args.sample_by)}")
         annotated = annotate_dataset(
             texts,
             fields=args.fields,

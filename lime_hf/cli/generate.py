@@ -33,8 +33,9 @@ def add_parser(subparsers: Any) -> None:
         default=[],
         metavar="FIELD=LABELS",
         help=(
-            "LIME+1 guidance: the labels of the next generated tokens, comma-separated (space-separated "
-            "when a label is a comma: 'pos=NNP , VBD'); repeat the option for other fields"
+            "LIME+1 guidance: the labels of the next generated tokens, one per token from the first, comma-separated "
+            "(space-separated when a label is a comma: 'pos=NNP , VBD'); repeat the option for other fields. After "
+            "the last label the provider tags that field (--provider): to hold a label, repeat it (ner=O,O,O,O)"
         ),
     )
     parser.add_argument(
@@ -77,7 +78,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--show-tags",
         action="store_true",
-        help="print each generated token with the tags it was fed and the tags spaCy finds in the output",
+        help="print each generated token with the tags it was fed, where each came from (guide, or the provider: "
+        "heads, spaCy, unknown) and the tags spaCy finds in the output",
     )
 
 
@@ -147,7 +149,7 @@ def run(args: argparse.Namespace) -> None:
     from transformers.utils import logging as hf_logging
 
     from ..generation import label_id
-    from ..tagged_generation import generate_with_tags, load_model
+    from ..tagged_generation import generate_with_tags, load_model, provider_source
 
     hf_logging.disable_progress_bar()  # print the generated text only
     guidance = args.guidance
@@ -173,6 +175,15 @@ def run(args: argparse.Namespace) -> None:
             "--meta-fraction 0.1).",
             file=sys.stderr,
         )
+    source = provider_source(model.config, args.provider)
+    for field, labels in guidance.items():
+        if len(labels) < args.max_new_tokens:
+            print(
+                f"note: --guide {field} gives {len(labels)} label(s) for up to {args.max_new_tokens} new tokens: "
+                f"the first {len(labels)} follow it, the rest take their {field} tags from the provider ({source}); "
+                f"repeat a label to hold it ({field}={','.join([labels[-1]] * 3)},...)",
+                file=sys.stderr,
+            )
     set_seed(args.seed)
     with usage_errors(args.parser, ValueError):
         sequences = generate_with_tags(
@@ -197,13 +208,16 @@ def run(args: argparse.Namespace) -> None:
 
 
 def tags_table(sequence: dict[str, Any], fields: dict[str, list[str]]) -> str:
-    """`--show-tags`: one row per generated token, the tags it was fed (guidance's where asked) beside spaCy's."""
+    """
+    `--show-tags`: one row per generated token, the tags it was fed and where from (`guide`, or the provider:
+    `heads`, `spaCy`, `unknown`) beside spaCy's tags of the output.
+    """
     header = ["#", "token"]
     for field in fields:
-        header += [f"{field} fed", f"{field} spaCy"]
+        header += [f"{field} fed", "from", f"{field} spaCy"]
     rows = [
         [str(step), repr(row["token"])]
-        + [tag for field in fields for tag in (row["fed"][field], row["found"][field])]
+        + [tag for field in fields for tag in (row["fed"][field], row["from"][field], row["found"][field])]
         for step, row in enumerate(sequence["tokens"])
     ]
     return format_table(header, rows)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..options import ALIGNMENTS
+from ..options import ALIGNMENTS, check_model_folder
 from ._common import add_command, format_table, one_line
 
 # The shape of a Hub repository id, `name` or `owner/name` (huggingface_hub's `validate_repo_id`, simplified):
@@ -39,6 +39,12 @@ def add_parser(subparsers: Any) -> None:
         choices=ALIGNMENTS,
         help="alignment mode (default: the tokenizer's own, else pretokenized)",
     )
+    parser.add_argument(
+        "--heads",
+        action="store_true",
+        help="also show the tags the model's tag heads predict for each token, causally (from the tokens up to it; "
+        "for LIME+1, from those before it): --tokenizer must be a saved model with tag heads",
+    )
 
 
 def check(args: argparse.Namespace) -> None:
@@ -49,6 +55,17 @@ def check(args: argparse.Namespace) -> None:
         raise ValueError(
             f"no such folder {args.tokenizer!r}: give a saved tokenizer or model folder, or a Hub id (owner/name)"
         )
+    if args.heads:
+        config = check_model_folder(args.tokenizer)
+        if not config.get("tag_head_fields"):
+            raise ValueError(
+                f"--heads shows the predictions of a model's tag heads, and {args.tokenizer!r} has none "
+                "(config.tag_head_fields is empty)"
+            )
+        if args.alignment is not None:
+            raise ValueError(
+                "--heads tags the text as the model reads it, with its own tokenizer: drop --alignment"
+            )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -75,5 +92,40 @@ def run(args: argparse.Namespace) -> None:
             for name in tokenizer.metadata_fields
         ]
         rows.append([str(index), repr(tokenizer.decode([token])), str(token), f"{start}-{end}", *tags])
+    if args.heads:
+        for name, tags in heads_predictions(args.tokenizer, encoding["input_ids"]).items():
+            header.append(f"{name} heads")
+            for row, tag in zip(rows, tags, strict=True):
+                row.append(tag)
     print(f"{len(rows)} tokens, alignment {tokenizer.alignment!r}:")
     print(format_table(header, rows))
+    labels = [row[4 : 4 + len(tokenizer.metadata_fields)] for row in rows]  # the given tags, not the heads'
+    if any(
+        a == b and a.startswith("B-")
+        for pair in zip(labels, labels[1:], strict=False)
+        for a, b in zip(*pair, strict=True)
+    ):
+        print(
+            "note: every subword of a word carries the word's tags, B- included: LIME tags words (spaCy's tokens), "
+            "and a subword reads its word's tags, so a word reads the same tags under any tokenizer "
+            "(docs/tokenizer.md, alignment)",
+            file=sys.stderr,
+        )
+
+
+def heads_predictions(path: str, input_ids: list[int]) -> dict[str, list[str]]:
+    """Per field with a tag head, the label the model saved in `path` predicts for each token, causally."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from ..tag_heads import self_tags
+    from ..tagged_generation import load_model
+
+    hf_logging.disable_progress_bar()  # print the table only
+    model, _ = load_model(path)
+    with torch.no_grad():
+        tags, _ = self_tags(model, torch.tensor([input_ids]))
+    labels = model.config.metadata_fields
+    return {
+        name: [labels[name][tag] for tag in tags[name][0].tolist()] for name in model.config.tag_head_fields
+    }

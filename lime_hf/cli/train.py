@@ -12,6 +12,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
+from difflib import get_close_matches
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..options import SOURCES_HELP, TrainOptions, check_train_options
@@ -48,11 +50,13 @@ def check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Parse the Trainer's options and run the pipeline on the checked LIME options."""
+    """Parse the Trainer's options, then run the pipeline on the checked LIME options."""
+    with usage_errors(args.parser):  # a typo'd Trainer option is refused before the pipeline loads anything
+        training_args = trainer_arguments(args.trainer_argv, args.parser.prog)
     from .. import pretrain
 
     with usage_errors(args.parser):  # no documents, a tokenizer or backbone that does not load, ...
-        pretrain.run(args.options, trainer_arguments(args.trainer_argv, args.parser.prog))
+        pretrain.run(args.options, training_args)
 
 
 def main(
@@ -114,6 +118,12 @@ def parse_train_arguments(argv: Sequence[str], prog: str = PROG) -> tuple[TrainO
     argv = dashed(argv)
     count = next((index for index, arg in enumerate(argv) if arg.startswith("-")), len(argv))
     known, rest = build_train_parser(prog).parse_known_args(argv[count:])
+    late = [arg for arg in rest if not arg.startswith("-") and (arg.endswith(".txt") or Path(arg).exists())]
+    if count == 0 and late:
+        raise ValueError(
+            f"The sources come first, before the options: `{prog} {' '.join(late)} [options]` "
+            f"(got {', '.join(late)} after them)."
+        )
     return TrainOptions(sources=argv[:count], **vars(known)), rest
 
 
@@ -136,19 +146,26 @@ def trainer_parser(prog: str = PROG) -> HfArgumentParser:
     """The `TrainingArguments` options, with this command's defaults: output folder, 20 logs per run."""
     from transformers import HfArgumentParser, TrainingArguments
 
-    parser = HfArgumentParser(TrainingArguments, prog=prog, usage=f"{prog} SOURCE ... [options]")
+    parser = HfArgumentParser(
+        TrainingArguments, prog=prog, usage=f"{prog} SOURCE ... [options]", allow_abbrev=False
+    )
     parser.set_defaults(output_dir="lime-pretrain", logging_steps=0.05, logging_first_step=True)
     return parser
 
 
 def trainer_arguments(argv: Sequence[str], prog: str = PROG) -> TrainingArguments:
     """The `TrainingArguments` of `argv` (what the LIME parser left); `ValueError` for an unknown option."""
-    training_args, unknown = trainer_parser(prog).parse_args_into_dataclasses(
+    parser = trainer_parser(prog)
+    training_args, unknown = parser.parse_args_into_dataclasses(
         args=list(argv), return_remaining_strings=True
     )
     if unknown:
+        known = [*parser._option_string_actions, *build_train_parser(prog)._option_string_actions]
+        names = [arg.partition("=")[0] for arg in unknown if arg.startswith("--")]
+        hints = [f"{close[0]} for {name}" for name in names if (close := get_close_matches(name, known, n=1))]
         raise ValueError(
-            f"Unrecognized arguments {unknown}: `{prog} --help` lists the LIME options, "
-            f"`{prog} --help-trainer` the Trainer's."
+            f"Unrecognized arguments {unknown}"
+            + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+            + f": `{prog} --help` lists the LIME options, `{prog} --help-trainer` the Trainer's."
         )
     return training_args

@@ -17,23 +17,33 @@ with `config.lime_guidance` (how a LIME+1 model is guided: `self-guided` or `ung
 
 Importing this module also quiets lm-eval's lookup of the git commit it records (`git_hash`), which printed
 "fatal: not a git repository" on every run outside a repository; the value recorded is the same.
+
+It also lets a task YAML name its data files relative to its own folder: lm-eval hands
+`dataset_kwargs.data_files` to `datasets.load_dataset`, which reads a relative path from the working directory;
+here a relative path that exists beside the YAML is read from there (one that does not keeps lm-eval's meaning),
+so `lime-hf eval --include_path DIR` works from any directory.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
+from pathlib import Path
+from typing import Any
 
 import lm_eval.evaluator
 import torch
 from lm_eval.api.registry import register_model
+from lm_eval.api.task import ConfigurableTask
 from lm_eval.loggers.utils import get_commit_from_path
 from lm_eval.models.huggingface import HFLM
 
 # Importing lime_hf (this package) registers the "lime" Auto classes that HFLM loads checkpoints with.
 from ..configuration_lime import UNKNOWN_ID
+from ..rules import EVAL_TAG_SOURCES, check_eval_tags
 
-TAG_SOURCES = ("prefix", "model", "none")
+TAG_SOURCES = EVAL_TAG_SOURCES
 
 
 @register_model("lime")
@@ -59,20 +69,7 @@ class LimeLM(HFLM):
                 f"--model lime needs a LIME checkpoint (model_type 'lime'); got {config.model_type!r}. "
                 "Use --model hf for other models."
             )
-        heads = bool(config.tag_head_fields)
-        tags = tags or ("model" if heads else "none" if shift else "prefix")
-        if tags not in TAG_SOURCES:
-            raise ValueError(f"tags must be one of {list(TAG_SOURCES)}, got {tags!r}.")
-        if tags == "model" and not heads:
-            raise ValueError(
-                "tags=model uses the model's tag heads, and this checkpoint has none (config.tag_head_fields "
-                "is empty): use tags=prefix (LIME) or tags=none."
-            )
-        if shift and tags == "prefix":
-            raise ValueError(
-                "A LIME+1 model reads the tags of the next token, which the harness can only know from the "
-                "answer itself: run it unguided (tags=none) or, with tag heads, self-guided (tags=model)."
-            )
+        tags = check_eval_tags(tags, metadata_shift=shift, has_tag_heads=bool(config.tag_head_fields))
         if tags == "prefix" and not hasattr(self.tokenizer, "metadata_for_ids"):
             raise ValueError("tags=prefix annotates text and needs the checkpoint's LimeTokenizer.")
         self.tags = tags
@@ -133,6 +130,43 @@ def git_commit_hash() -> str | None:
 
 
 lm_eval.evaluator.get_git_commit_hash = git_commit_hash
+
+
+def beside(data_files: Any, folder: Path) -> Any:
+    """`data_files` (a path, a list, or split -> either) with each relative path that exists in `folder` made absolute."""
+    if isinstance(data_files, dict):
+        return {split: beside(files, folder) for split, files in data_files.items()}
+    if isinstance(data_files, list):
+        return [beside(files, folder) for files in data_files]
+    if isinstance(data_files, str) and not Path(data_files).is_absolute() and "://" not in data_files:
+        local = folder / data_files
+        return str(local) if any(local.parent.glob(local.name)) else data_files
+    return data_files
+
+
+def _download_beside_yaml(download):
+    """`ConfigurableTask.download`, reading the task's relative `data_files` from its YAML's folder where they are."""
+
+    @functools.wraps(download)
+    def wrapper(self, dataset_kwargs=None, **kwargs):
+        source = (self.config.metadata or {}).get(
+            "config_source", "inline"
+        )  # the YAML's path (lm-eval's record)
+        if dataset_kwargs and "data_files" in dataset_kwargs and source != "inline":
+            dataset_kwargs = {
+                **dataset_kwargs,
+                "data_files": beside(dataset_kwargs["data_files"], Path(source).parent),
+            }
+        return download(self, dataset_kwargs, **kwargs)
+
+    wrapper.reads_beside_yaml = True
+    return wrapper
+
+
+if not getattr(
+    ConfigurableTask.download, "reads_beside_yaml", False
+):  # once, even if this module is reloaded
+    ConfigurableTask.download = _download_beside_yaml(ConfigurableTask.download)
 
 
 def main(argv: list[str] | None = None) -> None:
