@@ -302,16 +302,20 @@ def train_variant(
 
 def accuracy_table(curves: dict[str, list[tuple[int, float]]], tokens_per_step: int) -> str:
     """The curves side by side: one row per measurement, accuracies in percent; each column headed by the
-    variant's name and, below it, the tags it read (`TAGS`)."""
+    variant's name and, below it, the tags it read (`TAGS`). Columns are two spaces apart."""
     names = list(curves)
-    width = max(9, *(len(name) for name in names), *(len(TAGS.get(name, "")) for name in names))
+    widths = [max(8, len(name), len(TAGS.get(name, ""))) + 2 for name in names]
     lines = [
-        f"{'':>16} " + " ".join(f"{name:>{width}}" for name in names),
-        f"{'step':>6} {'tokens':>9} " + " ".join(f"{TAGS.get(name, ''):>{width}}" for name in names),
+        " " * 16 + "".join(f"{name:>{width}}" for name, width in zip(names, widths, strict=True)),
+        f"{'step':>6} {'tokens':>9}"
+        + "".join(f"{TAGS.get(name, ''):>{width}}" for name, width in zip(names, widths, strict=True)),
     ]
     for index, (step, _) in enumerate(curves[names[0]]):
-        accuracies = " ".join(f"{100 * curves[name][index][1]:{width - 1}.2f}%" for name in names)
-        lines.append(f"{step:>6} {step * tokens_per_step:>9,} {accuracies}")
+        accuracies = "".join(
+            f"{100 * curves[name][index][1]:{width - 1}.2f}%"
+            for name, width in zip(names, widths, strict=True)
+        )
+        lines.append(f"{step:>6} {step * tokens_per_step:>9,}{accuracies}")
     return "\n".join(lines)
 
 
