@@ -308,7 +308,7 @@ def compare_items(table: list[dict], seeds: tuple[int, ...]) -> list[dict]:
 def items_stage(cache: Path, preset: str, results: Path, device: str = "cpu") -> dict:
     """The per-item comparison: scores the models of `ITEM_PAIRS` found in the cache item by item through lm-eval
     (`log_samples`), beside each word's properties, into `reproduce_cloze_items.csv` (one row per item; resumable:
-    a model already scored there is not scored again; spaCy's slow `prefix` tags last), and writes the paired
+    a model already scored there is not scored again; seed by seed, spaCy's slow `prefix` tags last), and writes the paired
     statistics to `reproduce_cloze_items.json`. The cache is only read."""
     import tempfile
 
@@ -335,7 +335,7 @@ def items_stage(cache: Path, preset: str, results: Path, device: str = "cpu") ->
         table = [{"item": index, **row} for index, row in enumerate(properties)]
     models = {pair for reference, compared in ITEM_PAIRS.items() for pair in (reference, *compared)}
     todo = sorted(
-        ((*model, seed) for model in models for seed in seeds), key=lambda m: (m[1] == "prefix", str(m))
+        ((*model, seed) for model in models for seed in seeds), key=lambda m: (m[2], m[1] == "prefix", str(m))
     )
     with tempfile.TemporaryDirectory() as folder:
         manager = TaskManager(include_path=str(write_task(Path(folder), items)))
