@@ -76,7 +76,7 @@ SOURCES = {
     "reproduction.md": (
         *("reproduce.json", "reproduce_cloze.json", "reproduce_addition.csv", "reproduce_generation.csv"),
         *("meta_tokens.json", "meta_attention*.json", "meta_attention_runs/*.json", "tag_heads.json"),
-        *("reproduce_honest.json", "honest_pilot.json"),
+        *("reproduce_honest.json", "honest_pilot.json", "reproduce_cloze_items.json"),
     ),
     "demo.md": ("demo*",),
 }

@@ -350,7 +350,11 @@ def items_stage(cache: Path, preset: str, results: Path, device: str = "cpu") ->
             write_csv(path, table)  # after every model: a stopped stage goes on from here
             log(f"cloze items: {name} in {time.time() - started:.0f} s")
     comparisons = compare_items(table, seeds)
-    summary = {"task": TASK, "preset": preset, "items": len(table), "pairs": {
+    scored = [key[: -len("|ll")] for key in table[0] if key.endswith("|ll")]
+    per_model = {name: {"acc": float(np.mean([float(row[f"{name}|acc"]) for row in table])),
+                        "word_perplexity": float(np.exp(-np.mean([float(row[f"{name}|ll"]) for row in table])))}
+                 for name in scored}  # fmt: skip
+    summary = {"task": TASK, "preset": preset, "items": len(table), "per_model": per_model, "pairs": {
         f"{r[0]}|{r[1] or 'hf'}": [f"{v}|{t}" for v, t in c] for r, c in ITEM_PAIRS.items()},
         "breakdowns": {"length": "tokens of the word (lm-eval's split)", "pos_group": "spaCy's tag of the word, "
                        "read after its context, grouped", "frequency": "occurrences in the five training novels"},
