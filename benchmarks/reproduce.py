@@ -20,6 +20,9 @@ Stages (each one resumable; run them in order, or `all`):
               the novels (computed once into the cache, resumable per novel).
     cloze     CPU + spaCy. The held-out Persuasion cloze (last word of a sentence), every trained language model
               scored by lm-evaluation-harness (`reproduce_cloze.json`). Not part of `all`.
+    cloze-items  The cloze item by item (lm-eval's `log_samples`): LIME models against their reference on the same
+              words, paired, by the word's length in tokens, POS and training frequency
+              (`reproduce_cloze_items.{csv,json}`; resumable per model).
 
     python benchmarks/reproduce.py all --smoke          # the whole pipeline on a tiny setting, ~2 min on CPU
     python benchmarks/reproduce.py all                  # the real thing (preset "gpu" on CUDA, else "cpu")
@@ -37,7 +40,7 @@ from pathlib import Path
 
 import torch
 from common import check_corpus
-from reproduction.cloze import cloze_stage
+from reproduction.cloze import cloze_stage, items_stage
 from reproduction.free_generation import generate_stage
 from reproduction.harness import DEFAULT_CACHE, PRESETS, RESULTS
 from reproduction.honest import report_honest_stage, restore_references
@@ -64,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
             "meta",
             "honest",
             "cloze",
+            "cloze-items",
         ],
     )
     parser.add_argument(
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     results = args.results or (cache / "results" if args.smoke else RESULTS)
     # These stages read the novels (train: the plain-BPE baseline's tokenizer); stop early if one is missing.
     training_lm = (args.stage == "train" and args.only in (None, "lm", "honest")) or args.stage == "honest"
-    if args.stage in ("prepare", "all", "generate", "cloze") or training_lm:
+    if args.stage in ("prepare", "all", "generate", "cloze", "cloze-items") or training_lm:
         check_corpus()
     if args.stage == "meta":
         # Tiny models: one thread each is fastest, and more threads than free cores slow a shared machine down.
@@ -127,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
         generate_stage(cache, preset)
     if args.stage == "cloze":
         cloze_stage(cache, preset, results)
+    if args.stage == "cloze-items":
+        items_stage(cache, preset, results)
     if args.stage in ("report", "all"):
         headline = report(cache, preset, results)
         keys = ["data_fraction_lime", "data_fraction_lime_prefix_tags", "addition_exact_match"]

@@ -213,11 +213,28 @@ def test_quick_demo_prints_plots_and_saves_a_reloadable_model(tmp_path):
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(out / "accuracy.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
+    names = ["baseline", "honest LIME", "LIME", "LIME+1"]
+    assert list(rows[0]) == ["step", "tokens", *names]
     assert [row["step"] for row in rows] == ["0", "2", "4"]
-    for row in rows:  # the printed table shows the same numbers, in percent
-        percents = " ".join(f"{100 * float(row[name]):8.2f}%" for name in ("baseline", "LIME", "LIME+1"))
-        assert f"{int(row['tokens']):>9,} {percents}" in result.stdout
-    assert "Final held-out next-token accuracy:" in result.stdout
+    lines = result.stdout.splitlines()
+    header = lines.index("Held-out next-token accuracy:") + 1
+    # Every column names its model and, below, the tags that model read on the held-out text.
+    assert lines[header].split() == ["baseline", "honest", "LIME", "LIME", "LIME+1"]
+    assert re.split(r" {2,}", lines[header + 1].strip()) == [
+        "step",
+        "tokens",
+        "no tags",
+        "own tags",
+        "spaCy tags",
+        "true next tags",
+    ]
+    for row, line in zip(rows, lines[header + 2 : header + 5], strict=True):  # the same numbers, in percent
+        assert line.split() == [row["step"], f"{int(row['tokens']):,}"] + [
+            f"{100 * float(row[name]):.2f}%" for name in names
+        ]
+    assert "Final held-out next-token accuracy (the tags each model read):" in result.stdout
+    gain = 100 * (float(rows[-1]["honest LIME"]) - float(rows[-1]["baseline"]))
+    assert f"predicted in the same forward pass), ends {gain:+.2f} points from the baseline." in result.stdout
     assert "Guided generation with the LIME+1 model" in result.stdout
     assert "spaCy finds the asked tag on" in result.stdout
 
@@ -226,6 +243,17 @@ def test_quick_demo_prints_plots_and_saves_a_reloadable_model(tmp_path):
     assert isinstance(model, LimeForCausalLM) and model.config.metadata_shift == 1
     assert isinstance(tokenizer, LimeTokenizer)
     assert tokenizer.metadata_fields == model.config.metadata_fields
+
+    # Honest LIME: its tags join at layer 1 of 2, from its own heads; the self-tagged text it printed is what the
+    # saved model writes from the prompt's input_ids alone, with the POS tags it printed.
+    honest = AutoModelForCausalLM.from_pretrained(out / "honest-lime")
+    assert honest.config.metadata_layer == 1 and honest.config.tag_head_fields == ["pos", "ner"]
+    ids = tokenizer("After these things", return_tensors="pt")["input_ids"]
+    written = honest.generate(input_ids=ids, max_new_tokens=2, do_sample=False)[0]
+    assert f"  honest LIME, self-tagged: {tokenizer.decode(written)!r}" in result.stdout
+    own_pos = honest(input_ids=written[None]).fed_metadata_ids["pos"][0, ids.shape[1] :]
+    labels = " ".join(honest.config.metadata_fields["pos"][tag] for tag in own_pos.tolist())
+    assert f"honest LIME's own POS tags of the new tokens: {labels}" in result.stdout
 
 
 TINY_LLAMA_JSON = (

@@ -79,7 +79,7 @@ SOURCES = {
     "reproduction.md": (
         *("reproduce.json", "reproduce_cloze.json", "reproduce_addition.csv", "reproduce_generation.csv"),
         *("meta_tokens.json", "meta_attention*.json", "meta_attention_runs/*.json", "tag_heads.json"),
-        *("reproduce_honest.json", "honest_pilot.json"),
+        *("reproduce_honest.json", "honest_pilot.json", "reproduce_cloze_items.json"),
     ),
     "demo.md": ("demo*",),
     "scale.md": ("datatrove_annotation*", "pack_throughput*", "streaming*"),
@@ -211,10 +211,13 @@ def test_the_demo_page_quotes_the_demo_run():
     page = " ".join((DOCS / "demo.md").read_text(encoding="utf-8").split())
     for text in demo["generated"].values():
         assert f'"{text}"' in page
-    steps = demo["lime_steps_to_baseline_final"]
-    assert f"after {steps} of the {demo['settings']['max_steps']} steps" in page
+    for key in ("lime_steps_to_baseline_final", "honest_steps_to_baseline_final"):
+        assert f"after {demo[key]} of the {demo['settings']['max_steps']} steps" in page
+    assert f"ends {demo['honest_gain_points']:.2f} points above the baseline" in page
     final = {name: f"{100 * accuracy:.2f} %" for name, accuracy in demo["final_accuracy"].items()}
-    assert f"| {final['baseline']} | {final['LIME']} | {final['LIME+1']} |" in page
+    assert " | ".join(final[name] for name in ("baseline", "honest LIME", "LIME", "LIME+1")) in page
+    for name, tags in demo["tags_read"].items():  # every column names the tags its model read
+        assert f"{name} ({tags})" in page
 
 
 def test_a_changed_number_is_found_out(tmp_path):

@@ -313,6 +313,37 @@ def test_inventory_mismatch_names_both(bpe_tokenizer, tmp_path):
         )
 
 
+def test_the_demo_scores_honest_lime_on_its_own_tags(lime_pretokenized, corpus_lines, tmp_path):
+    """The demo's honest curve: `OwnTagsEvaluation` trains on the batches' tags but evaluates on `input_ids` alone,
+    so a `metadata_layer` model reads the tags its heads predict (not spaCy's) on the held-out text."""
+    from lime_hf.demo import OwnTagsEvaluation
+    from lime_hf.pretrain import build_model
+
+    blocks = prepare_lm_dataset(Dataset.from_dict({"text": corpus_lines[:12]}), lime_pretokenized, 32)
+    blocks = blocks.select(range(4))
+    torch.manual_seed(0)
+    model = build_model(
+        lime_pretokenized,
+        model_config=json.dumps(TINY_LLAMA),
+        tag_head_fields=("pos", "ner"),
+        metadata_layer=1,
+    )
+    collator = DataCollatorForLime(lime_pretokenized)
+    args = TrainingArguments(tmp_path, per_device_eval_batch_size=4, report_to="none", use_cpu=True)
+    trainer = OwnTagsEvaluation(model=model, args=args, eval_dataset=blocks, data_collator=collator)
+    evaluated = trainer.evaluate()["eval_loss"]
+
+    batch = collator(list(blocks))
+    untagged = {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
+    with torch.no_grad():
+        own = model.eval()(**untagged)
+        given = model(**batch)
+    assert evaluated == pytest.approx(own.loss.item(), rel=1e-5)
+    assert not own.tag_losses  # no tags given: nothing to score the heads against, and the loss is the LM's
+    assert not torch.equal(own.fed_metadata_ids["pos"], batch["pos_ids"])  # it read its own tags, not spaCy's
+    assert own.lm_loss.item() != pytest.approx(given.lm_loss.item(), rel=1e-4)
+
+
 def test_a_launch_the_trainer_does_not_join_is_an_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="started 2 processes, but the Trainer sees a world of 1.*--use_cpu"):

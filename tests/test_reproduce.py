@@ -15,7 +15,7 @@ from tests.conftest import AUSTEN
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
 sys.path.append(str(SCRIPT.parent))  # the benchmark scripts import their shared `common` module
 
-from reproduction.cloze import cloze_items, cloze_table, mean_over_seeds  # noqa: E402
+from reproduction.cloze import cloze_items, cloze_table, compare_items, mean_over_seeds  # noqa: E402
 from reproduction.harness import PRESETS, Checkpoint, optimizer_step, unwrap  # noqa: E402
 from reproduction.self_tagging import noisy  # noqa: E402
 
@@ -90,6 +90,41 @@ def test_cloze_table_averages_seeds_per_model_and_tag_source():
         "| baseline (`--model hf`) | 2 | 15.00 % ± 2.00 % | 60 |",
         "| LIME+1 with heads, self-guided (`tags=model`) | 1 | 5.00 % ± 0.40 % | 900 |",
     ]
+
+
+def test_per_item_cloze_comparison_pairs_items_and_seeds_and_breaks_them_down():
+    """Four items, two seeds: LIME (prefix tags) against the baseline, item by item."""
+    ll = {  # (baseline, lime) log-likelihoods of each item's word, per seed
+        0: [(-2.0, -1.0), (-3.0, -4.0), (-1.0, -0.5), (-5.0, -5.0)],
+        1: [(-2.0, -1.5), (-3.0, -3.5), (-1.0, -1.0), (-5.0, -5.5)],
+    }
+    acc = {0: [(0, 1), (1, 0), (1, 1), (0, 0)], 1: [(0, 1), (1, 1), (1, 1), (0, 0)]}
+    table = [{"item": i, "length": "1" if i < 2 else "3+"} for i in range(4)]
+    for seed in (0, 1):
+        for i, row in enumerate(table):
+            row[f"baseline|hf|s{seed}|ll"], row[f"lime|prefix|s{seed}|ll"] = ll[seed][i]
+            row[f"baseline|hf|s{seed}|acc"], row[f"lime|prefix|s{seed}|acc"] = acc[seed][i]
+    rows = {(r["by"], r["group"]): r for r in compare_items(table, (0, 1)) if r["variant"] == "lime"}
+    overall = rows["all", "all"]
+    # per-item differences averaged over the seeds: +0.75, -0.75, +0.25, -0.25
+    assert overall["seeds"] == [0, 1] and overall["items"] == 4
+    assert overall["mean_ll_diff"] == pytest.approx(0.0)
+    assert overall["ll_diff_stderr"] == pytest.approx(np.std([0.75, -0.75, 0.25, -0.25], ddof=1) / 2)
+    assert (overall["wins"], overall["losses"], overall["sign_test_p"]) == (2, 2, pytest.approx(1.0))
+    # accuracy pairs per item and seed: gained on item 0 twice, lost on item 1 once
+    assert (overall["acc_gained"], overall["acc_lost"]) == (2, 1)
+    assert overall["mcnemar_p"] == pytest.approx(1.0)  # 2 of 3 discordant pairs: exact binomial, two-sided
+    short = rows["length", "1"]
+    assert (short["items"], short["mean_ll_diff"], short["wins"], short["losses"]) == (
+        2,
+        pytest.approx(0.0),
+        1,
+        1,
+    )
+    assert rows["length", "3+"]["word_perplexity_ratio"] == pytest.approx(1.0)
+    assert len([r for r in compare_items(table, (0, 1))]) == len(
+        rows
+    )  # no heads_only runs: that pair is skipped
 
 
 @pytest.mark.slow

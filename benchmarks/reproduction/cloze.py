@@ -17,6 +17,7 @@ Results: `reproduce_cloze.{json,csv}` beside the other results; `cloze_table` is
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import time
@@ -173,4 +174,210 @@ def cloze_table(summary: dict) -> str:
         seeds = len(row["seeds"])
         accuracy = f"{row['acc']:.2%} ± {row['acc_stderr']:.2%}".replace("%", " %")
         lines.append(f"| {label} | {seeds} | {accuracy} | {row['perplexity']:.4g} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- per item
+
+# Paired per-item comparisons: a reference run (read as `tags`) -> the runs compared with it on the same items, each
+# with its tag source. The baseline pairs are the question of the table above; the layer-2 runs of `honest.py` pair
+# with their multi-task control `heads_only` (the same architecture and heads, nothing injected), whose logits do
+# not depend on the tags. A pair whose models are not in the cache is skipped.
+ITEM_PAIRS = {
+    ("baseline", None): (("lime", "prefix"), ("lime_heads", "prefix"), ("lime_heads", "model")),
+    ("heads_only", "model"): (
+        *(("honest_given", "prefix"), ("honest_given", "model")),
+        *(("honest_causal", "prefix"), ("honest_causal", "model")),
+        *(("honest_best", "model"), ("honest_predicted", "model")),
+    ),
+}
+POS_GROUPS = {"NN": "noun", "NNS": "noun", "NNP": "proper noun", "NNPS": "proper noun",
+              "JJ": "adjective", "JJR": "adjective", "JJS": "adjective", "RB": "adverb", "RBR": "adverb",
+              "RBS": "adverb"}  # fmt: skip
+FREQUENCY_BINS = ((0, "<10"), (10, "10-99"), (100, "100-999"), (1000, ">=1000"))  # occurrences in training
+
+
+def column(variant: str, tags: str | None, seed: int) -> str:
+    """The per-item CSV's column prefix of one scored model."""
+    return f"{variant}|{tags or 'hf'}|s{seed}"
+
+
+def score_items(manager, model_dir: Path, tokenizer_dir: Path, seq_len: int, tags: str | None, device: str):
+    """Each item's log-likelihood of its word and whether every token of it is the greedy choice (lm-eval's
+    `log_samples`), by item index."""
+    import lm_eval
+
+    out = lm_eval.simple_evaluate(
+        model="hf" if tags is None else "lime",
+        model_args=model_args(model_dir, tokenizer_dir, seq_len, tags),
+        tasks=[TASK],
+        task_manager=manager,
+        device=device,
+        log_samples=True,
+    )
+    return {s["doc_id"]: (float(s["perplexity"]), int(s["acc"])) for s in out["samples"][TASK]}
+
+
+def word_properties(items: list[dict], tokenizer, train_text: str) -> list[dict]:
+    """Per item: the word, spaCy's POS tag of it read after its context (`SpacyAnnotator`, the full pipeline),
+    its group, its count in the training novels (case-insensitive, whole words) and its length in tokens, as lm-eval
+    splits it (the tokens of context + word beyond those of the context)."""
+    from collections import Counter
+
+    from lime_hf import SpacyAnnotator
+
+    counts = Counter(re.findall(r"[a-z]+", train_text.lower()))
+    annotator = SpacyAnnotator(["pos"])
+    texts = [item["context"] + item["word"] for item in items]
+    rows = []
+    for item, text, annotation in zip(items, texts, annotator(texts), strict=True):
+        pos = annotation["pos"]
+        (label,) = [lab for s, e, lab in zip(pos["starts"], pos["ends"], pos["labels"], strict=True)
+                    if e == len(text)]  # fmt: skip
+        count = counts[item["word"].strip().lower()]
+        length = len(tokenizer(text)["input_ids"]) - len(tokenizer(item["context"])["input_ids"])
+        rows.append({
+            "word": item["word"].strip(), "pos": label,
+            "pos_group": POS_GROUPS.get(label, "verb" if label.startswith("VB") else "other"),
+            "train_count": count, "frequency": [name for low, name in FREQUENCY_BINS if count >= low][-1],
+            "tokens": length, "length": str(length) if length < 3 else "3+",
+        })  # fmt: skip
+    return rows
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact binomial p-value of `wins` against `losses` (ties dropped): the sign test, and McNemar's
+    exact test when the two counts are the discordant pairs."""
+    from scipy.stats import binomtest
+
+    return float(binomtest(wins, wins + losses).pvalue) if wins + losses else 1.0
+
+
+def paired_stats(ref_ll: np.ndarray, ll: np.ndarray, ref_acc: np.ndarray, acc: np.ndarray) -> dict:
+    """Paired statistics of a compared model against a reference on the same items, from `(seeds, items)` arrays:
+    the compared model's log-likelihood of the word minus the reference's, averaged per item over the seeds (mean,
+    its standard error over items, wins/losses and the sign test; the word perplexity ratio), and the accuracy's
+    discordant pairs counted per item and seed, with McNemar's exact test."""
+    diff = (ll - ref_ll).mean(axis=0)
+    wins, losses = int((diff > 0).sum()), int((diff < 0).sum())
+    gained, lost = int(((acc == 1) & (ref_acc == 0)).sum()), int(((acc == 0) & (ref_acc == 1)).sum())
+    return {
+        "items": len(diff), "mean_ll_diff": float(diff.mean()),
+        "ll_diff_stderr": float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan"),
+        "wins": wins, "losses": losses, "sign_test_p": sign_test(wins, losses),
+        "word_perplexity_ratio": float(np.exp(-diff.mean())),
+        "acc_reference": float(ref_acc.mean()), "acc": float(acc.mean()),
+        "acc_gained": gained, "acc_lost": lost, "mcnemar_p": sign_test(gained, lost),
+    }  # fmt: skip
+
+
+BREAKDOWNS = ("all", "length", "pos_group", "frequency")  # "all": one group of every item
+
+
+def scores(rows: list[dict], model: tuple[str, str | None], seeds: list[int], metric: str) -> np.ndarray:
+    """`(seeds, items)`: one model's `metric` ("ll" or "acc") on `rows` of the per-item table."""
+    keys = [f"{column(*model, seed)}|{metric}" for seed in seeds]
+    return np.array([[float(row[key]) for row in rows] for key in keys])
+
+
+def compare_items(table: list[dict], seeds: tuple[int, ...]) -> list[dict]:
+    """`paired_stats` of every pair of `ITEM_PAIRS` that `table` (one row per item) has scored for at least one seed
+    (the seeds that have both models), over all items and per group of each property of the word."""
+    rows = []
+    for reference, compared in ITEM_PAIRS.items():
+        for model in compared:
+            both = [
+                s for s in seeds if {f"{column(*m, s)}|ll" for m in (reference, model)} <= table[0].keys()
+            ]
+            if not both:
+                continue
+            for by in BREAKDOWNS:
+                for group in sorted({row.get(by, "all") for row in table}, key=str):
+                    members = [row for row in table if row.get(by, "all") == group]
+                    arrays = [
+                        scores(members, m, both, metric)
+                        for metric in ("ll", "acc")
+                        for m in (reference, model)
+                    ]
+                    rows.append({"reference": reference[0], "reference_tags": reference[1] or "hf",
+                                 "variant": model[0], "tags": model[1], "seeds": both, "by": by, "group": group,
+                                 **paired_stats(*arrays)})  # fmt: skip
+    return rows
+
+
+def items_stage(cache: Path, preset: str, results: Path, device: str = "cpu") -> dict:
+    """The per-item comparison: scores the models of `ITEM_PAIRS` found in the cache item by item through lm-eval
+    (`log_samples`), beside each word's properties, into `reproduce_cloze_items.csv` (one row per item; resumable:
+    a model already scored there is not scored again; seed by seed, spaCy's slow `prefix` tags last), and writes the paired
+    statistics to `reproduce_cloze_items.json`. The cache is only read."""
+    import tempfile
+
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoTokenizer
+
+    import lime_hf.integrations.lm_eval  # noqa: F401 - registers lm-eval's `lime` model
+
+    from .harness import TRAIN_NOVELS
+
+    text = unwrap((AUSTEN / f"{EVAL_NOVEL}.txt").read_text(encoding="utf-8"))
+    items = cloze_items(text, ITEMS["smoke" if preset == "smoke" else "default"])
+    seq_len, seeds = PRESETS[preset]["lm"]["seq_len"], tuple(PRESETS[preset]["lm"]["seeds"])
+    tokenizer_dir = cache / "data" / "tokenizer"
+    path = results / "reproduce_cloze_items.csv"
+    if path.exists():
+        with open(path, newline="") as handle:
+            table = list(csv.DictReader(handle))
+    else:
+        train_text = "\n".join(
+            unwrap((AUSTEN / f"{n}.txt").read_text(encoding="utf-8")) for n in TRAIN_NOVELS
+        )
+        properties = word_properties(items, AutoTokenizer.from_pretrained(tokenizer_dir), train_text)
+        table = [{"item": index, **row} for index, row in enumerate(properties)]
+    models = {pair for reference, compared in ITEM_PAIRS.items() for pair in (reference, *compared)}
+    todo = sorted(
+        ((*model, seed) for model in models for seed in seeds), key=lambda m: (m[2], m[1] == "prefix", str(m))
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        manager = TaskManager(include_path=str(write_task(Path(folder), items)))
+        for variant, tags, seed in todo:
+            name, model_dir = column(variant, tags, seed), cache / "models" / preset / f"lm-{variant}-s{seed}"
+            if f"{name}|ll" in table[0] or not model_dir.exists():
+                continue
+            started = time.time()
+            scores = score_items(manager, model_dir, tokenizer_dir, seq_len, tags, device)
+            for index, row in enumerate(table):
+                row[f"{name}|ll"], row[f"{name}|acc"] = scores[index]
+            write_csv(path, table)  # after every model: a stopped stage goes on from here
+            log(f"cloze items: {name} in {time.time() - started:.0f} s")
+    comparisons = compare_items(table, seeds)
+    scored = [key[: -len("|ll")] for key in table[0] if key.endswith("|ll")]
+    per_model = {name: {"acc": float(np.mean([float(row[f"{name}|acc"]) for row in table])),
+                        "word_perplexity": float(np.exp(-np.mean([float(row[f"{name}|ll"]) for row in table])))}
+                 for name in scored}  # fmt: skip
+    summary = {"task": TASK, "preset": preset, "items": len(table), "per_model": per_model, "pairs": {
+        f"{r[0]}|{r[1] or 'hf'}": [f"{v}|{t}" for v, t in c] for r, c in ITEM_PAIRS.items()},
+        "breakdowns": {"length": "tokens of the word (lm-eval's split)", "pos_group": "spaCy's tag of the word, "
+                       "read after its context, grouped", "frequency": "occurrences in the five training novels"},
+        "comparisons": comparisons}  # fmt: skip
+    write_json(results / "reproduce_cloze_items.json", summary)
+    print(items_table(comparisons))
+    return summary
+
+
+def items_table(comparisons: list[dict], by: str = "all") -> str:
+    """Markdown table of the paired comparisons over one breakdown (`by`)."""
+    lines = [
+        "| reference | compared, tags | group | items | Δ log-lik. ± s.e. | wins / losses (sign p) | word ppl ratio "
+        "| acc gained / lost (McNemar p) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in comparisons:
+        if r["by"] != by:
+            continue
+        lines.append(
+            f"| {r['reference']} | {r['variant']}, {r['tags']} | {r['group']} | {r['items']} | "
+            f"{r['mean_ll_diff']:+.3f} ± {r['ll_diff_stderr']:.3f} | {r['wins']} / {r['losses']} "
+            f"({r['sign_test_p']:.2g}) | {r['word_perplexity_ratio']:.2f} | {r['acc_gained']} / {r['acc_lost']} "
+            f"({r['mcnemar_p']:.2g}) |"
+        )
     return "\n".join(lines)

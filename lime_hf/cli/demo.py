@@ -1,4 +1,5 @@
-"""`lime-hf demo`: baseline, LIME and LIME+1 tiny models trained and compared in a few minutes (`lime_hf.demo`)."""
+"""`lime-hf demo`: baseline, honest LIME, LIME and LIME+1 tiny models trained and compared in a few minutes
+(`lime_hf.demo`)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ def add_parser(subparsers: Any) -> None:
         run,
         description=(
             "Train a byte-level BPE, annotate a public-domain corpus (World English Bible) with spaCy, train "
-            "three tiny Llama models on the same token stream (baseline without metadata, LIME, LIME+1), "
-            "print and plot their held-out next-token accuracy, save the LIME+1 model and show guided "
-            "generation. About five minutes on two CPU cores."
+            "four tiny Llama models on the same token stream (baseline without metadata; honest LIME, which "
+            "tags its input itself, no spaCy or oracle at evaluation; LIME with spaCy's tags; LIME+1 with the "
+            "true next-token tags), print and plot their held-out next-token accuracy, save the LIME+1 and "
+            "honest LIME models and show guided and self-tagged generation. About five minutes on two CPU cores."
         ),
     )
     parser.add_argument(
