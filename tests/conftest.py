@@ -4,6 +4,7 @@ and a local stand-in for the Hub's HTTP API."""
 from pathlib import Path
 
 import pytest
+import torch
 from huggingface_hub import (
     CommitInfo,
     CommitOperationAdd,
@@ -27,6 +28,15 @@ from lime_hf.tokenization_lime import LimeTokenizer
 # needs nothing outside the repository.
 AUSTEN = Path(__file__).resolve().parent / "data" / "austen"
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>"]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models train fastest on one thread; two threads on a busy 2-core machine spin-wait ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

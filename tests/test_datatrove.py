@@ -131,35 +131,16 @@ def test_parquet_input_and_a_rerun_skips_completed_tasks(local_run, reference, t
 
 
 KILL_SCRIPT = """
-import os, signal, sys
-from pathlib import Path
-
-from datatrove.pipeline.base import PipelineStep
+import sys
 
 from lime_hf.integrations.datatrove import annotation_pipeline, build_executor
-
-
-class KillOnce(PipelineStep):
-    '''Passes documents on; the first time task 2 runs, SIGKILLs its own process after 5 documents.'''
-
-    name = "kill once"
-
-    def __init__(self, marker):
-        super().__init__()
-        self.marker = Path(marker)
-
-    def run(self, data, rank=0, world_size=1):
-        for count, document in enumerate(data):
-            if rank == 2 and count == 5 and not self.marker.exists():
-                self.marker.touch()
-                os.kill(os.getpid(), signal.SIGKILL)
-            yield document
-
+from tests.kill_once import KillOnce
 
 if __name__ == "__main__":
     corpus, out, logs, marker = sys.argv[1:]
     reader, annotate, writer = annotation_pipeline(corpus, out, batch_size=2, writer_batch_size=2)
-    build_executor([reader, annotate, KillOnce(marker), writer], tasks=4, workers=1, logging_dir=logs).run()
+    kill = KillOnce(marker, rank=2, after=5)
+    build_executor([reader, annotate, kill, writer], tasks=4, workers=1, logging_dir=logs).run()
 """
 
 

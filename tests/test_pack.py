@@ -220,37 +220,18 @@ def test_shards_of_another_run_in_the_folder_are_refused(single, tmp_path):
 
 
 KILL_SCRIPT = """
-import os, signal, sys
-from pathlib import Path
-
-from datatrove.pipeline.base import PipelineStep
+import sys
 
 from lime_hf.integrations.datatrove import build_executor
 from lime_hf.integrations.datatrove_pack import finalize_shards, pack_pipeline
-
-
-class KillOnce(PipelineStep):
-    '''Passes documents on; the first time task 2 runs, SIGKILLs its own process after 50 documents.'''
-
-    name = "kill once"
-
-    def __init__(self, marker):
-        super().__init__()
-        self.marker = Path(marker)
-
-    def run(self, data, rank=0, world_size=1):
-        for count, document in enumerate(data):
-            if rank == 2 and count == 50 and not self.marker.exists():
-                self.marker.touch()
-                os.kill(os.getpid(), signal.SIGKILL)
-            yield document
-
+from tests.kill_once import KillOnce
 
 if __name__ == "__main__":
     corpus, out, tokenizer, logs, marker = sys.argv[1:]
     reader, pack = pack_pipeline(corpus, out, tokenizer, 64)
     pack.batch_size = 20  # packing batches of 20 documents: task 2 has written two when it dies
-    build_executor([reader, KillOnce(marker), pack], tasks=4, workers=1, logging_dir=logs).run()
+    kill = KillOnce(marker, rank=2, after=50)
+    build_executor([reader, kill, pack], tasks=4, workers=1, logging_dir=logs).run()
     finalize_shards(out, 4)
 """
 
