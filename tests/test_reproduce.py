@@ -319,6 +319,7 @@ def test_honest_stage_trains_its_runs_and_reports_them_against_the_baseline(tmp_
         "heads_only",
         "honest_plus1",
         "honest_best_linear",
+        "honest_causal_linear",
         "honest_linear",
         "heads_only_linear",
     )
@@ -330,7 +331,7 @@ def test_honest_stage_trains_its_runs_and_reports_them_against_the_baseline(tmp_
         )
         assert run["training_tags"] == (
             "spaCy causal"
-            if variant in ("honest_causal", "honest_best", "honest_best_linear")
+            if variant in ("honest_causal", "honest_best", "honest_best_linear", "honest_causal_linear")
             else "spaCy full-document"
         )
         final, base = run["history"][-1]["own_tags"], json.loads((runs / "lm-baseline-s0.json").read_text())

@@ -17,6 +17,7 @@ and mostly through the tag supervision itself, so the same runs again with a lin
 (`tag_head_type="linear"`: the tags must be linearly readable from layer K's state, which the tag loss then shapes):
 
     honest_best_linear  honest_best with linear heads (own predictions, heads on causal tags)
+    honest_causal_linear  honest_causal with linear heads (teacher forcing with causal tags, the best MLP run)
     honest_linear       honest_predicted with linear heads: the pilot's `self` arm inside the library
     heads_only_linear   heads_only with linear heads: the pilot's `aux` arm inside the library
 
@@ -119,6 +120,7 @@ def honest_specs(layers: int) -> dict[str, LmSpec]:
         "heads_only": LmSpec(0, **heads, **causal, config=nothing_injected),
         "honest_plus1": LmSpec(1, **heads, **causal, config=predicted),
         "honest_best_linear": LmSpec(0, **heads, **causal, config=predicted | linear, train_tags="causal"),
+        "honest_causal_linear": LmSpec(0, **heads, **causal, config=at_k | linear, train_tags="causal"),
         "honest_linear": LmSpec(0, **heads, **causal, config=predicted | linear),
         "heads_only_linear": LmSpec(0, **heads, **causal, config=nothing_injected | linear),
     }
