@@ -167,6 +167,7 @@ def report_honest(lm: dict, results: Path, crossing) -> dict:
                 if tokens is None
                 else tokens / base["history"][-1]["tokens_seen"],
                 "pos_tag_accuracy": final.get("pos_tag_accuracy"),
+                "pos_tag_accuracy_causal": final.get("pos_tag_accuracy_causal"),
                 "ner_tag_accuracy": final.get("ner_tag_accuracy"),
             }
             rows.append(row)
