@@ -18,6 +18,7 @@ from tiny_models import (
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from lime_hf import LimeConfig, LimeForCausalLM
+from lime_hf.cli.train import parse_train_arguments
 from lime_hf.configuration_lime import UNKNOWN_ID
 from lime_hf.tag_heads import self_tagged_forward
 from lime_hf.trainer import LimeTrainer
@@ -413,3 +414,12 @@ def test_ddp_trains_the_predicted_source_without_unused_parameters(tmp_path):
     moved = [name for name, tensor in ranks[0].items() if not torch.equal(tensor, initial[name])]
     assert any(name.startswith("tag_heads.") for name in moved)
     assert any(name.startswith("metadata_embeddings.") for name in moved)
+
+
+def test_lime_hf_train_takes_the_head_type():
+    argv = ["emma.txt", "--train-tokenizer", "400", "--tag-heads", "pos", "--metadata-layer", "1"]
+    assert parse_train_arguments(argv)[0].tag_head_type == "mlp"
+    options, rest = parse_train_arguments([*argv, "--tag-head-type", "linear", "--max-steps", "2"])
+    assert (options.tag_head_type, rest) == ("linear", ["--max-steps", "2"])
+    with pytest.raises(SystemExit):
+        parse_train_arguments([*argv, "--tag-head-type", "deep"])
