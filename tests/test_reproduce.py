@@ -320,7 +320,6 @@ def test_honest_stage_trains_its_runs_and_reports_them_against_the_baseline(tmp_
         "honest_plus1",
         "honest_best_linear",
         "honest_causal_linear",
-        "honest_linear",
         "heads_only_linear",
     )
     for variant in variants:

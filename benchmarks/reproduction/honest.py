@@ -13,13 +13,12 @@ data, block order, schedule and initial backbone as `language_models.py`):
     honest_plus1        LIME+1 the same way (own predictions): it guides itself with its heads
 
 The heads above are the library's default MLP (`tag_head_type="mlp"`). `honest_pilot.py`'s linear heads gained more,
-and mostly through the tag supervision itself, so the same runs again with a linear classifier per field
+and mostly through the tag supervision itself, so three of the runs again with a linear classifier per field
 (`tag_head_type="linear"`: the tags must be linearly readable from layer K's state, which the tag loss then shapes):
 
-    honest_best_linear  honest_best with linear heads (own predictions, heads on causal tags)
+    honest_best_linear    honest_best with linear heads (own predictions, heads on causal tags)
     honest_causal_linear  honest_causal with linear heads (teacher forcing with causal tags, the best MLP run)
-    honest_linear       honest_predicted with linear heads: the pilot's `self` arm inside the library
-    heads_only_linear   heads_only with linear heads: the pilot's `aux` arm inside the library
+    heads_only_linear     heads_only with linear heads: the pilot's `aux` arm inside the library
 
 K = 2 of 4 layers and the tag loss weight 0.2 are the library defaults the pilot also used; the pilot's other arms
 (K = 1, weight 1.0: both gained less) were scored on the same Persuasion evaluation as this stage, so these
@@ -121,7 +120,6 @@ def honest_specs(layers: int) -> dict[str, LmSpec]:
         "honest_plus1": LmSpec(1, **heads, **causal, config=predicted),
         "honest_best_linear": LmSpec(0, **heads, **causal, config=predicted | linear, train_tags="causal"),
         "honest_causal_linear": LmSpec(0, **heads, **causal, config=at_k | linear, train_tags="causal"),
-        "honest_linear": LmSpec(0, **heads, **causal, config=predicted | linear),
         "heads_only_linear": LmSpec(0, **heads, **causal, config=nothing_injected | linear),
     }
 
