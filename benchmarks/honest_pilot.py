@@ -10,7 +10,8 @@ token i (LIME; with `--shift 1` of token i+1) with one linear layer per field, a
     aux    nothing added: the heads only train (the multi-task control)
 
 loss = LM loss + weight * sum of the heads' cross-entropy against spaCy's full-document tags. It stays as an
-independent cross-check of the library's mode (`reproduce.py honest`), whose heads are larger (an MLP).
+independent cross-check of the library's mode (`reproduce.py honest`), whose default heads are larger (an MLP);
+its `*_linear` runs use linear heads like these (`tag_head_type="linear"`).
 
     python benchmarks/honest_pilot.py run self 2 --seed 0     # one arm, ~15 min on one busy core
     python benchmarks/honest_pilot.py collect                 # results/honest_pilot.{json,csv} from the arms

@@ -103,6 +103,14 @@ def check_tag_loss_weight(weight: float) -> None:
         raise ValueError(f"`tag_loss_weight` must be a number >= 0, got {weight!r}.")
 
 
+def check_tag_head_type(head_type: str) -> None:
+    if head_type not in ("mlp", "linear"):
+        raise ValueError(
+            f"`tag_head_type` must be 'mlp' (a shared hidden layer, then one linear classifier per field) or 'linear' "
+            f"(one linear classifier per field on the normalised state), got {head_type!r}."
+        )
+
+
 def check_self_guidance(self_guidance: str) -> None:
     if self_guidance not in ("argmax", "sample"):
         raise ValueError(f"`self_guidance` must be 'argmax' or 'sample', got {self_guidance!r}.")
@@ -157,6 +165,7 @@ FIELD_CHECKS = {
     "metadata_shift": check_metadata_shift,
     "tag_head_fields": check_tag_head_fields,
     "tag_loss_weight": check_tag_loss_weight,
+    "tag_head_type": check_tag_head_type,
     "self_guidance": check_self_guidance,
     "metadata_layer": check_metadata_layer,
     "metadata_training_source": check_metadata_training_source,
@@ -215,6 +224,11 @@ class LimeConfig(PreTrainedConfig):
             generation needs no tagger (LIME) or no oracle guidance (LIME+1). None (the default): no heads.
         tag_loss_weight (`float`, *optional*, defaults to 0.2):
             Weight of the heads' summed cross-entropy in the training loss, `lm_loss + weight * sum(tag_losses)`.
+        tag_head_type (`str`, *optional*, defaults to `"mlp"`):
+            The heads' shape. `"mlp"`: LayerNorm -> a shared Linear -> GELU -> a Linear per field. `"linear"`:
+            LayerNorm -> a Linear per field, so that the tags must be a linear read-out of the state the heads read;
+            with `metadata_layer > 0` the tag loss then shapes the first k decoder layers themselves (multi-task
+            supervision), where an MLP head can absorb it.
         self_guidance (`str`, *optional*, defaults to `"argmax"`):
             How the heads choose a tag during generation: `"argmax"` or `"sample"` (from their softmax).
         metadata_layer (`int`, *optional*, defaults to 0):
@@ -257,6 +271,7 @@ class LimeConfig(PreTrainedConfig):
     metadata_shift: int = 0
     tag_head_fields: list[str] | None = None
     tag_loss_weight: float = 0.2
+    tag_head_type: str = "mlp"
     self_guidance: str = "argmax"
     metadata_layer: int = 0
     metadata_training_source: str = "given"

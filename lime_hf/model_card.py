@@ -212,13 +212,14 @@ def count_parameters(model: LimePreTrainedModel) -> dict[str, str]:
 
 
 def describe_tag_heads(model: LimePreTrainedModel) -> dict[str, Any] | None:
-    """The fields with tag heads, their loss weight, self-guidance mode, the LM's training source and parameter
+    """The fields with tag heads, their shape, loss weight, self-guidance mode, the LM's training source and parameter
     count; None without heads."""
     if model.tag_heads is None:
         return None
     config = model.config
     return {
         "fields": ", ".join(f"`{name}`" for name in config.tag_head_fields),
+        "head_type": config.tag_head_type,
         "loss_weight": f"{config.tag_loss_weight:g}",
         "self_guidance": config.self_guidance,
         "training_source": config.metadata_training_source,

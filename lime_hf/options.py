@@ -105,6 +105,14 @@ class TrainOptions:
             "metadata, so generation needs neither spaCy (LIME) nor oracle guidance (LIME+1)",
         },
     )
+    tag_head_type: str = field(
+        default="mlp",
+        metadata={
+            "help": "the tag heads' shape: a shared hidden layer then a classifier per field (mlp), or a linear "
+            "classifier per field (linear, which puts the tag supervision on the backbone's own states) (default: mlp)",
+            "choices": ("mlp", "linear"),
+        },
+    )
     metadata_layer: int = field(
         default=0,
         metadata={

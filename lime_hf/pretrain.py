@@ -281,6 +281,7 @@ def build_model(
     from_backbone: str | None = None,
     metadata_shift: int = 0,
     tag_head_fields: Sequence[str] = (),
+    tag_head_type: str = "mlp",
     metadata_layer: int = 0,
     metadata_training_source: str = "given",
     meta_token_ids: Sequence[int] = (),
@@ -288,13 +289,15 @@ def build_model(
     """
     A new LIME model for `tokenizer`'s fields: a backbone of `model_config` (a JSON file or string; default a tiny
     Llama), or the causal-LM checkpoint `from_backbone` (path or Hub id) retrofitted; with `metadata_shift` (0 LIME,
-    1 LIME+1), tag heads for `tag_head_fields`, the metadata joining at decoder layer `metadata_layer`, the LM
-    training on `metadata_training_source` tags and meta-attention for `meta_token_ids` (see `LimeConfig`).
+    1 LIME+1), tag heads of `tag_head_type` for `tag_head_fields`, the metadata joining at decoder layer
+    `metadata_layer`, the LM training on `metadata_training_source` tags and meta-attention for `meta_token_ids`
+    (see `LimeConfig`).
     """
     lime_kwargs = dict(
         metadata_fields=tokenizer.metadata_fields,
         metadata_shift=metadata_shift,
         tag_head_fields=list(tag_head_fields),
+        tag_head_type=tag_head_type,
         metadata_layer=metadata_layer,
         metadata_training_source=metadata_training_source,
         meta_token_ids=list(meta_token_ids),
@@ -462,6 +465,7 @@ def build_model_for(
         from_backbone=options.from_backbone,
         metadata_shift=options.metadata_shift,
         tag_head_fields=options.tag_head_fields,
+        tag_head_type=options.tag_head_type,
         metadata_layer=options.metadata_layer,
         metadata_training_source=options.metadata_training_source,
         meta_token_ids=list(meta_token_ids),

@@ -59,8 +59,9 @@ class LimeCausalLMOutputWithPast(CausalLMOutputWithPast):
 
 
 class LimeTagHeads(nn.Module):
-    """One classifier per field of `config.tag_head_fields` over a shared layer reading `[h_{i-1}; E_tok(t_i)]`
-    (`metadata_layer = 0`), or `h^k_i`, the input of decoder layer k at position i (`metadata_layer = k > 0`)."""
+    """One classifier per field of `config.tag_head_fields` reading `[h_{i-1}; E_tok(t_i)]` (`metadata_layer = 0`), or
+    `h^k_i`, the input of decoder layer k at position i (`metadata_layer = k > 0`), normalised: over a shared hidden
+    layer (`tag_head_type="mlp"`) or directly (`"linear"`)."""
 
     def __init__(self, config):
         super().__init__()
@@ -73,13 +74,13 @@ class LimeTagHeads(nn.Module):
             self.token_norm = nn.LayerNorm(hidden_size)
         # Each input normalised on its own: the final hidden state and a raw embedding differ widely in scale.
         self.hidden_norm = nn.LayerNorm(hidden_size)
-        self.proj = nn.Linear((2 if self.reads_previous_state else 1) * hidden_size, hidden_size)
-        self.act = nn.GELU()
+        width = (2 if self.reads_previous_state else 1) * hidden_size
+        # "linear" has no shared layer: the tags must be linearly readable from the state itself.
+        self.proj = nn.Linear(width, hidden_size) if config.tag_head_type == "mlp" else None
+        self.act = nn.GELU() if self.proj is not None else None
+        features = hidden_size if self.proj is not None else width
         self.classifiers = nn.ModuleDict(
-            {
-                name: nn.Linear(hidden_size, len(config.metadata_fields[name]))
-                for name in config.tag_head_fields
-            }
+            {name: nn.Linear(features, len(config.metadata_fields[name])) for name in config.tag_head_fields}
         )
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -89,7 +90,8 @@ class LimeTagHeads(nn.Module):
                 self.start_state.zero_()
                 self.token_norm.reset_parameters()
             self.hidden_norm.reset_parameters()
-            for layer in (self.proj, *self.classifiers.values()):
+            shared = [self.proj] if self.proj is not None else []
+            for layer in (*shared, *self.classifiers.values()):
                 layer.weight.normal_(0.0, std)
                 layer.bias.zero_()
 
@@ -123,7 +125,8 @@ class LimeTagHeads(nn.Module):
         features = self.hidden_norm(hidden)
         if self.reads_previous_state:
             features = torch.cat([features, self.token_norm(token_embeds.to(hidden.dtype))], dim=-1)
-        features = self.act(self.proj(features))
+        if self.proj is not None:
+            features = self.act(self.proj(features))
         return {name: classifier(features) for name, classifier in self.classifiers.items()}
 
     def fed_tags(self, tags: torch.LongTensor) -> torch.LongTensor:

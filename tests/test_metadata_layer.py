@@ -18,6 +18,7 @@ from tiny_models import (
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from lime_hf import LimeConfig, LimeForCausalLM
+from lime_hf.cli.train import parse_train_arguments
 from lime_hf.configuration_lime import UNKNOWN_ID
 from lime_hf.tag_heads import self_tagged_forward
 from lime_hf.trainer import LimeTrainer
@@ -305,6 +306,58 @@ def test_forward_compiles_with_fullgraph(arch):
         torch.testing.assert_close(compiled(**inputs).logits, model(**inputs).logits)
 
 
+def layer_input(model, ids: torch.Tensor) -> torch.Tensor:
+    """The input of decoder layer `metadata_layer` before the metadata joins it (what the heads read)."""
+    seen = []
+    layer = model.language_model.base_model.layers[model.config.metadata_layer]
+    handle = layer.register_forward_pre_hook(lambda module, args: seen.append(args[0]), prepend=True)
+    model(input_ids=ids)
+    handle.remove()
+    return seen[0]
+
+
+def test_linear_heads_are_a_norm_and_one_linear_per_field_and_save_load_as_remote_code(tmp_path):
+    model = tiny_lime("llama", tag_head_type="linear", metadata_training_source="predicted", **HONEST)
+    heads, hidden_size = model.tag_heads, model.config.hidden_size
+    assert heads.proj is None and {name.split(".")[0] for name, _ in heads.named_parameters()} == {
+        "hidden_norm",
+        "classifiers",
+    }
+    ids, _ = ids_and_tags(model)
+    out = model(input_ids=ids)
+    features = torch.nn.functional.layer_norm(
+        layer_input(model, ids), (hidden_size,), heads.hidden_norm.weight, heads.hidden_norm.bias
+    )
+    for name, labels in model.config.metadata_fields.items():
+        classifier = heads.classifiers[name]
+        assert out.tag_logits[name].shape == (*ids.shape, len(labels))
+        by_hand = features @ classifier.weight.T + classifier.bias
+        torch.testing.assert_close(out.tag_logits[name], by_hand, atol=1e-5, rtol=1e-4)
+        assert torch.equal(out.fed_metadata_ids[name], heads.predict(out.tag_logits)[name])
+    model.save_pretrained(tmp_path / "model")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    assert reloaded.config.tag_head_type == "linear" and reloaded.tag_heads.proj is None
+    again = reloaded(input_ids=ids)
+    assert torch.equal(again.logits, out.logits) and torch.equal(
+        again.tag_logits["pos"], out.tag_logits["pos"]
+    )
+    torch.save({"input_ids": ids, "logits": out.logits, "pos": out.tag_logits["pos"]}, tmp_path / "case.pt")
+    printed = run_without_lime_hf(
+        """
+        import torch
+        from transformers import AutoModelForCausalLM
+        case = torch.load("case.pt")
+        model = AutoModelForCausalLM.from_pretrained("model", trust_remote_code=True).eval()
+        assert not type(model).__module__.startswith("lime_hf"), type(model).__module__
+        out = model(input_ids=case["input_ids"])
+        assert torch.equal(out.logits, case["logits"]) and torch.equal(out.tag_logits["pos"], case["pos"])
+        print("OK", model.config.tag_head_type, model.tag_heads.proj)
+        """,
+        cwd=tmp_path,
+    )
+    assert printed.strip() == "OK linear None"
+
+
 def test_config_round_trips_and_layer_zero_is_unchanged(tmp_path):
     config = tiny_lime("llama", metadata_training_source="predicted", **HONEST).config
     config.save_pretrained(tmp_path)
@@ -361,3 +414,12 @@ def test_ddp_trains_the_predicted_source_without_unused_parameters(tmp_path):
     moved = [name for name, tensor in ranks[0].items() if not torch.equal(tensor, initial[name])]
     assert any(name.startswith("tag_heads.") for name in moved)
     assert any(name.startswith("metadata_embeddings.") for name in moved)
+
+
+def test_lime_hf_train_takes_the_head_type():
+    argv = ["emma.txt", "--train-tokenizer", "400", "--tag-heads", "pos", "--metadata-layer", "1"]
+    assert parse_train_arguments(argv)[0].tag_head_type == "mlp"
+    options, rest = parse_train_arguments([*argv, "--tag-head-type", "linear", "--max-steps", "2"])
+    assert (options.tag_head_type, rest) == ("linear", ["--max-steps", "2"])
+    with pytest.raises(SystemExit):
+        parse_train_arguments([*argv, "--tag-head-type", "deep"])

@@ -353,12 +353,20 @@ def test_honest_stage_trains_its_runs_and_reports_them_against_the_baseline(tmp_
         "honest_best",
         "heads_only",
         "honest_plus1",
+        "honest_best_linear",
+        "honest_causal_linear",
+        "heads_only_linear",
     )
     for variant in variants:
         run = json.loads((runs / f"lm-{variant}-s0.json").read_text())
         assert run["config"]["metadata_layer"] == 1  # half of the smoke preset's 2 layers
+        assert run["config"].get("tag_head_type", "mlp") == (
+            "linear" if variant.endswith("_linear") else "mlp"
+        )
         assert run["training_tags"] == (
-            "spaCy causal" if variant in ("honest_causal", "honest_best") else "spaCy full-document"
+            "spaCy causal"
+            if variant in ("honest_causal", "honest_best", "honest_best_linear", "honest_causal_linear")
+            else "spaCy full-document"
         )
         final, base = run["history"][-1]["own_tags"], json.loads((runs / "lm-baseline-s0.json").read_text())
         row = next(

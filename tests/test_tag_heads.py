@@ -179,11 +179,35 @@ def test_checkpoints_grow_heads_and_keep_their_logits(tmp_path):
         ({"tag_head_fields": ["dep"]}, r"`tag_head_fields` names unknown fields \['dep'\]; the fields are \['pos', 'ner'\]"),
         ({"tag_head_fields": ["pos"], "tag_loss_weight": -1}, r"`tag_loss_weight` must be a number >= 0, got -1"),
         ({"tag_head_fields": ["pos"], "self_guidance": "beam"}, r"`self_guidance` must be 'argmax' or 'sample', got 'beam'"),
+        ({"tag_head_fields": ["pos"], "tag_head_type": "deep"}, r"`tag_head_type` must be 'mlp' .* or 'linear' .*, got 'deep'"),
     ],
 )  # fmt: skip
 def test_bad_tag_head_options_are_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LimeConfig(text_config={"model_type": "llama", "vocab_size": VOCAB_SIZE}, **kwargs)
+
+
+def test_linear_heads_at_layer_zero_read_both_inputs_with_one_classifier_per_field():
+    mlp, linear = tiny_lime("llama", **HEADS), tiny_lime("llama", tag_head_type="linear", **HEADS)
+    hidden_size = linear.config.hidden_size
+    assert mlp.config.tag_head_type == "mlp" and mlp.tag_heads.proj.in_features == 2 * hidden_size
+    assert linear.tag_heads.proj is None and linear.tag_heads.act is None
+    assert linear.tag_heads.classifiers["pos"].in_features == 2 * hidden_size  # [h_{i-1}; E_tok(t_i)]
+    ids, tags = ids_and_tags(linear)
+    out = linear(input_ids=ids, **tags)
+    heads = linear.tag_heads
+    features = torch.cat(
+        [
+            heads.hidden_norm(heads.previous_states(out.last_hidden_state)),
+            heads.token_norm(linear.get_input_embeddings()(ids)),
+        ],
+        dim=-1,
+    )
+    for name, labels in linear.config.metadata_fields.items():
+        assert out.tag_logits[name].shape == (*ids.shape, len(labels))
+        torch.testing.assert_close(out.tag_logits[name], heads.classifiers[name](features), atol=0, rtol=0)
+    logits, fed = self_tagged_forward(linear, ids)
+    assert logits.shape == (*ids.shape, VOCAB_SIZE) and fed["pos"].shape == ids.shape
 
 
 def test_model_card_describes_the_heads():
@@ -193,6 +217,9 @@ def test_model_card_describes_the_heads():
     assert "the model guides itself (`argmax`)" in card
     assert "Guidance is an oracle" not in card
     assert "Tag heads" not in render_model_card(tiny_lime("llama"))
+    assert '`tag_head_type="mlp"`' in card
+    linear = render_model_card(tiny_lime("llama", tag_head_fields=["pos"], tag_head_type="linear"))
+    assert 'a linear classifier per field, `tag_head_type="linear"`' in linear
 
 
 def as_model_inputs(model, fed):

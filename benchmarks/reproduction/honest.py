@@ -12,6 +12,18 @@ data, block order, schedule and initial backbone as `language_models.py`):
     heads_only          heads at layer K, nothing injected (metadata weights 0): the multi-task control
     honest_plus1        LIME+1 the same way (own predictions): it guides itself with its heads
 
+The heads above are the library's default MLP (`tag_head_type="mlp"`). `honest_pilot.py`'s linear heads gained more,
+and mostly through the tag supervision itself, so three of the runs again with a linear classifier per field
+(`tag_head_type="linear"`: the tags must be linearly readable from layer K's state, which the tag loss then shapes):
+
+    honest_best_linear    honest_best with linear heads (own predictions, heads on causal tags)
+    honest_causal_linear  honest_causal with linear heads (teacher forcing with causal tags, the best MLP run)
+    heads_only_linear     heads_only with linear heads: the pilot's `aux` arm inside the library
+
+K = 2 of 4 layers and the tag loss weight 0.2 are the library defaults the pilot also used; the pilot's other arms
+(K = 1, weight 1.0: both gained less) were scored on the same Persuasion evaluation as this stage, so these
+settings were chosen with the evaluation text in view, not on a separate validation text.
+
 Evaluations on Persuasion: `own_tags` (input_ids alone, the honest mode) with the heads' tag accuracy, and, for
 reference, spaCy's full-document and prefix-only tags. The baseline and the paper's LIME (full-document tags,
 also read with prefix tags) are `language_models.py`'s runs.
@@ -97,15 +109,18 @@ def honest_specs(layers: int) -> dict[str, LmSpec]:
     predicted = at_k | dict(metadata_training_source="predicted")
     causal = dict(arrays="lm_causal", prepare=prepare_causal_stream)
     heads = dict(tag_heads=HEAD_FIELDS, extra_modes=own_tags_mode)
+    nothing_injected = at_k | dict(metadata_weights={"pos": 0.0, "ner": 0.0})
+    linear = dict(tag_head_type="linear")
     return {
         "honest_given": LmSpec(0, **heads, **causal, config=at_k),
         "honest_predicted": LmSpec(0, **heads, **causal, config=predicted),
         "honest_causal": LmSpec(0, **heads, **causal, config=at_k, train_tags="causal"),
         "honest_best": LmSpec(0, **heads, **causal, config=predicted, train_tags="causal"),
-        "heads_only": LmSpec(
-            0, **heads, **causal, config=at_k | dict(metadata_weights={"pos": 0.0, "ner": 0.0})
-        ),
+        "heads_only": LmSpec(0, **heads, **causal, config=nothing_injected),
         "honest_plus1": LmSpec(1, **heads, **causal, config=predicted),
+        "honest_best_linear": LmSpec(0, **heads, **causal, config=predicted | linear, train_tags="causal"),
+        "honest_causal_linear": LmSpec(0, **heads, **causal, config=at_k | linear, train_tags="causal"),
+        "heads_only_linear": LmSpec(0, **heads, **causal, config=nothing_injected | linear),
     }
 
 
@@ -150,6 +165,7 @@ def report_honest(lm: dict, results: Path, crossing) -> dict:
                 if tokens is None
                 else tokens / base["history"][-1]["tokens_seen"],
                 "pos_tag_accuracy": final.get("pos_tag_accuracy"),
+                "pos_tag_accuracy_causal": final.get("pos_tag_accuracy_causal"),
                 "ner_tag_accuracy": final.get("ner_tag_accuracy"),
             }
             rows.append(row)
