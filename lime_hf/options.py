@@ -267,7 +267,15 @@ def check_train_options(options: TrainOptions) -> None:
                 f"{config.get('metadata_shift', 0)}): --from-backbone retrofits a plain causal LM; continue "
                 "a LIME run from one of its checkpoint-N folders with --resume-from-checkpoint"
             )
-    check_block_size(options.block_size, max_positions(options))
+    check_block_size(block_size_of(options), max_positions(options))
+
+
+def block_size_of(options: TrainOptions) -> int:
+    """The block size a run trains on: a shard folder's, from its manifest, else `--block-size`."""
+    if options.shards is None:
+        return options.block_size
+    manifest = json.loads((Path(options.shards) / "manifest.json").read_text(encoding="utf-8"))
+    return manifest["block_size"]
 
 
 def read_text_config(spec: str) -> dict[str, Any]:

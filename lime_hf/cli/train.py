@@ -118,8 +118,15 @@ def parse_train_arguments(argv: Sequence[str], prog: str = PROG) -> tuple[TrainO
     argv = dashed(argv)
     count = next((index for index, arg in enumerate(argv) if arg.startswith("-")), len(argv))
     known, rest = build_train_parser(prog).parse_known_args(argv[count:])
-    late = [arg for arg in rest if not arg.startswith("-") and (arg.endswith(".txt") or Path(arg).exists())]
-    if count == 0 and late:
+    # A word right after an option is that option's value (e.g. --output-dir's folder), never a late source.
+    late = [
+        arg
+        for previous, arg in zip(["", *rest], rest, strict=False)
+        if not arg.startswith("-")
+        and not (previous.startswith("-") and "=" not in previous)
+        and (arg.endswith(".txt") or Path(arg).exists())
+    ]
+    if count == 0 and late and "shards" not in vars(known):
         raise ValueError(
             f"The sources come first, before the options: `{prog} {' '.join(late)} [options]` "
             f"(got {', '.join(late)} after them)."
