@@ -38,7 +38,14 @@ from transformers.utils import logging
 from .annotation import SpacyAnnotator
 from .collator import DataCollatorForLime
 from .configuration_lime import LimeConfig
-from .data import ANNOTATION_PREFIX, align_dataset, annotate_dataset, check_column, pack_dataset
+from .data import (
+    ANNOTATION_PREFIX,
+    CAUSAL_COLUMN,
+    align_dataset,
+    annotate_dataset,
+    check_column,
+    pack_dataset,
+)
 from .meta_tokens import add_meta_tokens, meta_token_count
 from .modeling_lime import LimeForCausalLM
 from .options import (
@@ -482,9 +489,14 @@ def training_data(sources: Sequence[str]) -> list[str]:
     return [Path(source).name if Path(source).exists() else source for source in sources]
 
 
-def spacy_source(tokenizer: LimeTokenizer) -> str:
-    """The tags the pipeline trains and evaluates on, for the results (`eval_metadata_source`)."""
-    return f"spaCy {tokenizer.spacy_model or 'en_core_web_sm'}, whole document"
+def spacy_source(tokenizer: LimeTokenizer, texts: Dataset | None = None) -> str:
+    """The tags the pipeline trains and evaluates on, for the results (`eval_metadata_source`): causal when the
+    annotated `texts` say so (`lime_causal`), whole-document when spaCy runs here; `None`: as annotated before."""
+    model = tokenizer.spacy_model or "en_core_web_sm"
+    if texts is None:
+        return f"spaCy {model}, as annotated before packing"
+    causal = CAUSAL_COLUMN in (texts.column_names or [])
+    return f"spaCy {model}, " + ("causal (prefix-only)" if causal else "whole document")
 
 
 def map_trainer(
@@ -540,7 +552,7 @@ def map_trainer(
         processing_class=tokenizer,
         callbacks=callbacks,
         training_data=training_data(options.sources),
-        metadata_source=spacy_source(tokenizer),
+        metadata_source=spacy_source(tokenizer, eval_texts if eval_texts is not None else train_texts),
         **next_token_metrics(),
     )
     return trainer, eval_dataset is not None
