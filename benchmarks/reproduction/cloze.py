@@ -184,7 +184,10 @@ def cloze_table(summary: dict) -> str:
 # with their multi-task control `heads_only` (the same architecture and heads, nothing injected), whose logits do
 # not depend on the tags. A pair whose models are not in the cache is skipped.
 ITEM_PAIRS = {
-    ("baseline", None): (("lime", "prefix"), ("lime_heads", "prefix"), ("lime_heads", "model")),
+    ("baseline", None): (
+        *(("lime", "prefix"), ("lime_heads", "prefix"), ("lime_heads", "model")),
+        ("honest_causal_linear", "model"),  # the mode the README recommends for plain text
+    ),
     ("heads_only", "model"): (
         *(("honest_given", "prefix"), ("honest_given", "model")),
         *(("honest_causal", "prefix"), ("honest_causal", "model")),
