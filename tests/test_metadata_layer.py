@@ -158,9 +158,11 @@ def test_generation_without_tags_needs_no_tracker_and_equals_the_step_by_step_ar
     seen = []
     original = model.prepare_inputs_for_generation
 
-    def spy(input_ids, lime_tracker=None, lime_rows=None, **kwargs):
+    def spy(input_ids, lime_tracker=None, lime_rows=None, lime_record=None, **kwargs):
         seen.append(lime_tracker)
-        return original(input_ids, lime_tracker=lime_tracker, lime_rows=lime_rows, **kwargs)
+        return original(
+            input_ids, lime_tracker=lime_tracker, lime_rows=lime_rows, lime_record=lime_record, **kwargs
+        )
 
     model.prepare_inputs_for_generation = spy
     out = model.generate(ids, max_new_tokens=4, do_sample=False)

@@ -185,8 +185,9 @@ def cloze_table(summary: dict) -> str:
 # not depend on the tags. A pair whose models are not in the cache is skipped.
 ITEM_PAIRS = {
     ("baseline", None): (
-        *(("lime", "prefix"), ("lime_heads", "prefix"), ("lime_heads", "model")),
+        ("lime", "prefix"),
         ("honest_causal_linear", "model"),  # the mode the README recommends for plain text
+        *(("lime_heads", "prefix"), ("lime_heads", "model")),
     ),
     ("heads_only", "model"): (
         *(("honest_given", "prefix"), ("honest_given", "model")),
