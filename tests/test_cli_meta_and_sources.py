@@ -224,7 +224,9 @@ def test_generate_places_the_meta_token_in_the_prompt_and_the_output(trained):
     start = length + (length - 1) // 3
     placed = [row.startswith("'<meta>'") for _, row in rows]
     assert placed == [(start + step + 1) % 4 == 0 for step in range(len(rows))]
-    assert "--meta-every" not in result.stderr  # no note that none is placed (the short schedule gets its own)
+    assert (
+        "--meta-every" not in result.stderr
+    )  # no note that none is placed (the short schedule gets its own)
 
 
 def test_generate_says_when_a_meta_token_model_gets_none(trained):

@@ -25,18 +25,10 @@ from lime_hf.pretrain import prepare_lm_dataset
 from lime_hf.shards import Manifest, write_shards
 from lime_hf.streaming import StreamingLimeTrainer, document_stream, shard_stream
 from tests.test_cli import run_cli
+from tests.test_pretrain import TINY_LLAMA
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCK = 32
-TINY_LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 128,
-}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
