@@ -163,11 +163,12 @@ DERIVED = {
     ("scale.md", "4,446"): ANNOTATE_RATE,
     ("scale.md", "14,150"): PAPER_WORDS / ANNOTATE_RATE / 3600,
     ("scale.md", "6.9"): PAPER_WORDS / ANNOTATE_RATE / 2048 / 3600,
-    ("scale.md", "7.5"): PACK_RATE / ANNOTATE_RATE,
-    ("scale.md", "1,898"): PAPER_WORDS / PACK_RATE / 3600,
-    ("scale.md", "0.9"): PAPER_WORDS / PACK_RATE / 2048 / 3600,
+    ("scale.md", "38.8"): PACK_RATE / ANNOTATE_RATE,
+    ("scale.md", "1.3e6"): PAPER_WORDS / PACK_RATE,
+    ("scale.md", "365"): PAPER_WORDS / PACK_RATE / 3600,
+    ("scale.md", "0.18"): PAPER_WORDS / PACK_RATE / 2048 / 3600,
     ("README.md", "14,150"): PAPER_WORDS / ANNOTATE_RATE / 3600,
-    ("README.md", "1,898"): PAPER_WORDS / PACK_RATE / 3600,
+    ("README.md", "365"): PAPER_WORDS / PACK_RATE / 3600,
 }
 
 
