@@ -27,8 +27,8 @@ SOURCES_HELP = (
 # What one document is in a .txt source: `datasets`' text loader's `sample_by`.
 SAMPLE_BY = ("line", "paragraph", "document")
 SAMPLE_BY_HELP = (
-    "what one document of a .txt source is: a line, a paragraph (text between blank lines) or the whole file "
-    "(document), as `datasets`' text loader's sample_by (default: paragraph)"
+    "one document of a .txt source: a line, a paragraph (between blank lines) or the whole file (default: "
+    "paragraph)"
 )
 # The backbone when neither --model-config nor --from-backbone is given: a small Llama (~3 M parameters
 # without the embeddings). `vocab_size` and the special token ids always come from the tokenizer.
@@ -101,15 +101,15 @@ class TrainOptions:
         default=None,
         metadata={
             "metavar": "FIELDS",
-            "help": "comma-separated fields that get tag heads (e.g. pos,ner): the model learns to predict its own "
-            "metadata, so generation needs neither spaCy (LIME) nor oracle guidance (LIME+1)",
+            "help": "comma-separated fields that get tag heads (e.g. pos,ner): the model predicts its own tags, "
+            "without spaCy or guidance",
         },
     )
     tag_head_type: str = field(
         default="mlp",
         metadata={
-            "help": "the tag heads' shape: a shared hidden layer then a classifier per field (mlp), or a linear "
-            "classifier per field (linear, which puts the tag supervision on the backbone's own states) (default: mlp)",
+            "help": "tag heads: a shared hidden layer, then a classifier per field (mlp, the default), or one "
+            "linear classifier per field (linear)",
             "choices": ("mlp", "linear"),
         },
     )
@@ -117,9 +117,8 @@ class TrainOptions:
         default=0,
         metadata={
             "metavar": "K",
-            "help": "the decoder layer at whose input the metadata joins (default: 0, the token embeddings); with "
-            "--tag-heads and K > 0 the heads read that tag-free state and the model tags its input itself in the "
-            "same pass: the honest mode, no spaCy at inference and as fast as the backbone",
+            "help": "the decoder layer the metadata joins at (default: 0); with --tag-heads and K > 0 the model "
+            "tags its own input in one pass (the honest mode)",
             "type": int,
         },
     )
@@ -143,9 +142,8 @@ class TrainOptions:
         default=None,
         metadata={
             "metavar": "TOKEN",
-            "help": "learned meta-tokens: add TOKEN (e.g. '<meta>') to the tokenizer as a special token, give the "
-            "model meta-attention, and inject TOKEN at random positions of every block (see --meta-fraction); "
-            "`lime-hf generate --meta-every N` places it at inference",
+            "help": "add TOKEN (e.g. '<meta>') as a learned meta-token: meta-attention in the model, injected at "
+            "random positions of every block (see --meta-fraction)",
         },
     )
     meta_fraction: float | None = field(
