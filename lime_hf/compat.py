@@ -34,7 +34,11 @@ def accept_past_key_values(forward: Callable) -> Callable:
     name (`generate` passes it): it is renamed silently.
     """
     if CACHE_NAME == "cache":
-        return deprecate_kwarg("past_key_values", PAST_KEY_VALUES_REMOVAL, new_name="cache")(forward)
+        renamed = deprecate_kwarg("past_key_values", PAST_KEY_VALUES_REMOVAL, new_name="cache")(forward)
+        # `generate` reads a remote-code model's forward signature at every step (`is_remote_code`): computed once
+        # here, `inspect.signature` returns it at once instead of unwrapping the decorator each time.
+        renamed.__signature__ = inspect.signature(forward)
+        return renamed
 
     @wraps(forward)
     def renamed(*args, **kwargs):

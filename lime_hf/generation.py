@@ -28,6 +28,7 @@ from transformers.utils import logging
 from .compat import CACHE_NAME
 from .configuration_lime import PAD_ID, SPECIAL_ID, UNKNOWN_ID, check_inventories
 from .rules import check_generation_request, check_meta_generation
+from .stacked_fields import parameters_fixed
 from .tag_heads import self_tags
 from .tag_providers import GuidanceCallable, ModelTagProvider, label_id, parse_guidance, resolve_provider
 
@@ -398,9 +399,10 @@ class LimeGenerationMixin(GenerationMixin):
                 processor.for_rows(record) if hasattr(processor, "for_rows") else processor
                 for processor in kwargs["logits_processor"]
             )
-        output = super().generate(
-            inputs, generation_config, lime_tracker=tracker, lime_rows=rows, lime_record=record, **kwargs
-        )
+        with parameters_fixed():  # the stacked heads and tables are checked once, not at every step
+            output = super().generate(
+                inputs, generation_config, lime_tracker=tracker, lime_rows=rows, lime_record=record, **kwargs
+            )
         if isinstance(output, torch.Tensor) or not (tracker is not None or self._tags_in_pass()):
             return output
         # The output holds `num_return_sequences` rows per prompt, in prompt order, whatever the decoding.

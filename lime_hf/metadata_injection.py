@@ -44,8 +44,10 @@ class MetadataInjectionState:
     predict: whether the heads' argmax fills the positions whose fed tag is unknown.
     override: whether the heads' argmax replaces the given tags (`metadata_training_source="predicted"` in
         training).
-    tag_logits: recorded: field -> `(batch, seq, labels)` the heads' logits (fields with a head).
-    fed_ids: recorded: field -> `(batch, seq)` the tag each position read (LIME+1: the next token's).
+    stacked_logits: recorded: `(batch, seq, fields, width)` the heads' logits (`LimeTagHeads.stacked_logits`).
+    fed: recorded: the tags each position read (LIME+1: the next token's), field -> `(batch, seq)`; where every tag
+        read is the heads' own, their `(batch, seq, fields)` ids as predicted. `tag_logits` and `fed_ids` give both
+        as dicts, built only when asked (a generation step asks for neither).
     """
 
     site: "LimeMetadataInjection"
@@ -55,14 +57,41 @@ class MetadataInjectionState:
     next_metadata_ids: dict[str, torch.LongTensor] | None
     predict: bool
     override: bool
-    tag_logits: dict[str, torch.Tensor] | None = None
-    fed_ids: dict[str, torch.LongTensor] | None = None
+    stacked_logits: torch.Tensor | None = None
+    fed: dict[str, torch.LongTensor] | torch.LongTensor | None = None
+
+    @property
+    def tag_logits(self) -> dict[str, torch.Tensor]:
+        """Field -> `(batch, seq, labels)` the heads' logits (fields with a head)."""
+        return self.heads.unstack(self.stacked_logits) if self.stacked_logits is not None else {}
+
+    @property
+    def fed_ids(self) -> dict[str, torch.LongTensor] | None:
+        """Field -> `(batch, seq)` the tag each position read; `None` before the hook has run."""
+        if not isinstance(self.fed, torch.Tensor):
+            return self.fed
+        predicted = dict(zip(self.heads.fields, self.fed.unbind(-1), strict=True))
+        unknown = {name: torch.full_like(self.fed[..., 0], UNKNOWN_ID) for name in self.embeddings.tables}
+        return unknown | predicted
 
     def inject(self, hidden: torch.Tensor) -> torch.Tensor:
         """`(batch, seq, hidden)` input of layer k -> the same plus the metadata embeddings of the fed tags."""
-        tag_logits = self.heads(hidden) if self.heads is not None else {}
-        predicted = self.heads.predict(tag_logits) if self.predict or self.override else {}
-        given = set(self.metadata_ids) | set(self.next_metadata_ids or {})
+        heads = self.heads
+        self.stacked_logits = stacked = heads.stacked_logits(hidden) if heads is not None else None
+        predicted = (
+            heads.predict_stacked(stacked)
+            if stacked is not None and (self.predict or self.override)
+            else None
+        )
+        given = self.metadata_ids.keys() | (self.next_metadata_ids or {}).keys()
+        if predicted is not None and not given and not torch.is_grad_enabled():
+            # Every tag read is the heads' (the other fields are unknown: zeros): one lookup, nothing to merge. This
+            # is a generation step of the honest mode, where each operation counts.
+            self.fed = predicted
+            return hidden + self.embeddings.lookup_stacked(predicted, heads.fields).to(hidden.dtype)
+        predicted = (
+            dict(zip(heads.fields, predicted.unbind(-1), strict=True)) if predicted is not None else {}
+        )
         # A field with a prediction and no given tag reads the prediction as it is (no merge to pay per step).
         merged = [name for name in self.embeddings.tables if name in given or name not in predicted]
         fed = self.embeddings.fed_ids(
@@ -71,7 +100,7 @@ class MetadataInjectionState:
         for name, ids in predicted.items():
             known = name in given and not self.override
             fed[name] = torch.where(fed[name] == UNKNOWN_ID, ids, fed[name]) if known else ids
-        self.tag_logits, self.fed_ids = tag_logits, fed
+        self.fed = fed
         # Without gradients a field unknown everywhere adds exact zeros: skip its lookup (training keeps it, so
         # that every table takes part in every step for DDP).
         looked_up = fed if torch.is_grad_enabled() else {name: fed[name] for name in (given | set(predicted))}
@@ -129,7 +158,7 @@ class LimeMetadataInjection:
     def check_applied(state: MetadataInjectionState) -> None:
         """Raise if the backbone ran without calling the hook with `state` (it did not hand its keywords on to its
         decoder layers, or the hook was detached): the metadata would be silently missing."""
-        if state.fed_ids is None and not torch.compiler.is_compiling():
+        if state.fed is None and not torch.compiler.is_compiling():
             raise ValueError(
                 "The metadata was not added at the decoder layer `config.metadata_layer`: the backbone did not pass "
                 f"`{STATE_KEYWORD}` on to its decoder layers, or the injection hook was detached "

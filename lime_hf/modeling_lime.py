@@ -23,6 +23,7 @@ from .meta_attention import LimeMetaAttentionLayers, MetaAttentionState
 from .metadata_injection import STATE_KEYWORD as INJECTION_KEYWORD
 from .metadata_injection import LimeMetadataInjection, MetadataInjectionState
 from .retrofit import detach_backbone, initialize_new_parts, settings_with, take_parts
+from .stacked_fields import StackedParameters
 from .tag_heads import LimeCausalLMOutputWithPast, LimeTagHeads, self_tags
 
 # PEFT's prompt tuning and p-tuning put learned embeddings in front of the token embeddings (`inputs_embeds`)
@@ -69,6 +70,7 @@ class LimeMetadataEmbeddings(nn.Module):
         )
         self.weights = dict(config.metadata_weights)
         self.shift = config.metadata_shift
+        self._stacked: dict[tuple[str, ...], StackedParameters] = {}
 
     def forward(
         self,
@@ -114,16 +116,32 @@ class LimeMetadataEmbeddings(nn.Module):
         """`(batch, seq, hidden)` sum of the weighted embeddings of the fields' fed tags (at least one field). A field
         unknown everywhere embeds to exact zeros; `forward` still looks it up, so that every table takes part in
         every step (DDP needs no `find_unused_parameters` for batches with and without metadata)."""
-        total = None
-        for name, ids in fed_ids.items():
-            table = self.tables[name]
-            # Unknown shares the zero padding row: "no metadata" must add exactly nothing.
-            embedded = table(ids.masked_fill(ids == UNKNOWN_ID, PAD_ID))
-            weight = self.weights.get(name, 1.0)
-            if weight != 1.0:
-                embedded = embedded * weight
-            total = embedded if total is None else total + embedded
-        return total
+        names = tuple(fed_ids)
+        return self.lookup_stacked(torch.stack([fed_ids[name] for name in names], dim=-1), names)
+
+    def lookup_stacked(self, ids: torch.LongTensor, names: tuple[str, ...]) -> torch.Tensor:
+        """`(..., fields)` tag ids of the fields `names`, in that order -> `(..., hidden)` the sum of their weighted
+        embeddings: one lookup in the stacked tables (see `stacked_fields.py`)."""
+        table, offsets = self._stacked_table(names)
+        return nn.functional.embedding(ids + offsets, table).sum(-2)
+
+    def _stacked_table(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.LongTensor]:
+        """The tables of `names`, one after the other and each times its weight, and where each one starts. Padding
+        and unknown rows are zeros: "no metadata" adds exactly nothing, and they are never trained."""
+        if names not in self._stacked:
+            self._stacked[names] = StackedParameters()
+        return self._stacked[names].get(lambda: self._stack_tables(names))
+
+    def _stack_tables(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.LongTensor]:
+        tables = [self.tables[name] for name in names]
+        device = tables[0].weight.device
+        reserved = torch.tensor([PAD_ID, UNKNOWN_ID], device=device)
+        parts = [
+            table.weight.index_fill(0, reserved, 0.0) * self.weights.get(name, 1.0)
+            for name, table in zip(names, tables, strict=True)
+        ]
+        starts = [0, *[table.num_embeddings for table in tables[:-1]]]
+        return torch.cat(parts), torch.tensor(starts, device=device).cumsum(0)
 
     @staticmethod
     def _shift_left(
@@ -516,7 +534,8 @@ class LimeForCausalLM(LimePreTrainedModel, LimeGenerationMixin):
 
         Returns the backbone's `CausalLMOutputWithPast`; with tag heads a `LimeCausalLMOutputWithPast` whose loss is
         `lm_loss + tag_loss_weight * sum(tag_losses)`, with `tag_logits` where every position's logits are kept
-        (with `metadata_layer > 0`: always, for the new positions, and the tags read as `fed_metadata_ids`).
+        (`logits_to_keep=0`, the default; with `metadata_layer > 0` also the tags read, as `fed_metadata_ids`).
+        Generation keeps one position's logits and gets neither.
         """
         # 1. The tags: given, or the heads' own (self-tagging: sequential at layer 0, in the pass at k > 0).
         metadata_ids = self.collect_tags(pos_ids, ner_ids, kwargs)
@@ -553,10 +572,11 @@ class LimeForCausalLM(LimePreTrainedModel, LimeGenerationMixin):
         # position's logits are kept (training, evaluation; generation tags its tokens itself); losses against the
         # given tags where there are labels.
         hidden = outputs.hidden_states[-1] if reads_last else None
+        keeps_every_position = isinstance(logits_to_keep, int) and logits_to_keep == 0
         tag_logits = None
-        if injection is not None:
+        if keeps_every_position and injection is not None:
             tag_logits = injection.tag_logits
-        elif isinstance(logits_to_keep, int) and logits_to_keep == 0:
+        elif keeps_every_position:
             tag_logits = heads(heads.previous_states(hidden, attention_mask), token_embeds)
         # 6. The output.
         result = LimeCausalLMOutputWithPast(
@@ -564,7 +584,7 @@ class LimeForCausalLM(LimePreTrainedModel, LimeGenerationMixin):
             hidden_states=outputs.hidden_states if asked_hidden else None,
             tag_logits=tag_logits,
             last_hidden_state=hidden,
-            fed_metadata_ids=injection.fed_ids if injection is not None else None,
+            fed_metadata_ids=injection.fed_ids if injection is not None and keeps_every_position else None,
         )
         if outputs.loss is not None and tag_logits is not None:
             tag_losses = heads.losses(

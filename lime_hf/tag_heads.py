@@ -30,6 +30,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .compat import output_cache
 from .configuration_lime import PAD_ID, UNKNOWN_ID
+from .stacked_fields import StackedParameters, parameters_fixed
 
 IGNORE_INDEX = -100
 
@@ -47,7 +48,8 @@ class LimeCausalLMOutputWithPast(CausalLMOutputWithPast):
     last_hidden_state (`torch.FloatTensor` of shape `(batch, seq, hidden)`): the backbone's final hidden states,
         which the heads read at the next position (generation keeps the last one per prefix); `None` with
         `metadata_layer > 0`, whose heads read the input of layer k instead.
-    fed_metadata_ids (`dict[str, torch.LongTensor]`, *optional*): with `metadata_layer > 0`, field -> `(batch, seq)`
+    fed_metadata_ids (`dict[str, torch.LongTensor]`, *optional*): with `metadata_layer > 0`, when every position's
+        logits are kept, field -> `(batch, seq)`
         the tag each position read: given where known, else the heads' argmax (LIME+1: the next token's tag).
     """
 
@@ -82,6 +84,9 @@ class LimeTagHeads(nn.Module):
         self.classifiers = nn.ModuleDict(
             {name: nn.Linear(features, len(config.metadata_fields[name])) for name in config.tag_head_fields}
         )
+        self.fields = tuple(config.tag_head_fields)
+        self.sizes = [len(config.metadata_fields[name]) for name in self.fields]
+        self._stacked = StackedParameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
         """Initialise every weight (used where the heads are built on the meta device, e.g. `from_backbone`)."""
@@ -122,12 +127,47 @@ class LimeTagHeads(nn.Module):
 
         `hidden` is `h_{i-1}` with `token_embeds` `E_tok(t_i)` (`metadata_layer = 0`), or `h^k_i` alone (k > 0).
         """
+        return self.unstack(self.stacked_logits(hidden, token_embeds))
+
+    def stacked_logits(self, hidden: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward`'s logits as one tensor `(batch, seq, fields, width)`: field `self.fields[f]` at `[..., f, :size]`
+        (`width`: the largest inventory; the rest of a row is zero). One matmul for every field."""
         features = self.hidden_norm(hidden)
         if self.reads_previous_state:
             features = torch.cat([features, self.token_norm(token_embeds.to(hidden.dtype))], dim=-1)
         if self.proj is not None:
             features = self.act(self.proj(features))
-        return {name: classifier(features) for name, classifier in self.classifiers.items()}
+        weight, bias, _ = self._stacked_classifier()
+        return nn.functional.linear(features, weight, bias).unflatten(-1, (len(self.fields), -1))
+
+    def unstack(self, stacked: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`(..., fields, width)` -> field -> `(..., labels)`: views of each field's labels."""
+        return {
+            name: stacked[..., f, :size]
+            for f, (name, size) in enumerate(zip(self.fields, self.sizes, strict=True))
+        }
+
+    def _stacked_classifier(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The classifiers as one linear layer, weight `(fields * width, features)` and bias, each field's rows
+        padded with zeros to `width`; and the `(fields, width)` mask that `predict_stacked` adds: `-inf` where no
+        label is (padding, unknown and the zero tail), else 0."""
+        return self._stacked.get(self._stack_classifiers)
+
+    def _stack_classifiers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        layers = [self.classifiers[name] for name in self.fields]
+        pad = [max(self.sizes) - size for size in self.sizes]
+        weight = torch.cat(
+            [nn.functional.pad(layer.weight, (0, 0, 0, n)) for layer, n in zip(layers, pad, strict=True)]
+        )
+        bias = torch.cat(
+            [nn.functional.pad(layer.bias, (0, n)) for layer, n in zip(layers, pad, strict=True)]
+        )
+        mask = torch.full(
+            (len(layers), max(self.sizes)), float("-inf"), device=weight.device, dtype=weight.dtype
+        )
+        for f, size in enumerate(self.sizes):
+            mask[f, UNKNOWN_ID + 1 : size] = 0.0
+        return weight, bias, mask
 
     def fed_tags(self, tags: torch.LongTensor) -> torch.LongTensor:
         """The tag each position is fed, from the tokens' own tags `(batch, seq)`; the last LIME+1 one is unknown."""
@@ -189,6 +229,11 @@ class LimeTagHeads(nn.Module):
             predicted[name] = ids + first
         return predicted
 
+    def predict_stacked(self, stacked: torch.Tensor) -> torch.LongTensor:
+        """`predict`'s argmax on `stacked_logits`: `(..., fields, width)` -> `(..., fields)` tag ids, in one
+        operation (padding, unknown and each row's zero tail are masked out)."""
+        return (stacked + self._stacked_classifier()[2]).argmax(-1)
+
 
 def check_tag_heads(model) -> None:
     """Raise unless `model` has tag heads (for `metadata_provider="model"` and the self-tagged evaluation)."""
@@ -201,6 +246,7 @@ def check_tag_heads(model) -> None:
 
 
 @torch.no_grad()
+@parameters_fixed()  # one step per position: the stacked heads and tables are built once
 def self_tagged_forward(
     model,
     input_ids: torch.LongTensor,

@@ -129,10 +129,15 @@ class ModelTagProvider:
     def __call__(self, previous_hidden: torch.Tensor, tokens: torch.LongTensor) -> dict[str, list[int]]:
         """`(rows, hidden)` states before each row's last token, `(rows,)` those tokens -> field -> tag per row."""
         embeds = self.embeddings(tokens[:, None].to(previous_hidden.device))
-        predicted = self.heads.predict(self.heads(previous_hidden[:, None], embeds), sample=self.sample)
+        logits = self.heads.stacked_logits(previous_hidden[:, None], embeds)
+        if self.sample:
+            predicted = torch.cat(
+                list(self.heads.predict(self.heads.unstack(logits), sample=True).values()), dim=1
+            )
+        else:
+            predicted = self.heads.predict_stacked(logits)[:, 0]
         # Every field's tags leave the device in one transfer: it runs every step.
-        tags = torch.cat(list(predicted.values()), dim=1).T.tolist()
-        return dict(zip(predicted, tags, strict=True))
+        return dict(zip(self.heads.fields, predicted.T.tolist(), strict=True))
 
     def prompt_states(
         self,
