@@ -8,10 +8,12 @@ sits on one of its layers. Measured side by side in one run, as ratios to the ba
   - backbone: the backbone's forward;
   - layer0_heads: today's LIME with tag heads (`metadata_layer=0`), which self-tags bare input sequentially (one
     cached step per token) before its forward;
-  - honest: LIME with heads at `metadata_layer=2`, which tags inside its one forward;
+  - honest: LIME with heads at `metadata_layer=2`, which tags inside its one forward (the default MLP heads);
+  - honest_linear: the same with one linear classifier per field (`tag_head_type="linear"`, the honest runs' best);
   (goal: honest <= 1.3x the backbone at 1,024 tokens)
 * generation: greedy tokens/s with the KV cache, batch 1 and 8, no tags, guidance or provider given, for
-  - backbone; honest (its own tags); honest1 (LIME+1 at layer 2, guiding itself);
+  - backbone; honest and honest_linear (their own tags); honest1 and honest1_linear (LIME+1 at layer 2, guiding
+    itself);
   - layer0_heads: today's heads model (`metadata_provider="model"`, the tracker's per-step work), for reference;
   (goal: >= 0.95x the backbone)
 
@@ -19,6 +21,7 @@ Runs alternate round by round; each number is the median of the rounds. Writes b
 and .csv and prints a table.
 
     python benchmarks/honest_speed.py [--threads 1] [--rounds 5] [--generation-rounds 15] [--new-tokens 64]
+        [--clock wall|cpu] [--label NAME]
 """
 
 from __future__ import annotations
@@ -30,12 +33,11 @@ import json
 import os
 import platform
 import statistics
-import time
 from functools import partial
 from pathlib import Path
 
 import torch
-from step_cost import TEXT_CONFIG
+from step_cost import CLOCKS, TEXT_CONFIG
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from lime_hf import LimeForCausalLM
@@ -61,6 +63,13 @@ def build_models(device: torch.device) -> dict[str, torch.nn.Module]:
         "honest1": LimeForCausalLM.from_backbone(
             copy.deepcopy(backbone), metadata_shift=1, metadata_layer=LAYER, **HEADS
         ).eval(),
+        # The heads the honest runs recommend (docs/reproduction.md): one linear classifier per field.
+        "honest_linear": LimeForCausalLM.from_backbone(
+            copy.deepcopy(backbone), metadata_layer=LAYER, tag_head_type="linear", **HEADS
+        ).eval(),
+        "honest1_linear": LimeForCausalLM.from_backbone(
+            copy.deepcopy(backbone), metadata_shift=1, metadata_layer=LAYER, tag_head_type="linear", **HEADS
+        ).eval(),
     }
 
 
@@ -69,17 +78,22 @@ def random_ids(shape: tuple[int, int], device: torch.device) -> torch.LongTensor
     return torch.randint(3, TEXT_CONFIG["vocab_size"], shape, generator=generator).to(device)
 
 
-def timed(call, device: torch.device) -> float:
+def timed(call, device: torch.device, clock: str) -> float:
+    """Seconds of `call()`: wall time, or with `clock="cpu"` this thread's CPU time (a shared machine's waits for
+    a core are not counted; CPU only)."""
+    now = CLOCKS[clock]
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = now()
     call()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return now() - start
 
 
-def median_times(calls: dict, rounds: int, device: torch.device, sequential_rounds: int) -> dict[str, float]:
+def median_times(
+    calls: dict, rounds: int, device: torch.device, sequential_rounds: int, clock: str
+) -> dict[str, float]:
     """name -> median seconds over alternating rounds (after one warm-up each); the sequential self-tagger, which
     costs minutes on a CPU at 1,024 tokens, runs `sequential_rounds` times."""
     for call in calls.values():
@@ -89,19 +103,20 @@ def median_times(calls: dict, rounds: int, device: torch.device, sequential_roun
         for name, call in calls.items():
             if name == "layer0_heads" and index >= sequential_rounds:
                 continue
-            seconds[name].append(timed(call, device))
+            seconds[name].append(timed(call, device, clock))
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 
 @torch.no_grad()
-def scoring(models: dict, rounds: int, device: torch.device) -> list[dict]:
+def scoring(models: dict, rounds: int, device: torch.device, clock: str) -> list[dict]:
     rows = []
     for length in SCORING_LENGTHS:
         ids = random_ids((SCORING_BATCH, length), device)
         calls = {
-            name: partial(models[name], input_ids=ids) for name in ("backbone", "layer0_heads", "honest")
+            name: partial(models[name], input_ids=ids)
+            for name in ("backbone", "layer0_heads", "honest", "honest_linear")
         }
-        seconds = median_times(calls, rounds, device, sequential_rounds=1 if length > 256 else 2)
+        seconds = median_times(calls, rounds, device, 1 if length > 256 else 2, clock)
         for name, value in seconds.items():
             rows.append(
                 {
@@ -119,7 +134,7 @@ def scoring(models: dict, rounds: int, device: torch.device) -> list[dict]:
 
 
 @torch.no_grad()
-def generation(models: dict, rounds: int, new_tokens: int, device: torch.device) -> list[dict]:
+def generation(models: dict, rounds: int, new_tokens: int, device: torch.device, clock: str) -> list[dict]:
     rows = []
     for batch in GENERATION_BATCHES:
         ids = random_ids((batch, PROMPT_LENGTH), device)
@@ -131,7 +146,7 @@ def generation(models: dict, rounds: int, new_tokens: int, device: torch.device)
         calls = {
             name: partial(model.generate, **decoding, **extra.get(name, {})) for name, model in models.items()
         }
-        seconds = median_times(calls, rounds, device, sequential_rounds=rounds)
+        seconds = median_times(calls, rounds, device, rounds, clock)
         for name, value in seconds.items():
             speed = batch * new_tokens / value
             ratio = seconds["backbone"] / value
@@ -162,18 +177,20 @@ def main() -> None:
     parser.add_argument("--generation-rounds", type=int, default=15, help="generation rounds (noisier: more)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     parser.add_argument("--label", default="", help="suffix of the result files (e.g. h100)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     models = build_models(device)
-    rows = scoring(models, args.rounds, device) + generation(
-        models, args.generation_rounds, args.new_tokens, device
+    rows = scoring(models, args.rounds, device, args.clock) + generation(
+        models, args.generation_rounds, args.new_tokens, device, args.clock
     )
     name = "honest_speed" + (f"_{args.label}" if args.label else "")
     summary = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "threads": args.threads,
+        "clock": args.clock,
         "rounds": {"scoring": args.rounds, "generation": args.generation_rounds},
         "load_average_at_end": os.getloadavg(),
         "backbone": TEXT_CONFIG,
