@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         restore_references(cache, preset)
         train(cache, preset, args.jobs, "honest", args.run, args.threads)
         headline = report_honest_stage(cache, preset, results)
-        print(json.dumps(headline["summary"], indent=2))
+        print(json.dumps({key: headline[key] for key in ("summary", "selected_on_validation")}, indent=2))
         return
     if args.stage in ("prepare", "all"):
         prepare(cache, args.smoke or preset == "smoke")

@@ -121,6 +121,9 @@ def honest_specs(layers: int) -> dict[str, LmSpec]:
         "honest_best_linear": LmSpec(0, **heads, **causal, config=predicted | linear, train_tags="causal"),
         "honest_causal_linear": LmSpec(0, **heads, **causal, config=at_k | linear, train_tags="causal"),
         "heads_only_linear": LmSpec(0, **heads, **causal, config=nothing_injected | linear),
+        "honest_causal_linear_w05": LmSpec(
+            0, **heads, **causal, config=at_k | linear | dict(tag_loss_weight=0.5), train_tags="causal"
+        ),
     }
 
 
@@ -208,6 +211,9 @@ def restore_references(cache: Path, preset: str) -> list[str]:
 
 
 def report_honest_stage(cache: Path, preset: str, results: Path) -> dict:
+    """The stage's report: its runs whole, the final numbers (`report_honest`) and the validation text's
+    (`honest_validation.report_validation`); returns the first with the variant that validation selects."""
+    from .honest_validation import report_validation
     from .report import crossing
 
     runs_dir = cache / "runs" / preset
@@ -215,4 +221,5 @@ def report_honest_stage(cache: Path, preset: str, results: Path) -> dict:
     own = {name: run for name, run in lm.items() if run["variant"] in HONEST_VARIANTS}
     runs = {name: {k: v for k, v in run.items() if k != "restored_from"} for name, run in own.items()}
     write_json(results / RUNS_FILE, {"runs": runs})
-    return report_honest(lm, results, crossing)
+    headline = report_honest(lm, results, crossing)
+    return headline | {"selected_on_validation": report_validation(cache, preset, lm, results)["selected"]}

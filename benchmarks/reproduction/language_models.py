@@ -66,6 +66,18 @@ def eval_blocks(array: np.ndarray, seq_len: int, fill: int) -> torch.Tensor:
     return torch.from_numpy(padded.reshape(n_blocks, seq_len))
 
 
+def stream_blocks(
+    arrays: dict[str, np.ndarray], seq_len: int, pad: int, start: int = 0, stop: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Tokens `[start, stop)` of a prepared stream as evaluation blocks: every array (tags padded with `PAD_ID`),
+    `input_ids` padded with `pad`, and `mask` (1 on the real tokens)."""
+    cut = {key: values[start:stop] for key, values in arrays.items()}
+    blocks = {key: eval_blocks(values, seq_len, PAD_ID) for key, values in cut.items()}
+    blocks["input_ids"] = eval_blocks(cut["input_ids"], seq_len, pad)
+    blocks["mask"] = eval_blocks(np.ones(len(cut["input_ids"]), dtype=np.int64), seq_len, 0)
+    return blocks
+
+
 def next_token_counts(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int, int]:
     """Summed NLL, correct top-1 predictions and scored positions of one batch's next-token predictions
     (`logits` `(batch, seq, vocab)` of every position; padding and each block's first token are not scored)."""
@@ -130,12 +142,8 @@ def run_lm(
     train = {
         key: lm_blocks(train_np[key], seq_len) for key in ("input_ids", *tag_keys.values()) if key in train_np
     }
-    pad = meta["pad_token_id"]
     limit = cfg["eval_tokens"] if spec.cut_eval else None
-    eval_arrays = {key: eval_np[key][:limit] for key in eval_np}
-    evaluation = {key: eval_blocks(values, seq_len, PAD_ID) for key, values in eval_arrays.items()}
-    evaluation["input_ids"] = eval_blocks(eval_arrays["input_ids"], seq_len, pad)
-    evaluation["mask"] = eval_blocks(np.ones(len(eval_arrays["input_ids"]), dtype=np.int64), seq_len, 0)
+    evaluation = stream_blocks(eval_np, seq_len, meta["pad_token_id"], stop=limit)
     n_blocks = len(train["input_ids"])
     steps_per_epoch = n_blocks // batch
     total_steps = cfg["epochs"] * steps_per_epoch
@@ -221,7 +229,7 @@ def run_lm(
             "tokens_per_step": batch * seq_len,
             "total_steps": total_steps,
             "total_tokens_seen": total_steps * batch * seq_len,
-            "eval_tokens": int(len(eval_arrays["input_ids"])),
+            "eval_tokens": int(evaluation["mask"].sum()),
             "order": "blocks permuted per epoch with numpy default_rng(epoch): identical for every run",
         },
         "eval_modes": {
