@@ -79,7 +79,8 @@ SOURCES = {
     "reproduction.md": (
         *("reproduce.json", "reproduce_cloze.json", "reproduce_addition.csv", "reproduce_generation.csv"),
         *("meta_tokens.json", "meta_attention*.json", "meta_attention_runs/*.json", "tag_heads.json"),
-        *("reproduce_honest.json", "honest_pilot.json", "reproduce_cloze_items.json"),
+        *("reproduce_honest.json", "reproduce_honest_validation.json", "honest_pilot.json"),
+        "reproduce_cloze_items.json",
     ),
     "demo.md": ("demo*",),
     "scale.md": ("datatrove_annotation*", "pack_throughput*", "streaming*"),
