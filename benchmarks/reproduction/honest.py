@@ -44,9 +44,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lime_hf.configuration_lime import make_inventory
+
 from .harness import RESULTS, SPECIAL_ID, autocast, load_arrays, save_arrays, write_csv, write_json
 from .language_models import EvalMode, LmSpec, add_counts, next_token_counts
-from .prepare import prepare_causal
+from .prepare import DEP_LABELS, dep_field, prepare_causal
 
 HEAD_FIELDS = ("pos", "ner")
 GOALS = {
@@ -61,18 +63,19 @@ def evaluate_own_tags(model, blocks: dict[str, torch.Tensor], device, batch: int
     """Accuracy and perplexity when the model is given `input_ids` alone (one forward: its heads tag them), and its
     heads' accuracy against spaCy's full-document and causal tags of the tag each position is fed."""
     model.eval()
+    fields = [name for name in model.config.tag_head_fields if name in blocks]
     nll, correct, count = 0.0, 0, 0
     shift = model.config.metadata_shift
     references = {"full_doc": "{}", "causal": "{}_causal"}
-    tag_correct = {(name, ref): 0 for name in HEAD_FIELDS for ref in references}
-    tag_count = {(name, ref): 0 for name in HEAD_FIELDS for ref in references}
+    tag_correct = {(name, ref): 0 for name in fields for ref in references}
+    tag_count = {(name, ref): 0 for name in fields for ref in references}
     for start in range(0, len(blocks["input_ids"]), batch):
         ids = blocks["input_ids"][start : start + batch].to(device)
         mask = blocks["mask"][start : start + batch].to(device)
         with autocast(device):
             output = model(input_ids=ids, attention_mask=mask)
         nll, correct, count = add_counts((nll, correct, count), next_token_counts(output.logits, ids, mask))
-        for name in HEAD_FIELDS:
+        for name in fields:
             predicted = output.tag_logits[name].argmax(-1)
             for ref, key in references.items():
                 tags = blocks[key.format(name)][start : start + batch].to(device)
@@ -109,6 +112,23 @@ def prepare_causal_stream(cache: Path, cfg: dict) -> None:
         save_arrays(data / f"lm_causal_{split}.npz", arrays)
 
 
+def prepare_rich_stream(cache: Path, cfg: dict) -> None:
+    """`lm_rich_{train,eval}.npz`: `lm_causal_*` with the dependency field beside pos and ner (`prepare.dep_field`):
+    `dep_causal` for training and the heads' reference, and for the evaluation `dep` (full-document) and
+    `dep_prefix` (the causal labels, as pos and ner's prefix tags equal their causal ones)."""
+    data = cache / "data"
+    if (data / "lm_rich_eval.npz").exists():
+        return
+    prepare_causal_stream(cache, cfg)
+    prepare_causal(cache, field=dep_field(), name="causal_dep")
+    for split in ("train", "eval"):
+        dep = load_arrays(data / f"lm_{split}_causal_dep.npz")
+        arrays = load_arrays(data / f"lm_causal_{split}.npz") | {"dep_causal": dep["dep_causal"]}
+        if split == "eval":
+            arrays |= {"dep": dep["dep"], "dep_prefix": dep["dep_causal"]}
+        save_arrays(data / f"lm_rich_{split}.npz", arrays)
+
+
 def honest_specs(layers: int) -> dict[str, LmSpec]:
     """The runs of this experiment: variant -> `LmSpec` (K = `layers // 2`)."""
     at_k = dict(metadata_layer=layers // 2)
@@ -136,6 +156,16 @@ def honest_specs(layers: int) -> dict[str, LmSpec]:
         ),
         "honest_best_linear_w05": LmSpec(
             0, **heads, **causal, config=predicted | linear | w05, train_tags="causal"
+        ),
+        "honest_rich_linear": LmSpec(
+            0,
+            (*HEAD_FIELDS, "dep"),
+            arrays="lm_rich",
+            prepare=prepare_rich_stream,
+            extra_modes=own_tags_mode,
+            config=at_k | linear,
+            train_tags="causal",
+            extra_fields={"dep": make_inventory(DEP_LABELS)},
         ),
     }
 
@@ -183,6 +213,7 @@ def report_honest(lm: dict, results: Path, crossing) -> dict:
                 "pos_tag_accuracy": final.get("pos_tag_accuracy"),
                 "pos_tag_accuracy_causal": final.get("pos_tag_accuracy_causal"),
                 "ner_tag_accuracy": final.get("ner_tag_accuracy"),
+                "dep_tag_accuracy_causal": final.get("dep_tag_accuracy_causal"),
             }
             rows.append(row)
             paired.setdefault((variant, mode), []).append(row)

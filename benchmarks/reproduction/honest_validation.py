@@ -15,6 +15,7 @@ row of the committed `reproduce_honest_validation.json`.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -47,8 +48,9 @@ def score(model, variant: str, blocks: dict[str, torch.Tensor]) -> dict:
     return evaluate_own_tags(model, blocks, device, EVAL_BATCH)
 
 
-def validate_run(cache: Path, preset: str, name: str, variant: str, splits: dict, spans: dict) -> dict | None:
-    """One run's cached scores on both texts; computed from its saved model when missing, None without one."""
+def validate_run(cache: Path, preset: str, name: str, variant: str, splits, spans: dict) -> dict | None:
+    """One run's cached scores on both texts; computed from its saved model when missing, None without one.
+    `splits()`: the evaluation blocks of both texts, from the run's token stream."""
     path = cache / "validation" / preset / f"{name}.json"
     if path.exists():
         return json.loads(path.read_text())
@@ -57,7 +59,7 @@ def validate_run(cache: Path, preset: str, name: str, variant: str, splits: dict
         return None
     model = load_final_model(model_dir, variant)
     record = {"run": name, "variant": variant, "token_spans": spans, "weights": "saved model, bfloat16"}
-    record |= {split: score(model, variant, blocks) for split, blocks in splits.items()}
+    record |= {split: score(model, variant, blocks) for split, blocks in splits().items()}
     write_json(path, record)
     log(f"validation: {name} {record['validation']['accuracy']:.4f} (test {record['test']['accuracy']:.4f})")
     return record
@@ -68,20 +70,28 @@ def validation_records(cache: Path, preset: str, lm: dict) -> dict[str, dict]:
     cfg, meta = run_settings(cache, preset, "lm")
     n = cfg["eval_tokens"]
     spans = {"test": [0, n], "validation": [n, 2 * n]}
-    arrays = load_arrays(cache / "data" / "lm_causal_eval.npz")
-    if len(arrays["input_ids"]) < 2 * n:
-        raise RuntimeError(f"the evaluation stream has {len(arrays['input_ids'])} tokens, fewer than {2 * n}")
-    splits = {
-        split: stream_blocks(arrays, cfg["seq_len"], meta["pad_token_id"], start, stop)
-        for split, (start, stop) in spans.items()
-    }
+    if meta["eval_tokens"] < 2 * n:  # the smoke data: no text after the test's
+        log(
+            f"validation: the evaluation novel has {meta['eval_tokens']:,} tokens, fewer than {2 * n:,}; skipped"
+        )
+        return {}
+
+    @functools.cache
+    def splits(stream: str) -> dict[str, dict[str, torch.Tensor]]:
+        arrays = load_arrays(cache / "data" / f"{stream}_eval.npz")
+        return {
+            split: stream_blocks(arrays, cfg["seq_len"], meta["pad_token_id"], start, stop)
+            for split, (start, stop) in spans.items()
+        }
+
     committed_path = RESULTS / f"{FILE}.json"
     committed = json.loads(committed_path.read_text())["runs"] if committed_path.exists() else {}
     records = {}
     for name, run in sorted(lm.items()):
         if run["variant"] not in ("baseline", *HONEST_VARIANTS):
             continue
-        record = validate_run(cache, preset, name, run["variant"], splits, spans) or committed.get(name)
+        blocks = functools.partial(splits, run.get("token_stream", "lm"))  # the stream it was evaluated on
+        record = validate_run(cache, preset, name, run["variant"], blocks, spans) or committed.get(name)
         if record is None:
             log(f"validation: {name} has no saved model and no committed row; left out")
             continue
@@ -146,5 +156,6 @@ def report_validation(cache: Path, preset: str, lm: dict, results: Path) -> dict
         selected["accuracy_goal_met"] = selected["mean_test_gain_points"] >= GOALS["accuracy_gain_points"]
     headline = {"goals": GOALS, "selected": selected, "summary": summary, "rows": rows, "runs": records}
     write_json(results / f"{FILE}.json", headline)
-    write_csv(results / f"{FILE}.csv", rows)
+    if rows:
+        write_csv(results / f"{FILE}.csv", rows)
     return headline

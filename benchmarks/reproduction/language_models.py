@@ -37,7 +37,9 @@ class LmSpec:
     `arrays`: the prepared data `data/{arrays}_train.npz` / `_eval.npz`, made by `prepare(cache)` when missing;
     `cut_eval`: evaluate the first `eval_tokens` of the stream (else all of it: a stream prepared to cover the
     same text); `extra_modes(device, batch)`: evaluations beyond `lm_eval_modes`; `config`: further `LimeConfig`
-    options; `train_tags`: the training tags, `"{field}"` arrays (spaCy's full-document tags) or `"{field}_{train_tags}"`.
+    options; `train_tags`: the training tags, `"{field}"` arrays (spaCy's full-document tags) or `"{field}_{train_tags}"`;
+    `extra_fields`: fields beyond the prepared data's pos and ner (name -> inventory), whose arrays the stream holds
+    under the same names.
     """
 
     shift: int | None
@@ -48,6 +50,7 @@ class LmSpec:
     extra_modes: Callable[[torch.device, int], dict[str, EvalMode]] | None = None
     config: dict | None = None
     train_tags: str | None = None
+    extra_fields: dict[str, list[str]] | None = None
 
 
 # ------------------------------------------------------------------------------------------ language models
@@ -112,12 +115,12 @@ def evaluate_lm(model, blocks: dict[str, torch.Tensor], tags: dict[str, str], de
     }
 
 
-def lm_eval_modes(shift) -> dict[str, dict[str, str]]:
+def lm_eval_modes(shift, fields=("pos", "ner")) -> dict[str, dict[str, str]]:
     if shift is None:
         return {"plain": {}}
     return {
-        "full_doc_tags": {"pos_ids": "pos", "ner_ids": "ner"},
-        "prefix_tags": {"pos_ids": "pos_prefix", "ner_ids": "ner_prefix"},
+        "full_doc_tags": {f"{name}_ids": name for name in fields},
+        "prefix_tags": {f"{name}_ids": f"{name}_prefix" for name in fields},
         "no_tags": {},
     }
 
@@ -136,9 +139,8 @@ def run_lm(
         load_arrays(cache / "data" / f"{spec.arrays}_eval.npz"),
     )
     seq_len, batch = cfg["seq_len"], cfg["batch"]
-    tag_keys = {
-        name: name if spec.train_tags is None else f"{name}_{spec.train_tags}" for name in ("pos", "ner")
-    }
+    fields = meta["metadata_fields"] | (spec.extra_fields or {})
+    tag_keys = {name: name if spec.train_tags is None else f"{name}_{spec.train_tags}" for name in fields}
     train = {
         key: lm_blocks(train_np[key], seq_len) for key in ("input_ids", *tag_keys.values()) if key in train_np
     }
@@ -156,7 +158,7 @@ def run_lm(
         seq_len,
         seed,
         shift,
-        meta["metadata_fields"],
+        fields,
         list(spec.tag_heads),
         spec.config,
     )
@@ -166,7 +168,7 @@ def run_lm(
     eval_batch = 64 if device.type == "cuda" else 16
     modes: dict[str, EvalMode] = {
         mode: lambda model, blocks, tags=tags: evaluate_lm(model, blocks, tags, device, eval_batch)
-        for mode, tags in lm_eval_modes(shift).items()
+        for mode, tags in lm_eval_modes(shift, fields).items()
     }
     modes.update(spec.extra_modes(device, eval_batch) if spec.extra_modes else {})
     orders: dict[int, np.ndarray] = {}
@@ -233,7 +235,7 @@ def run_lm(
             "order": "blocks permuted per epoch with numpy default_rng(epoch): identical for every run",
         },
         "eval_modes": {
-            **{mode: tags or "no metadata" for mode, tags in lm_eval_modes(shift).items()},
+            **{mode: tags or "no metadata" for mode, tags in lm_eval_modes(shift, fields).items()},
             **{mode: "see the experiment's module" for mode in modes if mode not in lm_eval_modes(shift)},
         },
         "history": history,
