@@ -29,6 +29,10 @@ next 30,000 tokens of Persuasion (`honest_validation.py`), and only reported on 
     honest_causal_linear_w01  the same with 0.1 (less)
     honest_best_linear_w05    honest_best_linear with the weight 0.5: heads that are more often right, read in
                               training as at inference
+    honest_rich_linear        honest_causal_linear with a third field, `dep` (spaCy's dependency label, causal:
+                              `prepare.dep_field`), supervised by its own head and injected like pos and ner. (The
+                              library's `pos` already is spaCy's fine-grained `Token.tag_`, so a `tag` field would
+                              repeat it; the dependency label is the pipeline's richer output.)
 
 Evaluations on Persuasion: `own_tags` (input_ids alone, the honest mode) with the heads' tag accuracy, and, for
 reference, spaCy's full-document and prefix-only tags. The baseline and the paper's LIME (full-document tags,

@@ -87,9 +87,10 @@ def dep_field():
     spaCy's dependency label of each token (`Token.dep_`), a field of the honest stage's richer supervision.
     Read causally (the parser sees the text up to the token), it is the parser's guess of the role of the phrase
     the token opens or continues (`the` at the end of "Anne saw the" is `dobj`): syntax that the library's `pos`
-    (`Token.tag_`) and `ner` do not carry. The parser's state reaches back through the sentence; 8 tokens of left
-    context agree with 32 on about 90 % of the labels (`causal_meta_dep.json`), the window this stage could afford
-    on two CPU cores. Built lazily, like the digit field.
+    (`Token.tag_`) and `ner` do not carry. The parser's state reaches back through the sentence: on the first
+    12,000 characters of Persuasion (2,488 tokens), 8 tokens of left context gave the labels of 32 for 89.7 % of the
+    tokens and 16 for 94.1 % (and the causal labels those of the whole document for 59.9 %). 8 is what this stage
+    could afford on two CPU cores (16 costs twice the time). Built lazily, like the digit field.
     """
     from lime_hf.annotation import FieldAnnotator, token_spans
 
