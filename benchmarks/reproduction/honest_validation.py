@@ -37,7 +37,7 @@ def load_final_model(model_dir: Path, variant: str):
     from lime_hf import LimeForCausalLM
 
     loader = AutoModelForCausalLM if variant == "baseline" else LimeForCausalLM
-    return loader.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    return loader.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
 def score(model, variant: str, blocks: dict[str, torch.Tensor]) -> dict:
@@ -58,7 +58,8 @@ def validate_run(cache: Path, preset: str, name: str, variant: str, splits, span
     if not model_dir.exists():
         return None
     model = load_final_model(model_dir, variant)
-    record = {"run": name, "variant": variant, "token_spans": spans, "weights": "saved model, bfloat16"}
+    record = {"run": name, "variant": variant, "preset": preset, "token_spans": spans}
+    record["weights"] = "the saved model, bfloat16"
     record |= {split: score(model, variant, blocks) for split, blocks in splits().items()}
     write_json(path, record)
     log(f"validation: {name} {record['validation']['accuracy']:.4f} (test {record['test']['accuracy']:.4f})")
@@ -91,7 +92,9 @@ def validation_records(cache: Path, preset: str, lm: dict) -> dict[str, dict]:
         if run["variant"] not in ("baseline", *HONEST_VARIANTS):
             continue
         blocks = functools.partial(splits, run.get("token_stream", "lm"))  # the stream it was evaluated on
-        record = validate_run(cache, preset, name, run["variant"], blocks, spans) or committed.get(name)
+        record = validate_run(cache, preset, name, run["variant"], blocks, spans)
+        if record is None and committed.get(name, {}).get("preset") == preset:
+            record = committed[name]
         if record is None:
             log(f"validation: {name} has no saved model and no committed row; left out")
             continue
