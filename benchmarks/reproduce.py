@@ -16,8 +16,10 @@ Stages (each one resumable; run them in order, or `all`):
               `benchmarks/results/meta_tokens.{json,csv,png}`. One torch thread per run unless `--threads`.
     honest    The honest LIME (issue 22, `reproduction/honest.py`): tags predicted by the model itself after the
               first layers, in one forward; its runs (and the baseline and LIME references) trained, resumable,
-              and reported in `benchmarks/results/reproduce_honest.{json,csv}`. Needs spaCy's causal tags of
-              the novels (computed once into the cache, resumable per novel).
+              and reported in `benchmarks/results/reproduce_honest.{json,csv}`; every run's saved model is also
+              scored on a validation text, the next `eval_tokens` of Persuasion, which chooses between variants
+              (`reproduce_honest_validation.{json,csv}`). Needs spaCy's causal tags of the novels, and for one
+              variant its causal dependency labels (computed once into the cache, resumable per novel).
     cloze     CPU + spaCy. The held-out Persuasion cloze (last word of a sentence), every trained language model
               scored by lm-evaluation-harness (`reproduce_cloze.json`). Not part of `all`.
     cloze-items  The cloze item by item (lm-eval's `log_samples`): LIME models against their reference on the same
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         restore_references(cache, preset)
         train(cache, preset, args.jobs, "honest", args.run, args.threads)
         headline = report_honest_stage(cache, preset, results)
-        print(json.dumps(headline["summary"], indent=2))
+        print(json.dumps({key: headline[key] for key in ("summary", "selected_on_validation")}, indent=2))
         return
     if args.stage in ("prepare", "all"):
         prepare(cache, args.smoke or preset == "smoke")

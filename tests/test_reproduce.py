@@ -356,17 +356,19 @@ def test_honest_stage_trains_its_runs_and_reports_them_against_the_baseline(tmp_
         "honest_best_linear",
         "honest_causal_linear",
         "heads_only_linear",
+        "honest_causal_linear_w05",
+        "honest_causal_linear_w01",
+        "honest_best_linear_w05",
+        "honest_rich_linear",
     )
+    causal = ("honest_causal", "honest_best", "honest_rich")  # the variants trained on causal tags
     for variant in variants:
         run = json.loads((runs / f"lm-{variant}-s0.json").read_text())
         assert run["config"]["metadata_layer"] == 1  # half of the smoke preset's 2 layers
-        assert run["config"].get("tag_head_type", "mlp") == (
-            "linear" if variant.endswith("_linear") else "mlp"
-        )
+        assert run["config"].get("tag_head_type", "mlp") == ("linear" if "_linear" in variant else "mlp")
+        assert run["config"].get("tag_loss_weight", 0.2) == {"w05": 0.5, "w01": 0.1}.get(variant[-3:], 0.2)
         assert run["training_tags"] == (
-            "spaCy causal"
-            if variant in ("honest_causal", "honest_best", "honest_best_linear", "honest_causal_linear")
-            else "spaCy full-document"
+            "spaCy causal" if variant.startswith(causal) else "spaCy full-document"
         )
         final, base = run["history"][-1]["own_tags"], json.loads((runs / "lm-baseline-s0.json").read_text())
         row = next(
@@ -377,7 +379,88 @@ def test_honest_stage_trains_its_runs_and_reports_them_against_the_baseline(tmp_
             100 * (final["accuracy"] - base["history"][-1]["plain"]["accuracy"])
         )
         assert run["history"][-1]["own_tags"]["loss"] < run["history"][0]["own_tags"]["loss"]
+    rich = json.loads((runs / "lm-honest_rich_linear-s0.json").read_text())
+    assert (
+        rich["tag_heads"] == ["pos", "ner", "dep"]
+        and rich["eval_modes"]["prefix_tags"]["dep_ids"] == "dep_prefix"
+    )
+    assert 0 < rich["history"][-1]["own_tags"]["dep_tag_accuracy_causal"] <= 1
     predicted = json.loads((runs / "lm-honest_predicted-s0.json").read_text())["config"]
     assert predicted["metadata_training_source"] == "predicted"
     second = run_script("honest", "--smoke", "--cache", tmp_path, env=env)
     assert second.returncode == 0 and "0 of" in second.stdout + second.stderr
+
+
+def test_honest_validation_scores_saved_models_on_the_next_tokens_and_selects_on_them(tmp_path):
+    """`honest_validation.report_validation`: every saved model scored on tokens [n, 2n) of the evaluation stream
+    (n = `eval_tokens`) against the baseline of its seed, the variant that injects tags with the best mean validation
+    gain selected (the nothing-injected control never), and the scores cached for the next call."""
+    from reproduction.harness import build_model, write_json
+    from reproduction.honest import evaluate_own_tags
+    from reproduction.honest_validation import report_validation
+    from reproduction.language_models import evaluate_lm, stream_blocks
+
+    from lime_hf.configuration_lime import DEFAULT_METADATA_FIELDS
+
+    cfg, n, vocab = PRESETS["smoke"]["lm"], PRESETS["smoke"]["lm"]["eval_tokens"], 64
+    special = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    rng = np.random.default_rng(0)
+    arrays = {"input_ids": rng.integers(3, vocab, 2 * n + 50)}
+    for name, inventory in DEFAULT_METADATA_FIELDS.items():
+        for key in (name, f"{name}_causal"):
+            arrays[key] = rng.integers(3, len(inventory), 2 * n + 50)
+    (tmp_path / "data").mkdir()
+    np.savez(tmp_path / "data" / "lm_causal_eval.npz", **arrays)
+    np.savez(tmp_path / "data" / "lm_eval.npz", input_ids=arrays["input_ids"])
+    meta = {
+        "eval_tokens": 2 * n + 50,
+        "vocab_size": vocab,
+        "metadata_fields": DEFAULT_METADATA_FIELDS,
+        **special,
+    }
+    write_json(tmp_path / "data" / "meta.json", {"lm": meta})
+    lm, models = {}, {}
+    heads = dict(tag_heads=["pos", "ner"], options=dict(metadata_layer=1, tag_head_type="linear"))
+    for seed in cfg["seeds"]:
+        for variant in ("baseline", "honest_causal_linear", "heads_only_linear"):
+            shift = None if variant == "baseline" else 0
+            extra = {} if shift is None else heads
+            model, _ = build_model(
+                cfg, vocab, special, cfg["seq_len"], seed, shift, DEFAULT_METADATA_FIELDS, **extra
+            )
+            name = f"lm-{variant}-s{seed}"
+            model.to(torch.bfloat16).save_pretrained(
+                tmp_path / "models" / "smoke" / name
+            )  # as `run_lm` saves
+            models[name] = model.float().eval()
+            mode = "plain" if shift is None else "own_tags"
+            stream = "lm" if shift is None else "lm_causal"
+            final = {mode: {"accuracy": 0.1 * seed, "pos_tag_accuracy": 0.5, "pos_tag_accuracy_causal": 0.5}}
+            lm[name] = {"variant": variant, "seed": seed, "token_stream": stream, "history": [final]}
+
+    headline = report_validation(tmp_path, "smoke", lm, tmp_path / "results")
+
+    validation = stream_blocks({k: v[n : 2 * n] for k, v in arrays.items()}, cfg["seq_len"], 0)
+    cpu = torch.device("cpu")
+    for seed in cfg["seeds"]:
+        base = evaluate_lm(models[f"lm-baseline-s{seed}"], validation, {}, cpu, 16)["accuracy"]
+        for variant in ("honest_causal_linear", "heads_only_linear"):
+            own = evaluate_own_tags(models[f"lm-{variant}-s{seed}"], validation, cpu, 16)
+            row = next(r for r in headline["rows"] if r["run"] == f"lm-{variant}-s{seed}")
+            assert row["validation_accuracy"] == pytest.approx(own["accuracy"])
+            assert row["validation_gain_points"] == pytest.approx(100 * (own["accuracy"] - base))
+            assert row["validation_pos_tag_accuracy_causal"] == pytest.approx(own["pos_tag_accuracy_causal"])
+            assert row["test_gain_points"] == pytest.approx(
+                0.0
+            )  # the recorded numbers, not the saved model's
+    assert headline["selected"]["variant"] == "honest_causal_linear"  # the only variant that injects tags
+    assert headline["selected"]["accuracy_goal_met"] is False
+    written = json.loads((tmp_path / "results" / "reproduce_honest_validation.json").read_text())
+    assert written["rows"] == headline["rows"]
+    # The scores are cached: without the models the next report is the same.
+    for path in (tmp_path / "models" / "smoke").iterdir():
+        for file in path.iterdir():
+            file.unlink()
+        path.rmdir()
+    again = report_validation(tmp_path, "smoke", lm, tmp_path / "results")
+    assert again["rows"] == headline["rows"]

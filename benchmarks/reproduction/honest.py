@@ -22,7 +22,17 @@ and mostly through the tag supervision itself, so three of the runs again with a
 
 K = 2 of 4 layers and the tag loss weight 0.2 are the library defaults the pilot also used; the pilot's other arms
 (K = 1, weight 1.0: both gained less) were scored on the same Persuasion evaluation as this stage, so these
-settings were chosen with the evaluation text in view, not on a separate validation text.
+settings were chosen with the evaluation text in view. The runs after them are chosen on a validation text, the
+next 30,000 tokens of Persuasion (`honest_validation.py`), and only reported on the evaluation text:
+
+    honest_causal_linear_w05  honest_causal_linear with the tag loss weight 0.5 (more tag supervision)
+    honest_causal_linear_w01  the same with 0.1 (less)
+    honest_best_linear_w05    honest_best_linear with the weight 0.5: heads that are more often right, read in
+                              training as at inference
+    honest_rich_linear        honest_causal_linear with a third field, `dep` (spaCy's dependency label, causal:
+                              `prepare.dep_field`), supervised by its own head and injected like pos and ner. (The
+                              library's `pos` already is spaCy's fine-grained `Token.tag_`, so a `tag` field would
+                              repeat it; the dependency label is the pipeline's richer output.)
 
 Evaluations on Persuasion: `own_tags` (input_ids alone, the honest mode) with the heads' tag accuracy, and, for
 reference, spaCy's full-document and prefix-only tags. The baseline and the paper's LIME (full-document tags,
@@ -38,9 +48,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lime_hf.configuration_lime import make_inventory
+
 from .harness import RESULTS, SPECIAL_ID, autocast, load_arrays, save_arrays, write_csv, write_json
 from .language_models import EvalMode, LmSpec, add_counts, next_token_counts
-from .prepare import prepare_causal
+from .prepare import DEP_LABELS, dep_field, prepare_causal
 
 HEAD_FIELDS = ("pos", "ner")
 GOALS = {
@@ -55,18 +67,19 @@ def evaluate_own_tags(model, blocks: dict[str, torch.Tensor], device, batch: int
     """Accuracy and perplexity when the model is given `input_ids` alone (one forward: its heads tag them), and its
     heads' accuracy against spaCy's full-document and causal tags of the tag each position is fed."""
     model.eval()
+    fields = [name for name in model.config.tag_head_fields if name in blocks]
     nll, correct, count = 0.0, 0, 0
     shift = model.config.metadata_shift
     references = {"full_doc": "{}", "causal": "{}_causal"}
-    tag_correct = {(name, ref): 0 for name in HEAD_FIELDS for ref in references}
-    tag_count = {(name, ref): 0 for name in HEAD_FIELDS for ref in references}
+    tag_correct = {(name, ref): 0 for name in fields for ref in references}
+    tag_count = {(name, ref): 0 for name in fields for ref in references}
     for start in range(0, len(blocks["input_ids"]), batch):
         ids = blocks["input_ids"][start : start + batch].to(device)
         mask = blocks["mask"][start : start + batch].to(device)
         with autocast(device):
             output = model(input_ids=ids, attention_mask=mask)
         nll, correct, count = add_counts((nll, correct, count), next_token_counts(output.logits, ids, mask))
-        for name in HEAD_FIELDS:
+        for name in fields:
             predicted = output.tag_logits[name].argmax(-1)
             for ref, key in references.items():
                 tags = blocks[key.format(name)][start : start + batch].to(device)
@@ -103,6 +116,23 @@ def prepare_causal_stream(cache: Path, cfg: dict) -> None:
         save_arrays(data / f"lm_causal_{split}.npz", arrays)
 
 
+def prepare_rich_stream(cache: Path, cfg: dict) -> None:
+    """`lm_rich_{train,eval}.npz`: `lm_causal_*` with the dependency field beside pos and ner (`prepare.dep_field`):
+    `dep_causal` for training and the heads' reference, and for the evaluation `dep` (full-document) and
+    `dep_prefix` (the causal labels, as pos and ner's prefix tags equal their causal ones)."""
+    data = cache / "data"
+    if (data / "lm_rich_eval.npz").exists():
+        return
+    prepare_causal_stream(cache, cfg)
+    prepare_causal(cache, field=dep_field(), name="causal_dep")
+    for split in ("train", "eval"):
+        dep = load_arrays(data / f"lm_{split}_causal_dep.npz")
+        arrays = load_arrays(data / f"lm_causal_{split}.npz") | {"dep_causal": dep["dep_causal"]}
+        if split == "eval":
+            arrays |= {"dep": dep["dep"], "dep_prefix": dep["dep_causal"]}
+        save_arrays(data / f"lm_rich_{split}.npz", arrays)
+
+
 def honest_specs(layers: int) -> dict[str, LmSpec]:
     """The runs of this experiment: variant -> `LmSpec` (K = `layers // 2`)."""
     at_k = dict(metadata_layer=layers // 2)
@@ -111,6 +141,7 @@ def honest_specs(layers: int) -> dict[str, LmSpec]:
     heads = dict(tag_heads=HEAD_FIELDS, extra_modes=own_tags_mode)
     nothing_injected = at_k | dict(metadata_weights={"pos": 0.0, "ner": 0.0})
     linear = dict(tag_head_type="linear")
+    w05, w01 = dict(tag_loss_weight=0.5), dict(tag_loss_weight=0.1)
     return {
         "honest_given": LmSpec(0, **heads, **causal, config=at_k),
         "honest_predicted": LmSpec(0, **heads, **causal, config=predicted),
@@ -121,6 +152,25 @@ def honest_specs(layers: int) -> dict[str, LmSpec]:
         "honest_best_linear": LmSpec(0, **heads, **causal, config=predicted | linear, train_tags="causal"),
         "honest_causal_linear": LmSpec(0, **heads, **causal, config=at_k | linear, train_tags="causal"),
         "heads_only_linear": LmSpec(0, **heads, **causal, config=nothing_injected | linear),
+        "honest_causal_linear_w05": LmSpec(
+            0, **heads, **causal, config=at_k | linear | w05, train_tags="causal"
+        ),
+        "honest_causal_linear_w01": LmSpec(
+            0, **heads, **causal, config=at_k | linear | w01, train_tags="causal"
+        ),
+        "honest_best_linear_w05": LmSpec(
+            0, **heads, **causal, config=predicted | linear | w05, train_tags="causal"
+        ),
+        "honest_rich_linear": LmSpec(
+            0,
+            (*HEAD_FIELDS, "dep"),
+            arrays="lm_rich",
+            prepare=prepare_rich_stream,
+            extra_modes=own_tags_mode,
+            config=at_k | linear,
+            train_tags="causal",
+            extra_fields={"dep": make_inventory(DEP_LABELS)},
+        ),
     }
 
 
@@ -167,6 +217,7 @@ def report_honest(lm: dict, results: Path, crossing) -> dict:
                 "pos_tag_accuracy": final.get("pos_tag_accuracy"),
                 "pos_tag_accuracy_causal": final.get("pos_tag_accuracy_causal"),
                 "ner_tag_accuracy": final.get("ner_tag_accuracy"),
+                "dep_tag_accuracy_causal": final.get("dep_tag_accuracy_causal"),
             }
             rows.append(row)
             paired.setdefault((variant, mode), []).append(row)
@@ -208,6 +259,9 @@ def restore_references(cache: Path, preset: str) -> list[str]:
 
 
 def report_honest_stage(cache: Path, preset: str, results: Path) -> dict:
+    """The stage's report: its runs whole, the final numbers (`report_honest`) and the validation text's
+    (`honest_validation.report_validation`); returns the first with the variant that validation selects."""
+    from .honest_validation import report_validation
     from .report import crossing
 
     runs_dir = cache / "runs" / preset
@@ -215,4 +269,5 @@ def report_honest_stage(cache: Path, preset: str, results: Path) -> dict:
     own = {name: run for name, run in lm.items() if run["variant"] in HONEST_VARIANTS}
     runs = {name: {k: v for k, v in run.items() if k != "restored_from"} for name, run in own.items()}
     write_json(results / RUNS_FILE, {"runs": runs})
-    return report_honest(lm, results, crossing)
+    headline = report_honest(lm, results, crossing)
+    return headline | {"selected_on_validation": report_validation(cache, preset, lm, results)["selected"]}

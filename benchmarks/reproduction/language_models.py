@@ -37,7 +37,9 @@ class LmSpec:
     `arrays`: the prepared data `data/{arrays}_train.npz` / `_eval.npz`, made by `prepare(cache)` when missing;
     `cut_eval`: evaluate the first `eval_tokens` of the stream (else all of it: a stream prepared to cover the
     same text); `extra_modes(device, batch)`: evaluations beyond `lm_eval_modes`; `config`: further `LimeConfig`
-    options; `train_tags`: the training tags, `"{field}"` arrays (spaCy's full-document tags) or `"{field}_{train_tags}"`.
+    options; `train_tags`: the training tags, `"{field}"` arrays (spaCy's full-document tags) or `"{field}_{train_tags}"`;
+    `extra_fields`: fields beyond the prepared data's pos and ner (name -> inventory), whose arrays the stream holds
+    under the same names.
     """
 
     shift: int | None
@@ -48,6 +50,7 @@ class LmSpec:
     extra_modes: Callable[[torch.device, int], dict[str, EvalMode]] | None = None
     config: dict | None = None
     train_tags: str | None = None
+    extra_fields: dict[str, list[str]] | None = None
 
 
 # ------------------------------------------------------------------------------------------ language models
@@ -64,6 +67,18 @@ def eval_blocks(array: np.ndarray, seq_len: int, fill: int) -> torch.Tensor:
     padded = np.full(n_blocks * seq_len, fill, dtype=np.int64)
     padded[: len(array)] = array
     return torch.from_numpy(padded.reshape(n_blocks, seq_len))
+
+
+def stream_blocks(
+    arrays: dict[str, np.ndarray], seq_len: int, pad: int, start: int = 0, stop: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Tokens `[start, stop)` of a prepared stream as evaluation blocks: every array (tags padded with `PAD_ID`),
+    `input_ids` padded with `pad`, and `mask` (1 on the real tokens)."""
+    cut = {key: values[start:stop] for key, values in arrays.items()}
+    blocks = {key: eval_blocks(values, seq_len, PAD_ID) for key, values in cut.items()}
+    blocks["input_ids"] = eval_blocks(cut["input_ids"], seq_len, pad)
+    blocks["mask"] = eval_blocks(np.ones(len(cut["input_ids"]), dtype=np.int64), seq_len, 0)
+    return blocks
 
 
 def next_token_counts(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int, int]:
@@ -100,12 +115,12 @@ def evaluate_lm(model, blocks: dict[str, torch.Tensor], tags: dict[str, str], de
     }
 
 
-def lm_eval_modes(shift) -> dict[str, dict[str, str]]:
+def lm_eval_modes(shift, fields=("pos", "ner")) -> dict[str, dict[str, str]]:
     if shift is None:
         return {"plain": {}}
     return {
-        "full_doc_tags": {"pos_ids": "pos", "ner_ids": "ner"},
-        "prefix_tags": {"pos_ids": "pos_prefix", "ner_ids": "ner_prefix"},
+        "full_doc_tags": {f"{name}_ids": name for name in fields},
+        "prefix_tags": {f"{name}_ids": f"{name}_prefix" for name in fields},
         "no_tags": {},
     }
 
@@ -124,18 +139,13 @@ def run_lm(
         load_arrays(cache / "data" / f"{spec.arrays}_eval.npz"),
     )
     seq_len, batch = cfg["seq_len"], cfg["batch"]
-    tag_keys = {
-        name: name if spec.train_tags is None else f"{name}_{spec.train_tags}" for name in ("pos", "ner")
-    }
+    fields = meta["metadata_fields"] | (spec.extra_fields or {})
+    tag_keys = {name: name if spec.train_tags is None else f"{name}_{spec.train_tags}" for name in fields}
     train = {
         key: lm_blocks(train_np[key], seq_len) for key in ("input_ids", *tag_keys.values()) if key in train_np
     }
-    pad = meta["pad_token_id"]
     limit = cfg["eval_tokens"] if spec.cut_eval else None
-    eval_arrays = {key: eval_np[key][:limit] for key in eval_np}
-    evaluation = {key: eval_blocks(values, seq_len, PAD_ID) for key, values in eval_arrays.items()}
-    evaluation["input_ids"] = eval_blocks(eval_arrays["input_ids"], seq_len, pad)
-    evaluation["mask"] = eval_blocks(np.ones(len(eval_arrays["input_ids"]), dtype=np.int64), seq_len, 0)
+    evaluation = stream_blocks(eval_np, seq_len, meta["pad_token_id"], stop=limit)
     n_blocks = len(train["input_ids"])
     steps_per_epoch = n_blocks // batch
     total_steps = cfg["epochs"] * steps_per_epoch
@@ -148,7 +158,7 @@ def run_lm(
         seq_len,
         seed,
         shift,
-        meta["metadata_fields"],
+        fields,
         list(spec.tag_heads),
         spec.config,
     )
@@ -158,7 +168,7 @@ def run_lm(
     eval_batch = 64 if device.type == "cuda" else 16
     modes: dict[str, EvalMode] = {
         mode: lambda model, blocks, tags=tags: evaluate_lm(model, blocks, tags, device, eval_batch)
-        for mode, tags in lm_eval_modes(shift).items()
+        for mode, tags in lm_eval_modes(shift, fields).items()
     }
     modes.update(spec.extra_modes(device, eval_batch) if spec.extra_modes else {})
     orders: dict[int, np.ndarray] = {}
@@ -221,11 +231,11 @@ def run_lm(
             "tokens_per_step": batch * seq_len,
             "total_steps": total_steps,
             "total_tokens_seen": total_steps * batch * seq_len,
-            "eval_tokens": int(len(eval_arrays["input_ids"])),
+            "eval_tokens": int(evaluation["mask"].sum()),
             "order": "blocks permuted per epoch with numpy default_rng(epoch): identical for every run",
         },
         "eval_modes": {
-            **{mode: tags or "no metadata" for mode, tags in lm_eval_modes(shift).items()},
+            **{mode: tags or "no metadata" for mode, tags in lm_eval_modes(shift, fields).items()},
             **{mode: "see the experiment's module" for mode in modes if mode not in lm_eval_modes(shift)},
         },
         "history": history,
