@@ -46,8 +46,10 @@ class StackedParameters:
 
     def get(self, build: Callable[[], Stacked]) -> Stacked:
         """`build()`, or inside a `parameters_fixed` block without gradients the value it gave first there."""
+        if torch.compiler.is_compiling():  # a compiled graph stacks inside itself (and cannot read a ContextVar)
+            return build()
         fixed = _FIXED.get()
-        if fixed is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if fixed is None or torch.is_grad_enabled():
             return build()
         if self._built_in is not fixed:
             self._value, self._built_in = build(), fixed
