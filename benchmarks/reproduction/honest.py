@@ -33,6 +33,8 @@ next 30,000 tokens of Persuasion (`honest_validation.py`), and only reported on 
                               `prepare.dep_field`), supervised by its own head and injected like pos and ner. (The
                               library's `pos` already is spaCy's fine-grained `Token.tag_`, so a `tag` field would
                               repeat it; the dependency label is the pipeline's richer output.)
+    honest_plus1_linear       honest_plus1 with linear heads and causal tags: LIME+1 guiding itself, as the
+                              linear heads did for LIME (self-guided perplexity against the baseline's)
 
 Evaluations on Persuasion: `own_tags` (input_ids alone, the honest mode) with the heads' tag accuracy, and, for
 reference, spaCy's full-document and prefix-only tags. The baseline and the paper's LIME (full-document tags,
@@ -161,6 +163,7 @@ def honest_specs(layers: int) -> dict[str, LmSpec]:
         "honest_best_linear_w05": LmSpec(
             0, **heads, **causal, config=predicted | linear | w05, train_tags="causal"
         ),
+        "honest_plus1_linear": LmSpec(1, **heads, **causal, config=predicted | linear, train_tags="causal"),
         "honest_rich_linear": LmSpec(
             0,
             (*HEAD_FIELDS, "dep"),
