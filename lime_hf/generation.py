@@ -77,9 +77,9 @@ class GeneratedTags:
 
     Called with the prefix that decides the token (`MetadataTracker.deciding_prefix`), the token's step (the
     how-many-th generated token it is), each row's batch row and, for the tag heads, a function giving the state
-    before the prefix's last token. Returns `(rows, fields)` tag ids, checked where they are made (guidance by
-    `parse_guidance`, a callable's labels by `label_id`, the heads' argmax within their inventories): the forward
-    takes them without checking them again.
+    before the prefix's last token (`(rows, 1, hidden)`). Returns `(rows, 1, fields)` tag ids (one position per row:
+    the layout the forward reads), checked where they are made (guidance by `parse_guidance`, a callable's labels
+    by `label_id`, the heads' argmax within their inventories): the forward takes them without checking them again.
 
     A step's operations are its cost, so: list guidance is one `(steps, batch, fields)` table, made once; the unknown
     provider is never called; and with nothing else to ask (the unknown provider, no guidance callable) every step's
@@ -87,7 +87,7 @@ class GeneratedTags:
 
     Args:
         metadata_fields: the model's inventories.
-        provider: see `tag_providers.resolve_provider`; `ModelTagProvider` gives `(rows, fields)` ids itself.
+        provider: see `tag_providers.resolve_provider`; `ModelTagProvider` gives `(rows, 1, fields)` ids itself.
         guidance: parsed guidance (see `tag_providers.parse_guidance`), indexed by batch row.
         batch_size: the number of prompts.
         device: where the tags are made.
@@ -112,10 +112,10 @@ class GeneratedTags:
         self.known_in_advance = not self.asks_provider and not self.callables
         steps = max((len(row) for schedule in lists.values() for row in schedule), default=0)
         # The lists' ids, -1 where they say nothing (unknown where nothing else will be asked).
-        table = torch.full((steps, batch_size, len(self.fields)), -1, dtype=torch.long)
+        table = torch.full((steps, batch_size, 1, len(self.fields)), -1, dtype=torch.long)
         for index, field in enumerate(self.fields):
             for row, tags in enumerate(lists.get(field, ())):
-                table[: len(tags), row, index] = torch.tensor(tags, dtype=torch.long)
+                table[: len(tags), row, 0, index] = torch.tensor(tags, dtype=torch.long)
         if self.known_in_advance:
             table[table < 0] = UNKNOWN_ID
         self.table = table.to(device)
@@ -149,13 +149,13 @@ class GeneratedTags:
         return provided if guided is None else torch.where(guided >= 0, guided, provided)
 
     def for_rows(self, batch_rows: tuple[int, ...]) -> tuple[float, list[torch.LongTensor], torch.LongTensor]:
-        """For rows of these batch rows: the steps the lists cover, each step's `(rows, fields)` list tags, and
-        `(rows, fields)` unknown (made once per set of rows: a decoding call asks for the same rows every step)."""
+        """For rows of these batch rows: the steps the lists cover, each step's `(rows, 1, fields)` list tags, and
+        `(rows, 1, fields)` unknown (made once per set of rows: a decoding call asks for the same rows every step)."""
         entry = self._by_rows.get(batch_rows)
         if entry is None:
             columns = list(self.table[:, list(batch_rows)].unbind(0))
             covered = min(self.covered[row] for row in batch_rows)
-            shape = (len(batch_rows), len(self.fields))
+            shape = (len(batch_rows), 1, len(self.fields))
             unknown = torch.full(shape, UNKNOWN_ID, dtype=torch.long, device=self.device)
             entry = self._by_rows[batch_rows] = (covered, columns, unknown)
         return entry
@@ -166,13 +166,15 @@ class GeneratedTags:
         """`guided` with the guidance callables' labels (-1 where they say `None`), and whether every tag is given."""
         rows = input_ids.shape[0]
         if guided is None:
-            guided = torch.full((rows, len(self.fields)), -1, dtype=torch.long, device=self.device)
+            guided = torch.full((rows, 1, len(self.fields)), -1, dtype=torch.long, device=self.device)
         else:
             guided = guided.clone()
         for field, schedule in self.callables.items():
             labels = self._labels(field, schedule(input_ids, step), rows, "guidance callable", -1)
             complete = complete and -1 not in labels
-            guided[:, self.fields.index(field)] = torch.tensor(labels, dtype=torch.long, device=self.device)
+            guided[:, 0, self.fields.index(field)] = torch.tensor(
+                labels, dtype=torch.long, device=self.device
+            )
         return guided, complete
 
     def _provided(
@@ -182,11 +184,11 @@ class GeneratedTags:
         previous_hidden: Callable[[], torch.Tensor],
         unknown: torch.LongTensor,
     ) -> torch.LongTensor:
-        """`(rows, fields)`: the provider's tags (unknown where it has none)."""
+        """`(rows, 1, fields)`: the provider's tags (unknown where it has none)."""
         if not self.asks_provider:
             return unknown
-        if self.uses_hidden_states:  # the tag heads: `(rows, fields)` ids from their argmax (or draw)
-            return self.provider(previous_hidden(), input_ids[:, -1])
+        if self.uses_hidden_states:  # the tag heads: ids from their argmax (or draw)
+            return self.provider(previous_hidden(), input_ids[:, -1:])
         given = self.provider(input_ids, step)
         rows = input_ids.shape[0]
         columns = [
@@ -195,7 +197,7 @@ class GeneratedTags:
             else [UNKNOWN_ID] * rows
             for field in self.fields
         ]
-        return torch.tensor(columns, dtype=torch.long, device=self.device).T
+        return torch.tensor(columns, dtype=torch.long, device=self.device).T[:, None]
 
     def _labels(self, field: str, labels, rows: int, source: str, none: int) -> list[int]:
         """One label (or id, or `None`) per row -> ids (`none` for `None`). Raises on a label outside the inventory."""
@@ -263,7 +265,7 @@ class MetadataTracker:
         self.tags = GeneratedTags(metadata_fields, provider, guidance, self.batch_size, prompt_ids.device)
         # A provider reading hidden states (the tag heads) needs them: `record_hidden`.
         self.uses_hidden_states = self.tags.uses_hidden_states
-        self._pad = torch.full((len(self.fields),), PAD_ID, dtype=torch.long, device=prompt_ids.device)
+        self._pad = torch.full((1, len(self.fields)), PAD_ID, dtype=torch.long, device=prompt_ids.device)
 
     def deciding_prefix(self, token: int) -> int:
         """The length of the prefix that decides the tags of the token at position `token`: LIME tags a token once
@@ -336,14 +338,16 @@ class MetadataTracker:
         return self.prompt_tags[origins, positions.start : prompt_end].to(device)
 
     def _prompt_states(self, input_ids: torch.LongTensor, batch_rows: list[int]) -> torch.Tensor:
-        """`(rows, hidden)`: the state before each prompt's last token (LIME+1's first self-guided tag)."""
+        """`(rows, 1, hidden)`: the state before each prompt's last token (LIME+1's first self-guided tag)."""
         prompt_metadata = dict(zip(self.fields, self.prompt_tags[batch_rows].unbind(-1), strict=True))
-        return self.provider.prompt_states(input_ids[:, : self.prompt_len], prompt_metadata, batch_rows)
+        return self.provider.prompt_states(input_ids[:, : self.prompt_len], prompt_metadata, batch_rows)[
+            :, None
+        ]
 
 
 class InPlaceTracker(MetadataTracker):
     """Greedy and sampled decoding: every step appends one token to each row in place, so each generated token's tags
-    are decided once, in order, and kept as one `(rows, fields)` column per token, the heads reading the last state
+    are decided once, in order, and kept as one `(rows, 1, fields)` column per token, the heads reading the last state
     of the forward before. A step feeding one token hands the forward that column; a column known to be unknown
     everywhere is not handed at all (it embeds to zeros)."""
 
@@ -352,7 +356,7 @@ class InPlaceTracker(MetadataTracker):
         self.columns: list[torch.LongTensor] = []  # the tags of the generated token `prompt_len + i`
         self.batch_rows: tuple[int, ...] | None = None  # each row's batch row, the same at every step
         self._fed_end = 0  # the length of the input of the last forward
-        self._hidden: torch.Tensor | None = None  # `(rows, hidden)` its final state at its last position
+        self._hidden: torch.Tensor | None = None  # `(rows, 1, hidden)` its final state at its last position
         self._hidden_at = -1  # that position
         self._unknown: torch.LongTensor | None = None  # the column `GeneratedTags` gives where all is unknown
 
@@ -365,10 +369,10 @@ class InPlaceTracker(MetadataTracker):
         column = self.columns[end - 1 + self.shift - self.prompt_len]
         if column is self._unknown:
             return {}
-        return {"stacked_fed_ids": column[:, None]}
+        return {"stacked_fed_ids": column}
 
     def record_hidden(self, last_hidden: torch.Tensor) -> None:
-        self._hidden, self._hidden_at = last_hidden[:, -1], self._fed_end - 1
+        self._hidden, self._hidden_at = last_hidden[:, -1:], self._fed_end - 1
 
     def _tags(
         self,
@@ -382,7 +386,7 @@ class InPlaceTracker(MetadataTracker):
         first = max(positions.start, self.prompt_len) - self.prompt_len
         generated = self.columns[first : positions.stop - self.prompt_len]
         parts = ([prompt] if prompt is not None else []) + (
-            [torch.stack(generated, dim=1)] if generated else []
+            [torch.cat(generated, dim=1)] if generated else []
         )
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
@@ -406,12 +410,12 @@ class InPlaceTracker(MetadataTracker):
             self.columns.append(self._column(prefix, token - self.prompt_len, padding))
 
     def _column(self, prefix: torch.LongTensor, step: int, padding: list[bool] | None) -> torch.LongTensor:
-        """`(rows, fields)` the tags `prefix` decides; `PAD_ID` for the rows `padding` marks (nothing computed)."""
+        """`(rows, 1, fields)` the tags `prefix` decides; `PAD_ID` for the rows `padding` marks (nothing computed)."""
         if not padding or not any(padding):
             return self.tags(
                 prefix, step, self.batch_rows, lambda: self._previous_hidden(prefix, self.batch_rows)
             )
-        column = self._pad.expand(len(self.batch_rows), -1).clone()
+        column = self._pad.expand(len(self.batch_rows), 1, -1).clone()
         missing = [row for row, ended in enumerate(padding) if not ended]
         if missing:
             rows = tuple(self.batch_rows[row] for row in missing)
@@ -423,7 +427,7 @@ class InPlaceTracker(MetadataTracker):
     def _previous_hidden(
         self, prefix: torch.LongTensor, batch_rows: tuple[int, ...], rows: list[int] | None = None
     ) -> torch.Tensor:
-        """`(rows, hidden)`: the state before the prefix's last token: the last forward's at its last position, or
+        """`(rows, 1, hidden)`: the state before the prefix's last token: the last forward's at its last position, or
         for the prompt's own last token (LIME+1's first tag) the state the provider computes from the prompt."""
         if self._hidden is not None and self._hidden_at == prefix.shape[1] - 2:
             return self._hidden if rows is None else self._hidden[rows]
@@ -442,7 +446,7 @@ class _PrefixNode:
 
     def __init__(self, parent: "_PrefixNode | None" = None):
         self.children: dict[int, _PrefixNode] = {}
-        self.tags: torch.LongTensor | None = None  # `(fields,)` the tags of the token it decides
+        self.tags: torch.LongTensor | None = None  # `(1, fields)` the tags of the token it decides
         self.parent = parent
         self.hidden: torch.Tensor | None = None  # final hidden state at the prefix's last token (tag heads)
 
@@ -501,7 +505,7 @@ class PrefixTrieTracker(MetadataTracker):
         columns = [prompt] if prompt is not None else []
         for token in range(max(positions.start, self.prompt_len), positions.stop):
             padding = ended[token - self.prompt_len] if ended is not None else None
-            columns.append(self._token_tags(input_ids, token, origins, padding)[:, None])
+            columns.append(self._token_tags(input_ids, token, origins, padding))
         return columns[0] if len(columns) == 1 else torch.cat(columns, dim=1)
 
     def _nodes(self, input_ids: torch.LongTensor, prefix_end: int, origins: list[int]) -> list[_PrefixNode]:
@@ -538,7 +542,7 @@ class PrefixTrieTracker(MetadataTracker):
         origins: list[int],
         padding: list[bool] | None = None,
     ) -> torch.LongTensor:
-        """`(rows, fields)` tags of the generated token at position `token` of each row. The rows `padding` marks
+        """`(rows, 1, fields)` tags of the generated token at position `token` of each row. The rows `padding` marks
         keep the tags the steps fed them, if any, else `PAD_ID`: nothing is computed for them."""
         prefix_end = self.deciding_prefix(token)
         nodes = self._nodes(input_ids, prefix_end, origins)
@@ -561,7 +565,7 @@ class PrefixTrieTracker(MetadataTracker):
     def _previous_hidden(
         self, prefixes: torch.LongTensor, nodes: list[_PrefixNode], batch_rows: tuple[int, ...]
     ) -> torch.Tensor:
-        """`(len(nodes), hidden)`: the state before each prefix's last token, as recorded for its parent prefix.
+        """`(len(nodes), 1, hidden)`: the state before each prefix's last token, as recorded for its parent prefix.
 
         The prompt's own last token (LIME+1's first self-guided tag) has no recorded parent: the provider
         computes the state from the prompt once.
@@ -570,11 +574,11 @@ class PrefixTrieTracker(MetadataTracker):
         if any(parent is not None and parent.hidden is None for parent in parents):
             raise ValueError(ONE_TOKEN_PER_FORWARD)
         if all(parent is not None for parent in parents):
-            return torch.stack([parent.hidden for parent in parents])
+            return torch.stack([parent.hidden for parent in parents])[:, None]
         prompt_rows = [index for index, parent in enumerate(parents) if parent is None]
         prompt_states = self._prompt_states(prefixes[prompt_rows], [batch_rows[i] for i in prompt_rows])
-        states = iter(prompt_states)
-        return torch.stack([next(states) if parent is None else parent.hidden for parent in parents])
+        states = iter(prompt_states[:, 0])
+        return torch.stack([next(states) if parent is None else parent.hidden for parent in parents])[:, None]
 
 
 class LimeGenerationMixin(GenerationMixin):

@@ -135,20 +135,20 @@ class ModelTagProvider:
         self.num_fields = len(fields)
 
     def __call__(self, previous_hidden: torch.Tensor, tokens: torch.LongTensor) -> torch.LongTensor:
-        """`(rows, hidden)` states before each row's last token, `(rows,)` those tokens -> `(rows, fields)` tag ids
-        of the model's fields, in its order."""
-        embeds = self.embeddings(tokens[:, None].to(previous_hidden.device))
-        logits = self.heads.stacked_logits(previous_hidden[:, None], embeds)
+        """`(rows, 1, hidden)` states before each row's last token, `(rows, 1)` those tokens -> `(rows, 1, fields)`
+        tag ids of the model's fields, in its order (one position per row, as the forward reads them)."""
+        embeds = self.embeddings(tokens.to(previous_hidden.device))
+        logits = self.heads.stacked_logits(previous_hidden, embeds)
         if self.sample:
-            predicted = torch.cat(
-                list(self.heads.predict(self.heads.unstack(logits), sample=True).values()), dim=1
+            predicted = torch.stack(
+                list(self.heads.predict(self.heads.unstack(logits), sample=True).values()), dim=-1
             )
         else:
-            predicted = self.heads.predict_stacked(logits)[:, 0]
+            predicted = self.heads.predict_stacked(logits)
         if self.columns is None:
             return predicted
-        tags = torch.full((predicted.shape[0], self.num_fields), UNKNOWN_ID, device=predicted.device)
-        tags[:, self.columns] = predicted
+        tags = torch.full((*predicted.shape[:2], self.num_fields), UNKNOWN_ID, device=predicted.device)
+        tags[..., self.columns] = predicted
         return tags
 
     def prompt_states(
