@@ -8,8 +8,17 @@ The one difference between the two, in one rule: the tags of token `t` are decid
 tokens long (LIME tags a token once it exists; LIME+1 before it exists). `MetadataTracker.deciding_prefix` says it.
 
 Every generated token's tags are a pure function of its row's prompt and the tokens before the deciding prefix's
-end. `MetadataTracker` memoises them by that prefix, which keeps the output identical with and without the KV
-cache and lets beam search reorder rows freely. Which prompt each row grew from is recorded, not guessed: the
+end, given by one rule, `GeneratedTags`: guidance where it covers the token, else the provider, else unknown. How
+they are kept depends on the decoding. Greedy and sampled decoding append one token to every row at each step:
+`InPlaceTracker` decides each token's tags once, in order, and keeps them as growing columns. Beam search reorders
+rows, assisted decoding checks several candidates, and without a KV cache every position is re-fed:
+`PrefixTrieTracker` memoises the tags by their deciding prefix, which keeps the output identical with and without
+the cache and under any reordering. A generation step is bound by its number of operations, not their arithmetic:
+the tags stay tensors `(rows, 1, fields)` from the provider to the forward, which takes them as one tensor
+(`stacked_fed_ids`) and does not check them again (they come from checked prompt tags, parsed guidance and the
+providers, checked where they are made).
+
+Which prompt each row grew from is recorded, not guessed: the
 batch row index travels as the model kwarg `lime_rows`, which `generate` expands with every other kwarg (beams,
 `num_return_sequences`); each step writes it into the call's `RowRecord`, which the tracker and the logits
 processors that need it (`MetaTokenPlacement`) read.

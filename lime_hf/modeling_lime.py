@@ -424,7 +424,7 @@ class LimePreTrainedModel(PreTrainedModel):
 
     def _check_ranges(self, checked: list[tuple[str, str, torch.Tensor]]) -> None:
         """Raise unless every `(field, argument, ids)` holds integer ids of its field's inventory. It runs at every
-        generation step: one reduction per tensor and one transfer for them all."""
+        forward given tags (`generate` hands its steps' tags as `stacked_fed_ids`, checked where they were made): one reduction per tensor and one transfer for them all."""
         for _, argument, ids in checked:
             if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
                 raise ValueError(f"`{argument}` must hold integer tag ids, got dtype {ids.dtype}.")
