@@ -423,8 +423,8 @@ class LimePreTrainedModel(PreTrainedModel):
         self._check_ranges(checked)
 
     def _check_ranges(self, checked: list[tuple[str, str, torch.Tensor]]) -> None:
-        """Raise unless every `(field, argument, ids)` holds integer ids of its field's inventory. It runs at every
-        forward given tags (`generate` hands its steps' tags as `stacked_fed_ids`, checked where they were made): one reduction per tensor and one transfer for them all."""
+        """Raise unless every `(field, argument, ids)` holds integer ids of its field's inventory: one reduction per
+        tensor and one transfer for them all. (`generate`'s steps pass `stacked_fed_ids`, checked where made.)"""
         for _, argument, ids in checked:
             if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
                 raise ValueError(f"`{argument}` must hold integer tag ids, got dtype {ids.dtype}.")

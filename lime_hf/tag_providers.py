@@ -108,7 +108,7 @@ class ModelTagProvider:
     For LIME it tags each generated token; for LIME+1 it predicts the next token's tags where guidance is absent
     (self-guidance). The tracker keeps the last hidden states and calls this with the state before the prefix's
     last token and that token, so each tag is a pure function of the prefix (the same with and without the KV
-    cache, and under beam reordering). It gives the ids of every field as one `(rows, fields)` tensor, which stays
+    cache, and under beam reordering). It gives the ids of every field as one `(rows, 1, fields)` tensor, which stays
     on the device; fields without a head get "unknown".
 
     Args:
