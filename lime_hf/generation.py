@@ -8,8 +8,17 @@ The one difference between the two, in one rule: the tags of token `t` are decid
 tokens long (LIME tags a token once it exists; LIME+1 before it exists). `MetadataTracker.deciding_prefix` says it.
 
 Every generated token's tags are a pure function of its row's prompt and the tokens before the deciding prefix's
-end. `MetadataTracker` memoises them by that prefix, which keeps the output identical with and without the KV
-cache and lets beam search reorder rows freely. Which prompt each row grew from is recorded, not guessed: the
+end, given by one rule, `GeneratedTags`: guidance where it covers the token, else the provider, else unknown. How
+they are kept depends on the decoding. Greedy and sampled decoding append one token to every row at each step:
+`InPlaceTracker` decides each token's tags once, in order, and keeps them as growing columns. Beam search reorders
+rows, assisted decoding checks several candidates, and without a KV cache every position is re-fed:
+`PrefixTrieTracker` memoises the tags by their deciding prefix, which keeps the output identical with and without
+the cache and under any reordering. A generation step is bound by its number of operations, not their arithmetic:
+the tags stay tensors `(rows, 1, fields)` from the provider to the forward, which takes them as one tensor
+(`stacked_fed_ids`) and does not check them again (they come from checked prompt tags, parsed guidance and the
+providers, checked where they are made).
+
+Which prompt each row grew from is recorded, not guessed: the
 batch row index travels as the model kwarg `lime_rows`, which `generate` expands with every other kwarg (beams,
 `num_return_sequences`); each step writes it into the call's `RowRecord`, which the tracker and the logits
 processors that need it (`MetaTokenPlacement`) read.
@@ -23,6 +32,7 @@ from collections.abc import Callable
 
 import torch
 from transformers import GenerationMixin, LogitsProcessorList
+from transformers.generation import GenerationMode
 from transformers.utils import logging
 
 from .compat import CACHE_NAME
@@ -30,9 +40,22 @@ from .configuration_lime import PAD_ID, SPECIAL_ID, UNKNOWN_ID, check_inventorie
 from .rules import check_generation_request, check_meta_generation
 from .stacked_fields import parameters_fixed
 from .tag_heads import self_tags
-from .tag_providers import GuidanceCallable, ModelTagProvider, label_id, parse_guidance, resolve_provider
+from .tag_providers import (
+    GuidanceCallable,
+    ModelTagProvider,
+    UnknownProvider,
+    label_id,
+    parse_guidance,
+    resolve_provider,
+)
 
 logger = logging.get_logger(__name__)
+
+ONE_TOKEN_PER_FORWARD = (
+    "metadata_provider='model' tags a token from the state the model computed one position before it, so it feeds "
+    "one new token per forward: it cannot check several candidate tokens at once (assisted or prompt-lookup "
+    "decoding). Use another provider there."
+)
 
 
 class RowRecord:
@@ -58,49 +81,173 @@ class RowRecord:
         return self._origins if self.rows is not None else list(range(count))
 
 
-class _PrefixNode:
-    """A generated prefix in a trie: the tags of the token it determines, and its one-token extensions.
+class GeneratedTags:
+    """The tags of a generated token, by one rule: guidance where it covers the token, else the provider, else unknown.
 
-    A trie keeps memory linear in the tokens generated; a dict keyed by whole prefixes grows quadratically.
+    Called with the prefix that decides the token (`MetadataTracker.deciding_prefix`), the token's step (the
+    how-many-th generated token it is), each row's batch row and, for the tag heads, a function giving the state
+    before the prefix's last token (`(rows, 1, hidden)`). Returns `(rows, 1, fields)` tag ids (one position per row:
+    the layout the forward reads), checked where they are made (guidance by `parse_guidance`, a callable's labels
+    by `label_id`, the heads' argmax within their inventories): the forward takes them without checking them again.
+
+    A step's operations are its cost, so: list guidance is one `(steps, batch, fields)` table, made once; the unknown
+    provider is never called; and with nothing else to ask (the unknown provider, no guidance callable) every step's
+    tags are known in advance, and a step does no tensor operation at all.
+
+    Args:
+        metadata_fields: the model's inventories.
+        provider: see `tag_providers.resolve_provider`; `ModelTagProvider` gives `(rows, 1, fields)` ids itself.
+        guidance: parsed guidance (see `tag_providers.parse_guidance`), indexed by batch row.
+        batch_size: the number of prompts.
+        device: where the tags are made.
     """
 
-    __slots__ = ("children", "hidden", "parent", "tags")
+    def __init__(
+        self,
+        metadata_fields: dict[str, list[str]],
+        provider: Callable,
+        guidance: dict[str, list[list[int]] | GuidanceCallable],
+        batch_size: int,
+        device: torch.device,
+    ):
+        self.fields = list(metadata_fields)
+        self.metadata_fields = metadata_fields
+        self.provider = provider
+        self.device = device
+        self.uses_hidden_states = getattr(provider, "uses_hidden_states", False)
+        self.asks_provider = not isinstance(provider, UnknownProvider)
+        self.callables = {field: schedule for field, schedule in guidance.items() if callable(schedule)}
+        lists = {field: schedule for field, schedule in guidance.items() if not callable(schedule)}
+        self.known_in_advance = not self.asks_provider and not self.callables
+        steps = max((len(row) for schedule in lists.values() for row in schedule), default=0)
+        # The lists' ids, -1 where they say nothing (unknown where nothing else will be asked).
+        table = torch.full((steps, batch_size, 1, len(self.fields)), -1, dtype=torch.long)
+        for index, field in enumerate(self.fields):
+            for row, tags in enumerate(lists.get(field, ())):
+                table[: len(tags), row, 0, index] = torch.tensor(tags, dtype=torch.long)
+        if self.known_in_advance:
+            table[table < 0] = UNKNOWN_ID
+        self.table = table.to(device)
+        # Per batch row: the steps at which every field has a tag from its list (a callable's field: any step).
+        self.covered = [
+            min(
+                len(lists[f][row]) if f in lists else float("inf") if f in self.callables else 0
+                for f in self.fields
+            )
+            for row in range(batch_size)
+        ]
+        self._by_rows: dict[tuple[int, ...], tuple] = {}
 
-    def __init__(self, parent: "_PrefixNode | None" = None):
-        self.children: dict[int, _PrefixNode] = {}
-        self.tags: list[int] | None = None  # one tag id per field, in the tracker's field order
-        self.parent = parent
-        self.hidden: torch.Tensor | None = None  # final hidden state at the prefix's last token (tag heads)
+    def __call__(
+        self,
+        input_ids: torch.LongTensor,
+        step: int,
+        batch_rows: tuple[int, ...],
+        previous_hidden: Callable[[], torch.Tensor],
+    ) -> torch.LongTensor:
+        covered, columns, unknown = self.for_rows(batch_rows)
+        if self.known_in_advance:
+            return columns[step] if step < len(columns) else unknown
+        guided = columns[step] if step < len(columns) else None  # -1 where no list says
+        complete = step < covered
+        if self.callables:
+            guided, complete = self._call_guidance(guided, complete, input_ids, step)
+        if complete:
+            return guided
+        provided = self._provided(input_ids, step, previous_hidden, unknown)
+        return provided if guided is None else torch.where(guided >= 0, guided, provided)
 
-    def descend(self, tokens: list[int]) -> "_PrefixNode":
-        """The node of this prefix extended by `tokens`, created on the way where missing."""
-        node = self
-        for token in tokens:
-            child = node.children.get(token)
-            if child is None:
-                child = node.children[token] = _PrefixNode(node)
-            node = child
-        return node
+    def for_rows(self, batch_rows: tuple[int, ...]) -> tuple[float, list[torch.LongTensor], torch.LongTensor]:
+        """For rows of these batch rows: the steps the lists cover, each step's `(rows, 1, fields)` list tags, and
+        `(rows, 1, fields)` unknown (made once per set of rows: a decoding call asks for the same rows every step)."""
+        entry = self._by_rows.get(batch_rows)
+        if entry is None:
+            columns = list(self.table[:, list(batch_rows)].unbind(0))
+            covered = min(self.covered[row] for row in batch_rows)
+            shape = (len(batch_rows), 1, len(self.fields))
+            unknown = torch.full(shape, UNKNOWN_ID, dtype=torch.long, device=self.device)
+            entry = self._by_rows[batch_rows] = (covered, columns, unknown)
+        return entry
+
+    def _call_guidance(
+        self, guided: torch.LongTensor | None, complete: bool, input_ids: torch.LongTensor, step: int
+    ) -> tuple[torch.LongTensor, bool]:
+        """`guided` with the guidance callables' labels (-1 where they say `None`), and whether every tag is given."""
+        rows = input_ids.shape[0]
+        if guided is None:
+            guided = torch.full((rows, 1, len(self.fields)), -1, dtype=torch.long, device=self.device)
+        else:
+            guided = guided.clone()
+        for field, schedule in self.callables.items():
+            labels = self._labels(field, schedule(input_ids, step), rows, "guidance callable", -1)
+            complete = complete and -1 not in labels
+            guided[:, 0, self.fields.index(field)] = torch.tensor(
+                labels, dtype=torch.long, device=self.device
+            )
+        return guided, complete
+
+    def _provided(
+        self,
+        input_ids: torch.LongTensor,
+        step: int,
+        previous_hidden: Callable[[], torch.Tensor],
+        unknown: torch.LongTensor,
+    ) -> torch.LongTensor:
+        """`(rows, 1, fields)`: the provider's tags (unknown where it has none)."""
+        if not self.asks_provider:
+            return unknown
+        if self.uses_hidden_states:  # the tag heads: ids from their argmax (or draw)
+            return self.provider(previous_hidden(), input_ids[:, -1:])
+        given = self.provider(input_ids, step)
+        rows = input_ids.shape[0]
+        columns = [
+            self._labels(field, given[field], rows, "metadata provider", UNKNOWN_ID)
+            if field in given
+            else [UNKNOWN_ID] * rows
+            for field in self.fields
+        ]
+        return torch.tensor(columns, dtype=torch.long, device=self.device).T[:, None]
+
+    def _labels(self, field: str, labels, rows: int, source: str, none: int) -> list[int]:
+        """One label (or id, or `None`) per row -> ids (`none` for `None`). Raises on a label outside the inventory."""
+        labels = list(labels)
+        if len(labels) != rows:
+            raise ValueError(
+                f"The {source} gave {len(labels)} '{field}' labels for {rows} rows: one per row."
+            )
+        size = len(self.metadata_fields[field])
+        # An id in range (the common case) needs no `label_id` call.
+        return [
+            none
+            if label is None
+            else label
+            if type(label) is int and 0 <= label < size
+            else label_id(self.metadata_fields, field, label)
+            for label in labels
+        ]
 
 
 class MetadataTracker:
-    """Tags of prompt and generated tokens during `generate`, memoised per row prefix (beams reorder and
-    fork rows, and without a KV cache every position is re-fed at every step).
+    """The tags `generate` feeds: the prompt's, and those `GeneratedTags` gives each generated token; handed to the
+    forward at every step (`model_inputs`) and returned with the output (`metadata_ids`).
+
+    Every generated token's tags are a pure function of its row's prompt and of the prefix that decides them
+    (`deciding_prefix`). How they are kept depends on the decoding: `InPlaceTracker` (greedy and sampling, where
+    every step appends one token to each row) or `PrefixTrieTracker` (beam search, assisted decoding; see there).
 
     Args:
-        prompt_metadata: field -> `(batch, prompt_len)` tags of the prompt; missing fields are unknown.
+        prompt_metadata: field -> `(batch, prompt_len)` tags of the prompt (checked); missing fields are unknown.
         prompt_ids: `(batch, prompt_len)` the prompt.
         metadata_fields: the model's inventories.
         metadata_shift: 0 (LIME) or 1 (LIME+1).
         provider: tags of generated tokens where guidance has none (see `tag_providers.resolve_provider`).
         guidance: parsed guidance (see `tag_providers.parse_guidance`), indexed by batch row.
+        stacked_inputs: whether the forward takes the tags each position reads as one tensor (`stacked_fed_ids`: a
+            model adding its metadata to the input embeddings), else as `<field>_ids` and `next_metadata_ids` (a
+            model adding it at decoder layer k, whose heads complete them).
 
     Each call names the batch row every row of `input_ids` grew from (`origins`): `generate` expands rows for beams
     and `num_return_sequences` after this is built.
-
-    A step's cost does not grow with the text: the trie nodes of the last prefixes looked up are kept (the cursor),
-    and a step whose rows extend them in place (greedy, sampling) descends one level instead of walking from the
-    root; beam search, which reorders rows, walks from the root.
     """
 
     def __init__(
@@ -111,23 +258,23 @@ class MetadataTracker:
         metadata_shift: int,
         provider: Callable,
         guidance: dict[str, list[list[int]] | GuidanceCallable],
+        stacked_inputs: bool = True,
     ):
         self.fields = list(metadata_fields)
         self.metadata_fields = metadata_fields
         self.shift = metadata_shift
         self.provider = provider
-        self.guidance = guidance
+        self.stacked_inputs = stacked_inputs
         self.batch_size, self.prompt_len = prompt_ids.shape
-        # `(fields, batch, prompt_len)`: a prompt position's tags for every field at once.
-        self.prompt_metadata = torch.stack(
-            [prompt_metadata.get(field, torch.full_like(prompt_ids, UNKNOWN_ID)) for field in self.fields]
+        # `(batch, prompt_len, fields)`: a prompt position's tags for every field at once.
+        self.prompt_tags = torch.stack(
+            [prompt_metadata.get(field, torch.full_like(prompt_ids, UNKNOWN_ID)) for field in self.fields],
+            dim=-1,
         )
-        self.prefixes = [_PrefixNode() for _ in range(self.batch_size)]
-        # A provider reading hidden states (the tag heads) needs each prefix's last state: `record_hidden`.
-        self.uses_hidden_states = getattr(provider, "uses_hidden_states", False)
-        self._fed_nodes: list[_PrefixNode] = []
-        # (ids `(rows, length)`, origins, the nodes of those prefixes): the last lookup of `_nodes`.
-        self._cursor: tuple[torch.LongTensor, list[int], list[_PrefixNode]] | None = None
+        self.tags = GeneratedTags(metadata_fields, provider, guidance, self.batch_size, prompt_ids.device)
+        # A provider reading hidden states (the tag heads) needs them: `record_hidden`.
+        self.uses_hidden_states = self.tags.uses_hidden_states
+        self._pad = torch.full((1, len(self.fields)), PAD_ID, dtype=torch.long, device=prompt_ids.device)
 
     def deciding_prefix(self, token: int) -> int:
         """The length of the prefix that decides the tags of the token at position `token`: LIME tags a token once
@@ -135,29 +282,13 @@ class MetadataTracker:
         return token + 1 - self.shift
 
     def model_inputs(self, input_ids: torch.LongTensor, length: int, origins: list[int]) -> dict:
-        """`<field>_ids` for the last `length` positions of `input_ids` (+ LIME+1's `next_metadata_ids`: the tags of
-        the token after them). `origins`: the batch row of each row."""
+        """The forward's tags for the last `length` positions of `input_ids` (`origins`: the batch row of each row)."""
         end = input_ids.shape[1]
-        inputs = self._tags(input_ids, range(end - length, end), origins)
-        if self.shift:
-            tags = self._token_tags(input_ids, end, origins)
-            inputs["next_metadata_ids"] = dict(zip(self.fields, tags.unbind(0), strict=True))
-        if self.uses_hidden_states:  # the prefixes this forward feeds last: their states tag the next tokens
-            self._fed_nodes = self._nodes(input_ids, end, origins)
-        return inputs
+        return self._inputs(self._tags(input_ids, range(end - length, end + self.shift), origins), length)
 
     def record_hidden(self, last_hidden: torch.Tensor) -> None:
-        """Keep the final states `(rows, new positions, hidden)` of the forward just run, for the prefixes fed.
-
-        Each prefix ending at a new position keeps its state; walking up from the longest stops at the first
-        prefix that has one already (without a KV cache every position is re-fed).
-        """
-        for row, node in enumerate(self._fed_nodes):
-            for position in range(last_hidden.shape[1] - 1, -1, -1):
-                if node is None or node.hidden is not None:
-                    break
-                node.hidden = last_hidden[row, position]
-                node = node.parent
+        """Keep the final states `(rows, new positions, hidden)` of the forward just run (the tag heads read them)."""
+        raise NotImplementedError
 
     def metadata_ids(
         self, sequences: torch.LongTensor, origins: list[int], eos_token_ids: list[int] | None = None
@@ -177,7 +308,10 @@ class MetadataTracker:
             ended = (
                 (is_eos.cumsum(dim=1) - is_eos.long()) > 0
             ).T.tolist()  # per position: rows ended before it
-        return self._tags(sequences, range(sequences.shape[1]), origins, ended)
+        tags = self._tags(sequences, range(sequences.shape[1]), origins, ended)
+        return dict(
+            zip((f"{field}_ids" for field in self.fields), tags.permute(2, 0, 1).contiguous(), strict=True)
+        )
 
     def _tags(
         self,
@@ -185,21 +319,203 @@ class MetadataTracker:
         positions: range,
         origins: list[int],
         ended: list[list[bool]] | None = None,
-    ) -> dict[str, torch.LongTensor]:
-        """`<field>_ids` `(rows, len(positions))` of `input_ids` at `positions` (`ended`: see `_token_tags`)."""
-        columns = []
+    ) -> torch.LongTensor:
+        """`(rows, len(positions), fields)` the tags of the tokens of `input_ids` at `positions` (LIME+1's may end
+        one past its end: the next token's). `ended`: per generated position, the rows that keep what the steps
+        fed them there (else `PAD_ID`): nothing is computed for them."""
+        raise NotImplementedError
+
+    def _inputs(self, tags: torch.LongTensor, length: int) -> dict:
+        """The forward's inputs from `(rows, length + shift, fields)` tags of the fed tokens (LIME+1: and of the token
+        after them): the tag each position reads as one tensor, or `<field>_ids` (+ `next_metadata_ids`)."""
+        if self.stacked_inputs:
+            return {"stacked_fed_ids": tags[:, self.shift :] if self.shift else tags}
+        inputs = {f"{field}_ids": tags[:, :length, index] for index, field in enumerate(self.fields)}
+        if self.shift:
+            inputs["next_metadata_ids"] = {
+                field: tags[:, length, index] for index, field in enumerate(self.fields)
+            }
+        return inputs
+
+    def _prompt_part(
+        self, positions: range, origins: list[int], device: torch.device
+    ) -> torch.LongTensor | None:
+        """`(rows, n, fields)` the prompt's tags at those of `positions` inside the prompt (`None` if none is)."""
         prompt_end = min(positions.stop, self.prompt_len)
-        if positions.start < prompt_end:  # `(fields, rows, n)`
-            columns.append(
-                self.prompt_metadata[:, origins, positions.start : prompt_end].to(input_ids.device)
+        if positions.start >= prompt_end:
+            return None
+        return self.prompt_tags[origins, positions.start : prompt_end].to(device)
+
+    def _prompt_states(self, input_ids: torch.LongTensor, batch_rows: list[int]) -> torch.Tensor:
+        """`(rows, 1, hidden)`: the state before each prompt's last token (LIME+1's first self-guided tag)."""
+        prompt_metadata = dict(zip(self.fields, self.prompt_tags[batch_rows].unbind(-1), strict=True))
+        return self.provider.prompt_states(input_ids[:, : self.prompt_len], prompt_metadata, batch_rows)[
+            :, None
+        ]
+
+
+class InPlaceTracker(MetadataTracker):
+    """Greedy and sampled decoding: every step appends one token to each row in place, so each generated token's tags
+    are decided once, in order, and kept as one `(rows, 1, fields)` column per token, the heads reading the last state
+    of the forward before. A step feeding one token hands the forward that column; a column known to be unknown
+    everywhere is not handed at all (it embeds to zeros)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.columns: list[torch.LongTensor] = []  # the tags of the generated token `prompt_len + i`
+        self.batch_rows: tuple[int, ...] | None = None  # each row's batch row, the same at every step
+        self._fed_end = 0  # the length of the input of the last forward
+        self._hidden: torch.Tensor | None = None  # `(rows, 1, hidden)` its final state at its last position
+        self._hidden_at = -1  # that position
+        self._unknown: torch.LongTensor | None = None  # the column `GeneratedTags` gives where all is unknown
+
+    def model_inputs(self, input_ids: torch.LongTensor, length: int, origins: list[int]) -> dict:
+        end = self._fed_end = input_ids.shape[1]
+        if not (length == 1 and end > self.prompt_len and self.stacked_inputs):
+            return super().model_inputs(input_ids, length, origins)
+        # A decoding step: one new token, one column.
+        self._decide(input_ids, end + self.shift, origins)
+        column = self.columns[end - 1 + self.shift - self.prompt_len]
+        if column is self._unknown:
+            return {}
+        return {"stacked_fed_ids": column}
+
+    def record_hidden(self, last_hidden: torch.Tensor) -> None:
+        self._hidden, self._hidden_at = last_hidden[:, -1:], self._fed_end - 1
+
+    def _tags(
+        self,
+        input_ids: torch.LongTensor,
+        positions: range,
+        origins: list[int],
+        ended: list[list[bool]] | None = None,
+    ) -> torch.LongTensor:
+        self._decide(input_ids, positions.stop, origins, ended)
+        prompt = self._prompt_part(positions, origins, input_ids.device)
+        first = max(positions.start, self.prompt_len) - self.prompt_len
+        generated = self.columns[first : positions.stop - self.prompt_len]
+        parts = ([prompt] if prompt is not None else []) + (
+            [torch.cat(generated, dim=1)] if generated else []
+        )
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _decide(
+        self,
+        input_ids: torch.LongTensor,
+        stop: int,
+        origins: list[int],
+        ended: list[list[bool]] | None = None,
+    ) -> None:
+        """Decide the tags of every generated token before position `stop` not decided yet (at a decoding step: the
+        one the step feeds, or LIME+1's next token)."""
+        if self.batch_rows is None:
+            self.batch_rows = tuple(origins)
+            self._unknown = self.tags.for_rows(self.batch_rows)[2]
+        while self.prompt_len + len(self.columns) < stop:
+            token = self.prompt_len + len(self.columns)
+            prefix_end = self.deciding_prefix(token)
+            prefix = input_ids if prefix_end == input_ids.shape[1] else input_ids[:, :prefix_end]
+            padding = ended[token - self.prompt_len] if ended is not None else None
+            self.columns.append(self._column(prefix, token - self.prompt_len, padding))
+
+    def _column(self, prefix: torch.LongTensor, step: int, padding: list[bool] | None) -> torch.LongTensor:
+        """`(rows, 1, fields)` the tags `prefix` decides; `PAD_ID` for the rows `padding` marks (nothing computed)."""
+        if not padding or not any(padding):
+            return self.tags(
+                prefix, step, self.batch_rows, lambda: self._previous_hidden(prefix, self.batch_rows)
             )
+        column = self._pad.expand(len(self.batch_rows), 1, -1).clone()
+        missing = [row for row, ended in enumerate(padding) if not ended]
+        if missing:
+            rows = tuple(self.batch_rows[row] for row in missing)
+            column[missing] = self.tags(
+                prefix[missing], step, rows, lambda: self._previous_hidden(prefix[missing], rows, missing)
+            )
+        return column
+
+    def _previous_hidden(
+        self, prefix: torch.LongTensor, batch_rows: tuple[int, ...], rows: list[int] | None = None
+    ) -> torch.Tensor:
+        """`(rows, 1, hidden)`: the state before the prefix's last token: the last forward's at its last position, or
+        for the prompt's own last token (LIME+1's first tag) the state the provider computes from the prompt."""
+        if self._hidden is not None and self._hidden_at == prefix.shape[1] - 2:
+            return self._hidden if rows is None else self._hidden[rows]
+        if prefix.shape[1] == self.prompt_len:
+            return self._prompt_states(prefix, list(batch_rows))
+        raise ValueError(ONE_TOKEN_PER_FORWARD)
+
+
+class _PrefixNode:
+    """A generated prefix in a trie: the tags of the token it determines, and its one-token extensions.
+
+    A trie keeps memory linear in the tokens generated; a dict keyed by whole prefixes grows quadratically.
+    """
+
+    __slots__ = ("children", "hidden", "parent", "tags")
+
+    def __init__(self, parent: "_PrefixNode | None" = None):
+        self.children: dict[int, _PrefixNode] = {}
+        self.tags: torch.LongTensor | None = None  # `(1, fields)` the tags of the token it decides
+        self.parent = parent
+        self.hidden: torch.Tensor | None = None  # final hidden state at the prefix's last token (tag heads)
+
+    def descend(self, tokens: list[int]) -> "_PrefixNode":
+        """The node of this prefix extended by `tokens`, created on the way where missing."""
+        node = self
+        for token in tokens:
+            child = node.children.get(token)
+            if child is None:
+                child = node.children[token] = _PrefixNode(node)
+            node = child
+        return node
+
+
+class PrefixTrieTracker(MetadataTracker):
+    """Beam search reorders and forks rows, assisted decoding checks several candidate tokens at once, and without a
+    KV cache every position is re-fed at every step: the tags are memoised by the prefix that decides them, in a
+    trie per batch row, which keeps the output identical with and without the cache under any reordering.
+
+    A step's cost does not grow with the text: the trie nodes of the last prefixes looked up are kept (the cursor),
+    and a step whose rows extend them in place descends one level instead of walking from the root; beam search,
+    which reorders rows, walks from the root.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prefixes = [_PrefixNode() for _ in range(self.batch_size)]
+        self._fed_nodes: list[_PrefixNode] = []
+        # (ids `(rows, length)`, origins, the nodes of those prefixes): the last lookup of `_nodes`.
+        self._cursor: tuple[torch.LongTensor, list[int], list[_PrefixNode]] | None = None
+
+    def model_inputs(self, input_ids: torch.LongTensor, length: int, origins: list[int]) -> dict:
+        inputs = super().model_inputs(input_ids, length, origins)
+        if self.uses_hidden_states:  # the prefixes this forward feeds last: their states tag the next tokens
+            self._fed_nodes = self._nodes(input_ids, input_ids.shape[1], origins)
+        return inputs
+
+    def record_hidden(self, last_hidden: torch.Tensor) -> None:
+        """Each prefix ending at a new position keeps its state; walking up from the longest stops at the first
+        prefix that has one already (without a KV cache every position is re-fed)."""
+        for row, node in enumerate(self._fed_nodes):
+            for position in range(last_hidden.shape[1] - 1, -1, -1):
+                if node is None or node.hidden is not None:
+                    break
+                node.hidden = last_hidden[row, position]
+                node = node.parent
+
+    def _tags(
+        self,
+        input_ids: torch.LongTensor,
+        positions: range,
+        origins: list[int],
+        ended: list[list[bool]] | None = None,
+    ) -> torch.LongTensor:
+        prompt = self._prompt_part(positions, origins, input_ids.device)
+        columns = [prompt] if prompt is not None else []
         for token in range(max(positions.start, self.prompt_len), positions.stop):
             padding = ended[token - self.prompt_len] if ended is not None else None
-            columns.append(self._token_tags(input_ids, token, origins, padding)[..., None])
-        tags = columns[0] if len(columns) == 1 else torch.cat(columns, dim=2)
-        return {
-            f"{field}_ids": field_tags for field, field_tags in zip(self.fields, tags.unbind(0), strict=True)
-        }
+            columns.append(self._token_tags(input_ids, token, origins, padding))
+        return columns[0] if len(columns) == 1 else torch.cat(columns, dim=1)
 
     def _nodes(self, input_ids: torch.LongTensor, prefix_end: int, origins: list[int]) -> list[_PrefixNode]:
         """The trie node of each row's prefix `input_ids[:, :prefix_end]`, from the cursor where the rows extend
@@ -235,7 +551,7 @@ class MetadataTracker:
         origins: list[int],
         padding: list[bool] | None = None,
     ) -> torch.LongTensor:
-        """`(fields, rows)` tags of the generated token at position `token` of each row. The rows `padding` marks
+        """`(rows, 1, fields)` tags of the generated token at position `token` of each row. The rows `padding` marks
         keep the tags the steps fed them, if any, else `PAD_ID`: nothing is computed for them."""
         prefix_end = self.deciding_prefix(token)
         nodes = self._nodes(input_ids, prefix_end, origins)
@@ -243,80 +559,35 @@ class MetadataTracker:
             row for row, node in enumerate(nodes) if node.tags is None and not (padding and padding[row])
         ]
         if missing:
-            step = token - self.prompt_len  # the how-many-th generated token
-            computed = self._compute(input_ids[missing, :prefix_end], step, missing, nodes, origins)
-            for index, row in enumerate(missing):
-                nodes[row].tags = [computed[field][index] for field in self.fields]
-        pad = [PAD_ID] * len(self.fields)
-        return torch.tensor([node.tags or pad for node in nodes], device=input_ids.device).T
-
-    def _compute(
-        self,
-        input_ids: torch.LongTensor,
-        step: int,
-        rows: list[int],
-        nodes: list[_PrefixNode],
-        origins: list[int],
-    ) -> dict[str, list[int]]:
-        """Guidance where it covers `step`, else the provider, else unknown (`rows`: the rows of `input_ids`)."""
-        batch_rows = [origins[row] for row in rows]
-        guided = {}
-        for field, schedule in self.guidance.items():
-            if callable(schedule):
-                guided[field] = list(schedule(input_ids, step))
-            else:
-                guided[field] = [schedule[b][step] if step < len(schedule[b]) else None for b in batch_rows]
-        needs_provider = len(guided) < len(self.fields) or any(
-            tag is None for tags in guided.values() for tag in tags
-        )
-        provided = {}
-        if needs_provider and self.uses_hidden_states:
-            provided = self.provider(
-                self._previous_hidden(input_ids, rows, nodes, batch_rows), input_ids[:, -1]
+            prefixes = input_ids[missing, :prefix_end]
+            batch_rows = tuple(origins[row] for row in missing)
+            computed = self.tags(
+                prefixes,
+                token - self.prompt_len,
+                batch_rows,
+                lambda: self._previous_hidden(prefixes, [nodes[row] for row in missing], batch_rows),
             )
-        elif needs_provider:
-            provided = self.provider(input_ids, step)
-        unknown = [None] * len(rows)
-        result = {}
-        for field in self.fields:
-            size, column = len(self.metadata_fields[field]), []
-            # Runs per row and field at every step: an id in range (the heads' tags) needs no `label_id` call.
-            for given, fallback in zip(guided.get(field, unknown), provided.get(field, unknown), strict=True):
-                tag = given if given is not None else fallback
-                if tag is None:
-                    tag = UNKNOWN_ID
-                elif not (type(tag) is int and 0 <= tag < size):
-                    tag = label_id(self.metadata_fields, field, tag)
-                column.append(tag)
-            result[field] = column
-        return result
+            for index, row in enumerate(missing):
+                nodes[row].tags = computed[index]
+        return torch.stack([node.tags if node.tags is not None else self._pad for node in nodes])
 
     def _previous_hidden(
-        self, input_ids: torch.LongTensor, rows: list[int], nodes: list[_PrefixNode], batch_rows: list[int]
+        self, prefixes: torch.LongTensor, nodes: list[_PrefixNode], batch_rows: tuple[int, ...]
     ) -> torch.Tensor:
-        """`(len(rows), hidden)`: the state before each prefix's last token, as recorded for its parent prefix.
+        """`(len(nodes), 1, hidden)`: the state before each prefix's last token, as recorded for its parent prefix.
 
         The prompt's own last token (LIME+1's first self-guided tag) has no recorded parent: the provider
         computes the state from the prompt once.
         """
-        parents = [nodes[row].parent for row in rows]
+        parents = [node.parent for node in nodes]
         if any(parent is not None and parent.hidden is None for parent in parents):
-            raise ValueError(
-                "metadata_provider='model' tags a token from the state the model computed one position before it, "
-                "so it feeds one new token per forward: it cannot check several candidate tokens at once "
-                "(assisted or prompt-lookup decoding). Use another provider there."
-            )
+            raise ValueError(ONE_TOKEN_PER_FORWARD)
         if all(parent is not None for parent in parents):
-            return torch.stack([parent.hidden for parent in parents])
+            return torch.stack([parent.hidden for parent in parents])[:, None]
         prompt_rows = [index for index, parent in enumerate(parents) if parent is None]
-        prompt_origins = [batch_rows[i] for i in prompt_rows]
-        prompt_states = self.provider.prompt_states(
-            input_ids[prompt_rows, : self.prompt_len],
-            dict(zip(self.fields, self.prompt_metadata[:, prompt_origins].unbind(0), strict=True)),
-            prompt_origins,
-        )
-        states = iter(prompt_states)
-        return torch.stack([next(states) if parent is None else parent.hidden for parent in parents])
+        prompt_states = self._prompt_states(prefixes[prompt_rows], [batch_rows[i] for i in prompt_rows])
+        states = iter(prompt_states[:, 0])
+        return torch.stack([next(states) if parent is None else parent.hidden for parent in parents])[:, None]
 
 
 class LimeGenerationMixin(GenerationMixin):
@@ -384,7 +655,10 @@ class LimeGenerationMixin(GenerationMixin):
             and not guidance
             and metadata_provider in (None, "model")
         ):  # meta-tokens only, or the heads at layer k tag every token inside the forward: no tags to track
-            tracker = self._new_tracker(prompt_ids, prompt_metadata, guidance, metadata_provider, kwargs)
+            in_place = self._extends_rows_in_place(generation_config, kwargs)
+            tracker = self._new_tracker(
+                prompt_ids, prompt_metadata, guidance, metadata_provider, kwargs, in_place
+            )
         if CACHE_NAME == "past_key_values" and "cache" in kwargs:  # `generate` before 5.24 knows the old name
             kwargs["past_key_values"] = kwargs.pop("cache")
         # Each row's batch row: `generate` expands it with the other model kwargs (beams, `num_return_sequences`),
@@ -498,8 +772,10 @@ class LimeGenerationMixin(GenerationMixin):
         guidance: dict | None,
         metadata_provider,
         kwargs: dict,
+        in_place: bool,
     ) -> MetadataTracker:
-        """The tracker of one `generate` call: provider resolved, an untagged prompt tagged by the heads."""
+        """The tracker of one `generate` call: provider resolved, an untagged prompt tagged by the heads; its tags kept
+        as columns where every step extends each row in place (`in_place`), else in a trie."""
         config, tokenizer = self.config, kwargs.get("tokenizer")
         if getattr(tokenizer, "metadata_fields", None) is not None:
             check_inventories(tokenizer.metadata_fields, config.metadata_fields)
@@ -515,14 +791,26 @@ class LimeGenerationMixin(GenerationMixin):
                 "LIME generate: no `tokenizer`, `guidance` or `metadata_provider` given, so generated tokens get "
                 "'unknown' metadata."
             )
-        return MetadataTracker(
+        tracker = InPlaceTracker if in_place else PrefixTrieTracker
+        return tracker(
             prompt_metadata=prompt_metadata,
             prompt_ids=prompt_ids,
             metadata_fields=config.metadata_fields,
             metadata_shift=config.metadata_shift,
             provider=resolve_provider(metadata_provider, tokenizer, config.metadata_shift),
             guidance=parse_guidance(guidance, config.metadata_fields, prompt_ids.shape[0]),
+            stacked_inputs=not config.metadata_layer,
         )
+
+    def _extends_rows_in_place(self, generation_config, kwargs: dict) -> bool:
+        """Whether every step of this call appends one token to each row in place: greedy and sampled decoding, as
+        transformers resolves the call's settings (not beam search, which reorders rows, nor assisted or
+        prompt-lookup decoding, which check several candidate tokens, nor a custom decoding loop)."""
+        if kwargs.get("custom_generate") is not None:
+            return False
+        resolved, _ = self._prepare_generation_config(generation_config, **kwargs)
+        mode = resolved.get_generation_mode(kwargs.get("assistant_model"))
+        return mode in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
 
     def _check_assisted_tracker(self, tracker: MetadataTracker) -> None:
         if (tracker.metadata_fields, tracker.shift) != (
@@ -569,7 +857,10 @@ class LimeGenerationMixin(GenerationMixin):
 
 
 __all__ = [
+    "GeneratedTags",
+    "InPlaceTracker",
     "LimeGenerationMixin",
     "MetadataTracker",
+    "PrefixTrieTracker",
     "RowRecord",
 ]

@@ -68,6 +68,7 @@ class LimeMetadataEmbeddings(nn.Module):
                 for name, labels in config.metadata_fields.items()
             }
         )
+        self.names = tuple(config.metadata_fields)  # the fields' order in stacked tags (`stacked_fed_ids`)
         self.weights = dict(config.metadata_weights)
         self.shift = config.metadata_shift
         self._stacked: dict[tuple[str, ...], StackedParameters] = {}
@@ -273,12 +274,21 @@ class LimePreTrainedModel(PreTrainedModel):
         token_embeds: torch.FloatTensor,
         metadata_ids: dict[str, torch.LongTensor],
         next_metadata_ids: dict[str, torch.LongTensor] | None,
+        stacked_fed_ids: torch.LongTensor | None = None,
     ) -> torch.FloatTensor:
-        """Step 2: the token embeddings plus the metadata embeddings, after validating the tags. With
-        `metadata_layer > 0` the metadata joins later (step 3, `prepare_metadata_injection`): token embeddings only."""
+        """Step 2: the token embeddings plus the metadata embeddings, after validating the tags (`stacked_fed_ids`,
+        from `generate`'s tracker, were checked where they were made). With `metadata_layer > 0` the metadata joins
+        later (step 3, `prepare_metadata_injection`): token embeddings only."""
+        if stacked_fed_ids is not None:
+            names = self.metadata_embeddings.names
+            return token_embeds + self.metadata_embeddings.lookup_stacked(stacked_fed_ids, names)
         input_shape = tuple(token_embeds.shape[:2])
         self._check_metadata(input_shape, metadata_ids, next_metadata_ids)
         if not self.config.metadata_fields or self.metadata_injection is not None:
+            return token_embeds
+        if not metadata_ids and not next_metadata_ids and not torch.is_grad_enabled():
+            # Unknown everywhere embeds to exact zeros. Training still looks them up, so that every table takes
+            # part in every step (DDP needs no `find_unused_parameters`).
             return token_embeds
         return token_embeds + self.metadata_embeddings(metadata_ids, input_shape, next_metadata_ids)
 
@@ -413,8 +423,8 @@ class LimePreTrainedModel(PreTrainedModel):
         self._check_ranges(checked)
 
     def _check_ranges(self, checked: list[tuple[str, str, torch.Tensor]]) -> None:
-        """Raise unless every `(field, argument, ids)` holds integer ids of its field's inventory. It runs at every
-        generation step: one reduction per tensor and one transfer for them all."""
+        """Raise unless every `(field, argument, ids)` holds integer ids of its field's inventory: one reduction per
+        tensor and one transfer for them all. (`generate`'s steps pass `stacked_fed_ids`, checked where made.)"""
         for _, argument, ids in checked:
             if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
                 raise ValueError(f"`{argument}` must hold integer tag ids, got dtype {ids.dtype}.")
@@ -502,6 +512,7 @@ class LimeForCausalLM(LimePreTrainedModel, LimeGenerationMixin):
         ner_ids: torch.LongTensor | None = None,
         next_metadata_ids: dict[str, torch.LongTensor] | None = None,
         self_tag: bool | None = None,
+        stacked_fed_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | LimeCausalLMOutputWithPast:
         r"""
@@ -530,6 +541,11 @@ class LimeForCausalLM(LimePreTrainedModel, LimeGenerationMixin):
                 decoder layer k and fill every unknown tag inside the one forward pass, with or without a cache
                 (`None` and `True`); only a training call (`model.train()`) with `labels` and no tags raises, since
                 no head would learn. `False`: missing tags are unknown.
+            stacked_fed_ids (`torch.LongTensor` of shape `(batch, seq, fields)`, *optional*): what `generate`'s steps
+                pass instead of `<field>_ids` and `next_metadata_ids`: the tag each position reads (LIME+1: the next
+                token's), every field of `config.metadata_fields` in order, made and checked by its tracker (from
+                the checked prompt tags, guidance and providers), so the forward neither checks nor shifts them again.
+                Only for `metadata_layer = 0`.
             kwargs: the backbone's extra arguments (`num_items_in_batch`, `output_hidden_states`, ...).
 
         Returns the backbone's `CausalLMOutputWithPast`; with tag heads a `LimeCausalLMOutputWithPast` whose loss is
@@ -540,12 +556,14 @@ class LimeForCausalLM(LimePreTrainedModel, LimeGenerationMixin):
         # 1. The tags: given, or the heads' own (self-tagging: sequential at layer 0, in the pass at k > 0).
         metadata_ids = self.collect_tags(pos_ids, ner_ids, kwargs)
         token_embeds = self.token_embeddings(input_ids, inputs_embeds)
-        source = self._tag_source(self_tag, metadata_ids, next_metadata_ids, input_ids, cache, labels)
+        source = self._tag_source(
+            self_tag, metadata_ids, next_metadata_ids, input_ids, cache, labels, stacked_fed_ids
+        )
         fed_ids, fed_next = metadata_ids, next_metadata_ids
         if source == "sequential":
             fed_ids, fed_next = self_tags(self, input_ids, attention_mask)
         # 2. Embeddings. 3. Meta-attention; the metadata injection at layer k.
-        inputs_embeds = self.embed(token_embeds, fed_ids, fed_next)
+        inputs_embeds = self.embed(token_embeds, fed_ids, fed_next, stacked_fed_ids)
         labels, cache, meta_state = self.prepare_meta_attention(input_ids, labels, cache, use_cache)
         injection = self.prepare_metadata_injection(fed_ids, fed_next, predict=source == "in_pass")
         # 4. The backbone. Heads at layer 0 read its last hidden state (`-1` records only that one).
@@ -602,10 +620,24 @@ class LimeForCausalLM(LimePreTrainedModel, LimeGenerationMixin):
         input_ids: torch.LongTensor | None,
         cache,
         labels: torch.LongTensor | None,
+        stacked_fed_ids: torch.LongTensor | None = None,
     ) -> str:
         """Where this call's tags come from (see `self_tag` in `forward`): `"given"` (missing ones unknown),
         `"sequential"` (layer-0 heads, one step per token before the forward) or `"in_pass"` (heads at layer k fill
         the missing ones inside the forward). Raises where it cannot, or must be told."""
+        if stacked_fed_ids is not None:
+            if (
+                metadata_ids
+                or next_metadata_ids is not None
+                or self_tag
+                or self.metadata_injection is not None
+            ):
+                raise ValueError(
+                    "`stacked_fed_ids` are every tag the input reads (`generate` passes them at each step): pass them "
+                    "alone, without `<field>_ids`, `next_metadata_ids` or `self_tag=True`, to a model with "
+                    "`metadata_layer=0`."
+                )
+            return "given"
         if self.tag_heads is None:
             if self_tag:
                 raise ValueError("`self_tag=True` reads the model's tag heads, and this model has none.")

@@ -22,7 +22,8 @@ This file is copied next to the weights by ``save_pretrained`` (remote code), so
 ``transformers`` and its flat siblings.
 """
 
-from dataclasses import dataclass
+import dataclasses
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ from .stacked_fields import StackedParameters, parameters_fixed
 IGNORE_INDEX = -100
 
 
-@dataclass
+@dataclasses.dataclass
 class LimeCausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
     `CausalLMOutputWithPast` of a model with tag heads. `loss` is `lm_loss + tag_loss_weight * sum(tag_losses)`.
@@ -58,6 +59,19 @@ class LimeCausalLMOutputWithPast(CausalLMOutputWithPast):
     tag_logits: dict[str, torch.FloatTensor] | None = None
     last_hidden_state: torch.FloatTensor | None = None
     fed_metadata_ids: dict[str, torch.LongTensor] | None = None
+
+    def __setattr__(self, name: str, value) -> None:
+        # `ModelOutput.__setattr__` reads the dataclass fields at every assignment, and `__init__` assigns all ten:
+        # ~150 Python calls per output, at every generation step of a model with heads. For one of its own fields
+        # it does just this; any other name goes to it.
+        if name not in _OUTPUT_FIELDS:
+            return super().__setattr__(name, value)
+        if value is not None:
+            OrderedDict.__setitem__(self, name, value)
+        object.__setattr__(self, name, value)
+
+
+_OUTPUT_FIELDS = frozenset(field.name for field in dataclasses.fields(LimeCausalLMOutputWithPast))
 
 
 class LimeTagHeads(nn.Module):

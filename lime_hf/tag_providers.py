@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .configuration_lime import UNKNOWN_ID
 from .tag_heads import check_tag_heads
 
 # (input_ids `(rows, seq)`, step) -> field -> one label (str) or tag id (int) per row; `None` = no opinion.
@@ -105,9 +106,10 @@ class ModelTagProvider:
     """`metadata_provider="model"`: the tag heads give the tags of generated tokens, on the model's device.
 
     For LIME it tags each generated token; for LIME+1 it predicts the next token's tags where guidance is absent
-    (self-guidance). `MetadataTracker` keeps every prefix's last hidden state and calls this with the state
-    before the prefix's last token and that token, so each tag is a pure function of the prefix (the same with
-    and without the KV cache, and under beam reordering). Fields without a head get "unknown".
+    (self-guidance). The tracker keeps the last hidden states and calls this with the state before the prefix's
+    last token and that token, so each tag is a pure function of the prefix (the same with and without the KV
+    cache, and under beam reordering). It gives the ids of every field as one `(rows, 1, fields)` tensor, which stays
+    on the device; fields without a head get "unknown".
 
     Args:
         model: the `LimeForCausalLM` (with tag heads).
@@ -125,19 +127,29 @@ class ModelTagProvider:
         # Resolved once per `generate` call: finding them walks the backbone's modules, and this runs every step.
         self.heads = model.tag_heads
         self.embeddings = model.get_input_embeddings()
+        fields = list(model.config.metadata_fields)
+        # Where each head's field sits among the model's fields (`None`: every field has a head, in order).
+        self.columns = [fields.index(name) for name in self.heads.fields]
+        if self.columns == list(range(len(fields))):
+            self.columns = None
+        self.num_fields = len(fields)
 
-    def __call__(self, previous_hidden: torch.Tensor, tokens: torch.LongTensor) -> dict[str, list[int]]:
-        """`(rows, hidden)` states before each row's last token, `(rows,)` those tokens -> field -> tag per row."""
-        embeds = self.embeddings(tokens[:, None].to(previous_hidden.device))
-        logits = self.heads.stacked_logits(previous_hidden[:, None], embeds)
+    def __call__(self, previous_hidden: torch.Tensor, tokens: torch.LongTensor) -> torch.LongTensor:
+        """`(rows, 1, hidden)` states before each row's last token, `(rows, 1)` those tokens -> `(rows, 1, fields)`
+        tag ids of the model's fields, in its order (one position per row, as the forward reads them)."""
+        embeds = self.embeddings(tokens.to(previous_hidden.device))
+        logits = self.heads.stacked_logits(previous_hidden, embeds)
         if self.sample:
-            predicted = torch.cat(
-                list(self.heads.predict(self.heads.unstack(logits), sample=True).values()), dim=1
+            predicted = torch.stack(
+                list(self.heads.predict(self.heads.unstack(logits), sample=True).values()), dim=-1
             )
         else:
-            predicted = self.heads.predict_stacked(logits)[:, 0]
-        # Every field's tags leave the device in one transfer: it runs every step.
-        return dict(zip(self.heads.fields, predicted.T.tolist(), strict=True))
+            predicted = self.heads.predict_stacked(logits)
+        if self.columns is None:
+            return predicted
+        tags = torch.full((*predicted.shape[:2], self.num_fields), UNKNOWN_ID, device=predicted.device)
+        tags[..., self.columns] = predicted
+        return tags
 
     def prompt_states(
         self,
