@@ -85,10 +85,10 @@ class MetaTokenPlacement(LogitsProcessor):
         # Each prompt's left padding, subtracted from the sequence index (nothing when no row is padded).
         padding = None if attention_mask is None else (attention_mask == 0).sum(dim=1)
         self.padding = padding if padding is not None and bool(padding.any()) else None
-        self.record = None  # `generation.RowRecord`: the prompt of each row, set by `for_rows`
+        self.record = None  # `metadata_tracker.RowRecord`: the prompt of each row, set by `for_rows`
 
     def for_rows(self, record) -> MetaTokenPlacement:
-        """A copy of this placement reading each row's prompt from `record` (a `generation.RowRecord`, which a LIME
+        """A copy of this placement reading each row's prompt from `record` (a `metadata_tracker.RowRecord`, which a LIME
         model's `generate` fills at every step); the placement given stays as it was, for other calls."""
         bound = copy.copy(self)
         bound.record = record

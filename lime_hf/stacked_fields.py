@@ -46,7 +46,9 @@ class StackedParameters:
 
     def get(self, build: Callable[[], Stacked]) -> Stacked:
         """`build()`, or inside a `parameters_fixed` block without gradients the value it gave first there."""
-        if torch.compiler.is_compiling():  # a compiled graph stacks inside itself (and cannot read a ContextVar)
+        if (
+            torch.compiler.is_compiling()
+        ):  # a compiled graph stacks inside itself (and cannot read a ContextVar)
             return build()
         fixed = _FIXED.get()
         if fixed is None or torch.is_grad_enabled():

@@ -4,7 +4,7 @@ A LIME model (shift 0) needs the tags of every token it is fed, generated ones i
 (`AnnotatingProvider` re-annotates the decoded tail, `UnknownProvider` says "unknown", `ModelTagProvider` asks
 the model's own tag heads, or a user callable). A LIME+1 model (shift 1) is fed, at the last position, the tags of
 the token it is about to generate: *guidance* gives them (a schedule of labels per row, or a callable); where
-guidance ends, the provider takes over. `generation.MetadataTracker` decides when each is asked.
+guidance ends, the provider takes over. `metadata_tracker.MetadataTracker` decides when each is asked.
 
 This file is copied next to the weights by ``save_pretrained`` (remote code), so it imports only ``torch``,
 ``transformers`` and flat siblings.

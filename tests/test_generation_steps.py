@@ -6,7 +6,8 @@ import torch
 from tiny_models import random_tags, tiny_lime
 
 from lime_hf.configuration_lime import POS_TAGS, UNKNOWN_ID
-from lime_hf.generation import GeneratedTags, InPlaceTracker, LimeGenerationMixin, PrefixTrieTracker
+from lime_hf.generation import LimeGenerationMixin
+from lime_hf.metadata_tracker import GeneratedTags, InPlaceTracker, PrefixTrieTracker
 from lime_hf.tag_providers import UnknownProvider
 
 VBZ, DT, NN = (3 + POS_TAGS.index(tag) for tag in ("VBZ", "DT", "NN"))

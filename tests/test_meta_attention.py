@@ -8,9 +8,9 @@ from tiny_models import VOCAB_SIZE, enable_checkpointing, random_tags, run_witho
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from lime_hf import LimeConfig, LimeForCausalLM, LimeModel
-from lime_hf.generation import RowRecord
 from lime_hf.meta_attention import _ZEROED_POSITIONS, MetaAttentionState
 from lime_hf.meta_tokens import MetaTokenPlacement, place_meta_tokens
+from lime_hf.metadata_tracker import RowRecord
 
 META = VOCAB_SIZE - 1  # the last id of the tiny vocabulary is the meta-token
 ARCHS = ["llama", "gpt2"]
