@@ -16,6 +16,9 @@ sits on one of its layers. Measured side by side in one run, as ratios to the ba
     itself);
   - layer0_heads: today's heads model (`metadata_provider="model"`, the tracker's per-step work), for reference;
   (goal: >= 0.95x the backbone)
+  Each layer-k model is also timed against its own backbone (the copy of the weights it wraps, its hook detached
+  for that call): two identical models in different memory differ by several percent on this machine, which
+  `backbone_copy` (a plain copy of the backbone) shows.
 
 Runs alternate round by round; each number is the median of the rounds. Writes benchmarks/results/honest_speed.json
 and .csv and prints a table.
@@ -56,6 +59,7 @@ def build_models(device: torch.device) -> dict[str, torch.nn.Module]:
     backbone = AutoModelForCausalLM.from_config(LlamaConfig(**TEXT_CONFIG)).eval().to(device)
     return {
         "backbone": backbone,
+        "backbone_copy": copy.deepcopy(backbone),  # the control: an identical model in other memory
         "layer0_heads": LimeForCausalLM.from_backbone(backbone, **HEADS).eval(),
         "honest": LimeForCausalLM.from_backbone(
             copy.deepcopy(backbone), metadata_layer=LAYER, **HEADS
@@ -133,8 +137,19 @@ def scoring(models: dict, rounds: int, device: torch.device, clock: str) -> list
     return rows
 
 
+def own_backbone_generate(model, **decoding) -> None:
+    """`generate` of the backbone a layer-k model wraps (the same weights in the same memory), its hook off."""
+    model.metadata_injection.detach()
+    try:
+        model.language_model.generate(**decoding)
+    finally:
+        model.metadata_injection.attach(model.language_model)
+
+
 @torch.no_grad()
 def generation(models: dict, rounds: int, new_tokens: int, device: torch.device, clock: str) -> list[dict]:
+    """Greedy generation against the shared backbone, and each layer-k model also against its own backbone (a copy
+    of the same weights): `backbone_copy`, a plain copy, shows how far two identical models already differ."""
     rows = []
     for batch in GENERATION_BATCHES:
         ids = random_ids((batch, PROMPT_LENGTH), device)
@@ -146,10 +161,18 @@ def generation(models: dict, rounds: int, new_tokens: int, device: torch.device,
         calls = {
             name: partial(model.generate, **decoding, **extra.get(name, {})) for name, model in models.items()
         }
+        own = [
+            name for name, model in models.items() if getattr(model, "metadata_injection", None) is not None
+        ]
+        calls |= {
+            f"{name}/own_backbone": partial(own_backbone_generate, models[name], **decoding) for name in own
+        }
         seconds = median_times(calls, rounds, device, rounds, clock)
-        for name, value in seconds.items():
+        for name in models:
+            value = seconds[name]
             speed = batch * new_tokens / value
             ratio = seconds["backbone"] / value
+            own_ratio = seconds[f"{name}/own_backbone"] / value if name in own else None
             rows.append(
                 {
                     "benchmark": "generation",
@@ -159,10 +182,12 @@ def generation(models: dict, rounds: int, new_tokens: int, device: torch.device,
                     "seconds": round(value, 5),
                     "tokens_per_s": round(speed, 1),
                     "ratio_to_backbone": round(ratio, 3),
+                    "ratio_to_own_backbone": None if own_ratio is None else round(own_ratio, 3),
                 }
             )
+            against_own = "" if own_ratio is None else f", {own_ratio:6.3f}x its own backbone"
             print(
-                f"generate {name:13s} batch {batch}: {speed:9.1f} tokens/s {ratio:6.3f}x the backbone",
+                f"generate {name:14s} batch {batch}: {speed:9.1f} tokens/s {ratio:6.3f}x the backbone{against_own}",
                 flush=True,
             )
     return rows
@@ -206,12 +231,13 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     print(
-        "\n| benchmark | model | batch | tokens | seconds | x backbone (scoring: time; generation: tokens/s) |"
+        "\n| benchmark | model | batch | tokens | seconds | x backbone (scoring: time; generation: tokens/s) "
+        "| x its own backbone (generation) |"
     )
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         print(f"| {row['benchmark']} | {row['model']} | {row['batch']} | {row['tokens']} | {row['seconds']} | "
-              f"{row['ratio_to_backbone']} |")  # fmt: skip
+              f"{row['ratio_to_backbone']} | {row.get('ratio_to_own_backbone') or ''} |")  # fmt: skip
 
 
 if __name__ == "__main__":
