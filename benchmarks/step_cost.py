@@ -14,7 +14,7 @@ random ids (no tokenizer, no spaCy: only the model's own work is timed), and the
 Goal: >= 0.95x the backbone in every mode. Writes benchmarks/results/step_cost_<label>.json.
 
     python benchmarks/step_cost.py --label after [--batch-sizes 1 8] [--new-tokens 64] [--repeats 5] [--clock cpu]
-        [--profile MODE]
+        [--profile MODE] [--count]
 """
 
 from __future__ import annotations
@@ -98,6 +98,46 @@ def side_by_side(calls: dict, repeats: int, clock: str = "wall") -> dict[str, li
     return times
 
 
+def calls_per_generate(call) -> tuple[int, int]:
+    """(torch calls, Python function calls) of one `call()`, counted by cProfile: built-in calls whose name says
+    torch, and calls of functions written in Python."""
+    profiler = cProfile.Profile()
+    profiler.runcall(call)
+    torch_calls = python_calls = 0
+    for (filename, _, name), (_, calls, *_) in pstats.Stats(profiler).stats.items():
+        if filename == "~":
+            torch_calls += calls if "torch" in name or "Tensor" in name else 0
+        else:
+            python_calls += calls
+    return torch_calls, python_calls
+
+
+def write_counts(models: dict, args: argparse.Namespace) -> None:
+    """`step_cost_counts.json`: per mode and batch size, the torch and Python calls per generated token beyond the
+    backbone's. Unlike times, counts do not depend on the machine's load."""
+    rows = []
+    for batch_size in args.batch_sizes:
+        calls = runs(models, batch_size, args.prompt_len, args.new_tokens)
+        for call in calls.values():
+            call()
+        counts = {name: calls_per_generate(call) for name, call in calls.items()}
+        for name, (torch_calls, python_calls) in counts.items():
+            row = {
+                "batch_size": batch_size,
+                "mode": name,
+                "torch_calls_per_step_beyond_backbone": (torch_calls - counts["backbone"][0])
+                / args.new_tokens,
+                "python_calls_per_step_beyond_backbone": (python_calls - counts["backbone"][1])
+                / args.new_tokens,
+            }
+            rows.append(row)
+            print(f"batch {batch_size:2d}  {name:14s} +{row['torch_calls_per_step_beyond_backbone']:6.1f} torch calls "
+                  f"+{row['python_calls_per_step_beyond_backbone']:6.1f} Python calls per step")  # fmt: skip
+    path = RESULTS / "step_cost_counts.json"
+    path.write_text(json.dumps({"new_tokens": args.new_tokens, "rows": rows}, indent=1) + "\n")
+    print("wrote", path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -117,6 +157,11 @@ def main() -> None:
         help="wall: elapsed time; cpu: this thread's CPU time (for a shared, loaded machine; needs --threads 1)",
     )
     parser.add_argument("--profile", help="profile this mode at the first batch size instead of timing")
+    parser.add_argument(
+        "--count",
+        action="store_true",
+        help="count each mode's calls per step beyond the backbone's (load-independent) instead of timing",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     models = build_models()
@@ -128,6 +173,8 @@ def main() -> None:
             profiler.runcall(call)
             pstats.Stats(profiler).sort_stats("cumtime").print_stats(60)
             return
+        if args.count:
+            return write_counts(models, args)
         rows = []
         for batch_size in args.batch_sizes:
             calls = runs(models, batch_size, args.prompt_len, args.new_tokens)
@@ -147,7 +194,7 @@ def main() -> None:
                 print(
                     f"batch {batch_size:2d}  {name:14s} {1000 * median / args.new_tokens:7.2f} ms/step  {base / median:.3f}x"
                 )
-    summary = {key: value for key, value in vars(args).items() if key != "profile"}
+    summary = {key: value for key, value in vars(args).items() if key not in ("profile", "count")}
     summary["torch"], summary["goal"] = torch.__version__, ">= 0.95x the backbone in every mode"
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"step_cost_{args.label}.json"
