@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> None:
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
 
-    from ..generation import label_id
+    from ..tag_providers import label_id
     from ..tagged_generation import generate_with_tags, load_model, provider_source
 
     hf_logging.disable_progress_bar()  # print the generated text only
