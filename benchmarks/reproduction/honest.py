@@ -35,6 +35,8 @@ next 30,000 tokens of Persuasion (`honest_validation.py`), and only reported on 
                               repeat it; the dependency label is the pipeline's richer output.)
     honest_plus1_linear       honest_plus1 with linear heads and causal tags: LIME+1 guiding itself, as the
                               linear heads did for LIME (self-guided perplexity against the baseline's)
+    honest_causal_linear_k3   honest_causal_linear with the metadata after 3 of the 4 layers: heads that read a
+                              deeper state (better tags?) for fewer layers that read them
 
 Evaluations on Persuasion: `own_tags` (input_ids alone, the honest mode) with the heads' tag accuracy, and, for
 reference, spaCy's full-document and prefix-only tags. The baseline and the paper's LIME (full-document tags,
@@ -162,6 +164,9 @@ def honest_specs(layers: int) -> dict[str, LmSpec]:
         ),
         "honest_best_linear_w05": LmSpec(
             0, **heads, **causal, config=predicted | linear | w05, train_tags="causal"
+        ),
+        "honest_causal_linear_k3": LmSpec(
+            0, **heads, **causal, config=at_k | linear | dict(metadata_layer=layers - 1), train_tags="causal"
         ),
         "honest_plus1_linear": LmSpec(1, **heads, **causal, config=predicted | linear, train_tags="causal"),
         "honest_rich_linear": LmSpec(
