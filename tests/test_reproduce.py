@@ -360,8 +360,11 @@ def test_honest_stage_trains_its_runs_and_reports_them_against_the_baseline(tmp_
         "honest_causal_linear_w01",
         "honest_best_linear_w05",
         "honest_rich_linear",
+        "honest_causal_linear_k3",
+        "honest_plus1_linear",
     )
-    causal = ("honest_causal", "honest_best", "honest_rich")  # the variants trained on causal tags
+    # the variants trained on causal tags
+    causal = ("honest_causal", "honest_best", "honest_rich", "honest_plus1_linear")
     for variant in variants:
         run = json.loads((runs / f"lm-{variant}-s0.json").read_text())
         assert run["config"]["metadata_layer"] == 1  # half of the smoke preset's 2 layers
