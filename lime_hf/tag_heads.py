@@ -101,6 +101,7 @@ class LimeTagHeads(nn.Module):
         self.fields = tuple(config.tag_head_fields)
         self.sizes = [len(config.metadata_fields[name]) for name in self.fields]
         self._stacked = StackedParameters()
+        self._label_masks: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def reset_parameters(self, std: float = 0.02) -> None:
         """Initialise every weight (used where the heads are built on the meta device, e.g. `from_backbone`)."""
@@ -151,7 +152,7 @@ class LimeTagHeads(nn.Module):
             features = torch.cat([features, self.token_norm(token_embeds.to(hidden.dtype))], dim=-1)
         if self.proj is not None:
             features = self.act(self.proj(features))
-        weight, bias, _ = self._stacked_classifier()
+        weight, bias = self._stacked_classifier()
         return nn.functional.linear(features, weight, bias).unflatten(-1, (len(self.fields), -1))
 
     def unstack(self, stacked: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -161,13 +162,12 @@ class LimeTagHeads(nn.Module):
             for f, (name, size) in enumerate(zip(self.fields, self.sizes, strict=True))
         }
 
-    def _stacked_classifier(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _stacked_classifier(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The classifiers as one linear layer, weight `(fields * width, features)` and bias, each field's rows
-        padded with zeros to `width`; and the `(fields, width)` mask that `predict_stacked` adds: `-inf` where no
-        label is (padding, unknown and the zero tail), else 0."""
+        padded with zeros to `width`."""
         return self._stacked.get(self._stack_classifiers)
 
-    def _stack_classifiers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _stack_classifiers(self) -> tuple[torch.Tensor, torch.Tensor]:
         layers = [self.classifiers[name] for name in self.fields]
         pad = [max(self.sizes) - size for size in self.sizes]
         weight = torch.cat(
@@ -176,12 +176,18 @@ class LimeTagHeads(nn.Module):
         bias = torch.cat(
             [nn.functional.pad(layer.bias, (0, n)) for layer, n in zip(layers, pad, strict=True)]
         )
-        mask = torch.full(
-            (len(layers), max(self.sizes)), float("-inf"), device=weight.device, dtype=weight.dtype
-        )
-        for f, size in enumerate(self.sizes):
-            mask[f, UNKNOWN_ID + 1 : size] = 0.0
-        return weight, bias, mask
+        return weight, bias
+
+    def _label_mask(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """`(fields, width)`: `-inf` where no label is (padding, unknown and each row's zero tail), else 0. It depends
+        on the inventories alone, so it is kept for good (per device and dtype)."""
+        key = (device, dtype)
+        if key not in self._label_masks:
+            mask = torch.full((len(self.fields), max(self.sizes)), float("-inf"), device=device, dtype=dtype)
+            for f, size in enumerate(self.sizes):
+                mask[f, UNKNOWN_ID + 1 : size] = 0.0
+            self._label_masks[key] = mask
+        return self._label_masks[key]
 
     def fed_tags(self, tags: torch.LongTensor) -> torch.LongTensor:
         """The tag each position is fed, from the tokens' own tags `(batch, seq)`; the last LIME+1 one is unknown."""
@@ -246,7 +252,7 @@ class LimeTagHeads(nn.Module):
     def predict_stacked(self, stacked: torch.Tensor) -> torch.LongTensor:
         """`predict`'s argmax on `stacked_logits`: `(..., fields, width)` -> `(..., fields)` tag ids, in one
         operation (padding, unknown and each row's zero tail are masked out)."""
-        return (stacked + self._stacked_classifier()[2]).argmax(-1)
+        return (stacked + self._label_mask(stacked.device, stacked.dtype)).argmax(-1)
 
 
 def check_tag_heads(model) -> None:

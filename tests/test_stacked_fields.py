@@ -145,7 +145,7 @@ def test_generate_builds_the_stacked_tensors_once_per_call(monkeypatch):
     assert len(builds) == 1
     with torch.no_grad():
         model(input_ids=ids)
-    assert len(builds) == 3  # a forward outside `generate` stacks for the logits and for the argmax
+    assert len(builds) == 2  # a forward outside `generate` stacks once
 
 
 @torch.no_grad()
