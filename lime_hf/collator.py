@@ -106,8 +106,15 @@ class DataCollatorForLime:
 
     def drop_metadata(self, tags: torch.Tensor) -> torch.Tensor:
         """Replace real tags (id > `SPECIAL_ID`) by `UNKNOWN_ID` with probability `metadata_dropout`."""
-        draws = torch.rand(tags.shape, generator=self.generator)
-        return tags.masked_fill((draws < self.metadata_dropout) & (tags > SPECIAL_ID), UNKNOWN_ID)
+        return drop_tags(tags, self.metadata_dropout, self.generator)
 
 
-__all__ = ["DataCollatorForLime"]
+def drop_tags(
+    tags: torch.Tensor, probability: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """`tags` with each real tag (id > `SPECIAL_ID`) replaced by `UNKNOWN_ID` with `probability` (metadata dropout)."""
+    draws = torch.rand(tags.shape, generator=generator, device=generator.device if generator else tags.device)
+    return tags.masked_fill((draws.to(tags.device) < probability) & (tags > SPECIAL_ID), UNKNOWN_ID)
+
+
+__all__ = ["DataCollatorForLime", "drop_tags"]

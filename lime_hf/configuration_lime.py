@@ -133,6 +133,14 @@ def check_metadata_training_source(source: str) -> None:
         )
 
 
+def check_predicted_tag_embedding(embedding: str) -> None:
+    if embedding not in ("argmax", "expected"):
+        raise ValueError(
+            f"`predicted_tag_embedding` must be 'argmax' (the embedding of the heads' most likely tag) or 'expected' "
+            f"(the embeddings averaged under the heads' probabilities), got {embedding!r}."
+        )
+
+
 def check_meta_token_ids(meta_token_ids: list[int] | None) -> None:
     """Integers >= 0, each once (whether they are in the vocabulary is checked against `text_config`)."""
     if meta_token_ids is None:
@@ -169,6 +177,7 @@ FIELD_CHECKS = {
     "self_guidance": check_self_guidance,
     "metadata_layer": check_metadata_layer,
     "metadata_training_source": check_metadata_training_source,
+    "predicted_tag_embedding": check_predicted_tag_embedding,
     "meta_token_ids": check_meta_token_ids,
     "meta_positional": check_meta_positional,
 }
@@ -242,6 +251,14 @@ class LimeConfig(PreTrainedConfig):
             teacher forcing) or `"predicted"` (the heads' own argmax in every position of a field with a head,
             exactly what inference feeds; the given tags still train the heads). `"predicted"` needs tag heads
             and `metadata_layer > 0` (at layer 0 the prediction would need one sequential step per token).
+        predicted_tag_embedding (`str`, *optional*, defaults to `"argmax"`):
+            What the model reads where its heads supply a tag (`metadata_layer > 0`): `"argmax"`, the embedding of
+            the most likely tag, `E_f(argmax p_f)`; or `"expected"`, the embeddings averaged under the heads'
+            probabilities, `sum_c p_f(c) E_f(c)`, which keeps their doubt: where a head is unsure the model reads a
+            blend, not a confident wrong tag. Given tags are read as they are, so training on given tags reads it
+            only where a tag is unknown (metadata dropout, a field not given, LIME+1's last position), and
+            everywhere with `metadata_training_source="predicted"`; it can be switched on a trained model. Needs
+            tag heads and `metadata_layer > 0`.
         meta_token_ids (`list[int]`, *optional*):
             Token ids of learned meta-tokens (see `meta_attention.py`). Non-empty: a meta-attention sublayer
             follows every decoder layer, over the meta-token positions only, and meta-token targets are left out
@@ -275,6 +292,7 @@ class LimeConfig(PreTrainedConfig):
     self_guidance: str = "argmax"
     metadata_layer: int = 0
     metadata_training_source: str = "given"
+    predicted_tag_embedding: str = "argmax"
     meta_token_ids: list[int] | None = None
     meta_positional: str = "keep"
 
@@ -338,6 +356,7 @@ class LimeConfig(PreTrainedConfig):
         check_metadata_injection(
             metadata_layer=self.metadata_layer,
             training_source=self.metadata_training_source,
+            predicted_tag_embedding=self.predicted_tag_embedding,
             tag_head_fields=self.tag_head_fields or (),
             num_hidden_layers=self.text_config.num_hidden_layers,
         )

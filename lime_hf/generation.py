@@ -52,8 +52,10 @@ class LimeGenerationMixin(GenerationMixin):
 
         With `return_dict_in_generate=True` the output also holds `metadata_ids`: `{"<field>_ids": (rows, seq)}`,
         the tags of every position of `sequences` (with `metadata_layer > 0` and heads: recomputed by one parallel
-        forward over `sequences` after generating, see `_tags_read`). Passing them back with `sequences` and the output's cache
-        continues the generation exactly as one longer call would.
+        forward over `sequences` after generating, see `_tags_read`). Passing them back with `sequences` and the
+        output's cache continues the generation exactly as one longer call would; with
+        `predicted_tag_embedding="expected"` they are the heads' argmax, not the blend the model read: pass
+        `sequences` and the cache alone, and the heads blend again.
 
         Args:
             inputs, generation_config, kwargs: as for `GenerationMixin.generate`. The prompt's tags come in as

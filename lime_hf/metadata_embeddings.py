@@ -35,7 +35,7 @@ class LimeMetadataEmbeddings(nn.Module):
         self.names = tuple(config.metadata_fields)  # the fields' order in stacked tags (`stacked_fed_ids`)
         self.weights = dict(config.metadata_weights)
         self.shift = config.metadata_shift
-        self._stacked: dict[tuple[str, ...], StackedParameters] = {}
+        self._stacked: dict[tuple, StackedParameters] = {}  # keyed by (kind, names[, width])
 
     def forward(
         self,
@@ -90,23 +90,42 @@ class LimeMetadataEmbeddings(nn.Module):
         table, offsets = self._stacked_table(names)
         return nn.functional.embedding(ids + offsets, table).sum(-2)
 
+    def expected_stacked(self, probabilities: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+        """`(..., fields, width)` a distribution over each field's tags (of `names`, in that order; zero past a
+        field's own inventory) -> `(..., hidden)` the sum of the fields' weighted embeddings averaged under it,
+        `sum_f w_f sum_c p_f(c) E_f(c)`. A one-hot distribution gives `lookup_stacked`'s value."""
+        width = probabilities.shape[-1]
+        tables = self._cached(("padded", names, width), lambda: self._pad_tables(names, width))
+        return probabilities.flatten(-2).to(tables.dtype) @ tables  # one matmul over every field's rows
+
     def _stacked_table(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.LongTensor]:
-        """The tables of `names`, one after the other and each times its weight, and where each one starts. Padding
-        and unknown rows are zeros: "no metadata" adds exactly nothing, and they are never trained."""
-        if names not in self._stacked:
-            self._stacked[names] = StackedParameters()
-        return self._stacked[names].get(lambda: self._stack_tables(names))
+        """The weighted tables of `names` one after the other (`_weighted_tables`), and where each one starts."""
+        return self._cached(("table", names), lambda: self._stack_tables(names))
+
+    def _cached(self, key: tuple, build):
+        if key not in self._stacked:
+            self._stacked[key] = StackedParameters()
+        return self._stacked[key].get(build)
 
     def _stack_tables(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.LongTensor]:
+        parts = self._weighted_tables(names)
+        starts = [0, *[len(part) for part in parts[:-1]]]
+        return torch.cat(parts), torch.tensor(starts, device=parts[0].device).cumsum(0)
+
+    def _pad_tables(self, names: tuple[str, ...], width: int) -> torch.Tensor:
+        """`(fields * width, hidden)`: the weighted tables of `names`, each padded with zero rows to `width`."""
+        parts = self._weighted_tables(names)
+        return torch.cat([nn.functional.pad(part, (0, 0, 0, width - len(part))) for part in parts])
+
+    def _weighted_tables(self, names: tuple[str, ...]) -> list[torch.Tensor]:
+        """Each table of `names` times its weight. Padding and unknown rows are zeros: "no metadata" adds exactly
+        nothing, and they are never trained."""
         tables = [self.tables[name] for name in names]
-        device = tables[0].weight.device
-        reserved = torch.tensor([PAD_ID, UNKNOWN_ID], device=device)
-        parts = [
+        reserved = torch.tensor([PAD_ID, UNKNOWN_ID], device=tables[0].weight.device)
+        return [
             table.weight.index_fill(0, reserved, 0.0) * self.weights.get(name, 1.0)
             for name, table in zip(names, tables, strict=True)
         ]
-        starts = [0, *[table.num_embeddings for table in tables[:-1]]]
-        return torch.cat(parts), torch.tensor(starts, device=device).cumsum(0)
 
     @staticmethod
     def _shift_left(

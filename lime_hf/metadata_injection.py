@@ -8,8 +8,10 @@ The first k decoder layers read the tokens alone. At the input of layer k, for e
 
 and layers k.. run on the enriched states. A model given `input_ids` alone thus tags them itself inside the one
 forward pass (no spaCy, no oracle, no sequential self-tagging), the same way in training ("predicted" training
-source: the argmax replaces the given tags, which still train the heads) and at inference. Each prediction is a
-pure function of the prefix t_{<=i}, so the output is the same with and without the KV cache.
+source: the argmax replaces the given tags, which still train the heads) and at inference. With
+`config.predicted_tag_embedding = "expected"` a tag from the heads is read with their doubt,
+`sum_c softmax(logits_f)_c E_f(c)` in place of `E_f(argmax logits_f)`; a given tag is read as it is. Each
+prediction is a pure function of the prefix t_{<=i}, so the output is the same with and without the KV cache.
 
 The computation runs in a forward pre-hook on decoder layer k, so the backbone's code and weight names stay its own
 (`LimeMetadataInjection.attach` is idempotent, `detach` removes it). `LimeForCausalLM.forward` builds a
@@ -44,6 +46,8 @@ class MetadataInjectionState:
     predict: whether the heads' argmax fills the positions whose fed tag is unknown.
     override: whether the heads' argmax replaces the given tags (`metadata_training_source="predicted"` in
         training).
+    expected: whether the heads' tags are read as their probability-weighted embeddings
+        (`predicted_tag_embedding="expected"`), rather than their argmax's.
     stacked_logits: recorded: `(batch, seq, fields, width)` the heads' logits (`LimeTagHeads.stacked_logits`).
     fed: recorded: the tags each position read (LIME+1: the next token's), field -> `(batch, seq)`; where every tag
         read is the heads' own, their `(batch, seq, fields)` ids as predicted. `tag_logits` and `fed_ids` give both
@@ -57,6 +61,7 @@ class MetadataInjectionState:
     next_metadata_ids: dict[str, torch.LongTensor] | None
     predict: bool
     override: bool
+    expected: bool = False
     stacked_logits: torch.Tensor | None = None
     fed: dict[str, torch.LongTensor] | torch.LongTensor | None = None
 
@@ -85,10 +90,10 @@ class MetadataInjectionState:
         )
         given = self.metadata_ids.keys() | (self.next_metadata_ids or {}).keys()
         if predicted is not None and not given and not torch.is_grad_enabled():
-            # Every tag read is the heads' (the other fields are unknown: zeros): one lookup, nothing to merge. This
-            # is a generation step of the honest mode, where each operation counts.
+            # Every tag read is the heads' (the other fields are unknown: zeros): one lookup or one blend, nothing to
+            # merge. This is a generation step of the honest mode, where each operation counts.
             self.fed = predicted
-            return hidden + self.embeddings.lookup_stacked(predicted, heads.fields).to(hidden.dtype)
+            return hidden + self._read_predictions(predicted).to(hidden.dtype)
         predicted = (
             dict(zip(heads.fields, predicted.unbind(-1), strict=True)) if predicted is not None else {}
         )
@@ -97,16 +102,53 @@ class MetadataInjectionState:
         fed = self.embeddings.fed_ids(
             self.metadata_ids, tuple(hidden.shape[:2]), self.next_metadata_ids, merged
         )
+        from_heads = {}  # field -> where the heads' tag is read: `None` everywhere, else a `(batch, seq)` mask
         for name, ids in predicted.items():
-            known = name in given and not self.override
-            fed[name] = torch.where(fed[name] == UNKNOWN_ID, ids, fed[name]) if known else ids
+            from_heads[name] = fed[name] == UNKNOWN_ID if name in given and not self.override else None
+            fed[name] = ids if from_heads[name] is None else torch.where(from_heads[name], ids, fed[name])
         self.fed = fed
         # Without gradients a field unknown everywhere adds exact zeros: skip its lookup (training keeps it, so
         # that every table takes part in every step for DDP).
         looked_up = fed if torch.is_grad_enabled() else {name: fed[name] for name in (given | set(predicted))}
+        if self.expected and predicted:
+            others = {name: ids for name, ids in looked_up.items() if name not in predicted}
+            return hidden + self._read_expected(fed, from_heads, others).to(hidden.dtype)
         if not looked_up:
             return hidden
         return hidden + self.embeddings.lookup(looked_up).to(hidden.dtype)
+
+    def _read_predictions(self, predicted: torch.LongTensor) -> torch.Tensor:
+        """`(batch, seq, fields)` the heads' tags (their argmax) -> `(batch, seq, hidden)` what the model reads for
+        them: their embeddings (`"argmax"`), or the embeddings averaged under the heads' probabilities
+        (`"expected"`; detached, so that only the tag loss trains the heads)."""
+        if not self.expected:
+            return self.embeddings.lookup_stacked(predicted, self.heads.fields)
+        probabilities = self.heads.probabilities_stacked(self.stacked_logits).detach()
+        return self.embeddings.expected_stacked(probabilities, self.heads.fields)
+
+    def _read_expected(
+        self,
+        fed: dict[str, torch.LongTensor],
+        from_heads: dict[str, torch.Tensor | None],
+        others: dict[str, torch.LongTensor],
+    ) -> torch.Tensor:
+        """`"expected"` where some tags are given: the heads' blend where they supply the tag (`from_heads`: field ->
+        where, `None` for everywhere), the given tags looked up as they are elsewhere, and so are `others`, the fields
+        without a head."""
+        fields = self.heads.fields
+        probabilities = self.heads.probabilities_stacked(self.stacked_logits).detach()
+        looked_up = dict(others)
+        if any(from_heads[name] is not None for name in fields):
+            everywhere = torch.ones_like(fed[fields[0]], dtype=torch.bool)
+            read_heads = torch.stack(
+                [everywhere if from_heads[name] is None else from_heads[name] for name in fields], -1
+            )
+            probabilities = probabilities * read_heads[..., None].to(probabilities.dtype)
+            for name in fields:  # the given tags, unknown (zero) where the heads' blend is read
+                if from_heads[name] is not None:
+                    looked_up[name] = fed[name].masked_fill(from_heads[name], UNKNOWN_ID)
+        embedded = self.embeddings.expected_stacked(probabilities, fields)
+        return embedded + self.embeddings.lookup(looked_up) if looked_up else embedded
 
 
 class _InjectionHook:

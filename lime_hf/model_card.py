@@ -212,8 +212,8 @@ def count_parameters(model: LimePreTrainedModel) -> dict[str, str]:
 
 
 def describe_tag_heads(model: LimePreTrainedModel) -> dict[str, Any] | None:
-    """The fields with tag heads, their shape, loss weight, self-guidance mode, the LM's training source and parameter
-    count; None without heads."""
+    """The fields with tag heads, their shape, loss weight, self-guidance mode, the LM's training source, how it reads
+    the heads' tags and parameter count; None without heads."""
     if model.tag_heads is None:
         return None
     config = model.config
@@ -223,6 +223,7 @@ def describe_tag_heads(model: LimePreTrainedModel) -> dict[str, Any] | None:
         "loss_weight": f"{config.tag_loss_weight:g}",
         "self_guidance": config.self_guidance,
         "training_source": config.metadata_training_source,
+        "tag_embedding": config.predicted_tag_embedding,
         "parameters": abbreviate(sum(parameter.numel() for parameter in model.tag_heads.parameters())),
     }
 

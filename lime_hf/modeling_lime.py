@@ -224,6 +224,7 @@ class LimePreTrainedModel(PreTrainedModel):
             next_metadata_ids=next_metadata_ids,
             predict=predict and heads is not None,
             override=override,
+            expected=self.config.predicted_tag_embedding == "expected",
         )
 
     def run_backbone(

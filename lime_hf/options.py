@@ -101,15 +101,14 @@ class TrainOptions:
         default=None,
         metadata={
             "metavar": "FIELDS",
-            "help": "comma-separated fields that get tag heads (e.g. pos,ner): the model predicts its own tags, "
-            "without spaCy or guidance",
+            "help": "comma-separated fields with tag heads (e.g. pos,ner): the model predicts their tags itself",
         },
     )
     tag_head_type: str = field(
         default="mlp",
         metadata={
-            "help": "tag heads: a shared hidden layer, then a classifier per field (mlp, the default), or one "
-            "linear classifier per field (linear)",
+            "help": "a shared hidden layer, then a classifier per field (mlp, the default), or a linear "
+            "classifier per field",
             "choices": ("mlp", "linear"),
         },
     )
@@ -125,16 +124,24 @@ class TrainOptions:
     metadata_training_source: str = field(
         default="given",
         metadata={
-            "help": "what the LM reads in training: the given tags (teacher forcing) or the heads' own argmax, as at "
-            "inference (predicted: needs --tag-heads and --metadata-layer > 0) (default: given)",
+            "help": "what the LM reads in training: the given tags, or the heads' own, as at inference "
+            "(predicted: needs --tag-heads and --metadata-layer > 0) (default: given)",
             "choices": ("given", "predicted"),
+        },
+    )
+    predicted_tag_embedding: str = field(
+        default="argmax",
+        metadata={
+            "help": "read the heads' tags as their argmax's embedding, or as the embeddings averaged under their "
+            "probabilities (expected) (default: argmax)",
+            "choices": ("argmax", "expected"),
         },
     )
     metadata_dropout: float = field(
         default=0.0,
         metadata={
             "metavar": "P",
-            "help": "probability of hiding a tag as 'unknown' in training (default: 0)",
+            "help": "share of tags hidden in training (default: 0)",
             "type": float,
         },
     )
@@ -237,6 +244,7 @@ def check_train_options(options: TrainOptions) -> None:
     check_metadata_injection(
         metadata_layer=options.metadata_layer,
         training_source=options.metadata_training_source,
+        predicted_tag_embedding=options.predicted_tag_embedding,
         tag_head_fields=options.tag_head_fields,
     )
     check_meta_token_options(options.meta_token, options.meta_fraction)

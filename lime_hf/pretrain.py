@@ -291,13 +291,15 @@ def build_model(
     tag_head_type: str = "mlp",
     metadata_layer: int = 0,
     metadata_training_source: str = "given",
+    predicted_tag_embedding: str = "argmax",
     meta_token_ids: Sequence[int] = (),
 ) -> LimeForCausalLM:
     """
     A new LIME model for `tokenizer`'s fields: a backbone of `model_config` (a JSON file or string; default a tiny
     Llama), or the causal-LM checkpoint `from_backbone` (path or Hub id) retrofitted; with `metadata_shift` (0 LIME,
     1 LIME+1), tag heads of `tag_head_type` for `tag_head_fields`, the metadata joining at decoder layer
-    `metadata_layer`, the LM training on `metadata_training_source` tags and meta-attention for `meta_token_ids`
+    `metadata_layer`, the LM training on `metadata_training_source` tags and reading the heads' tags as
+    `predicted_tag_embedding`, and meta-attention for `meta_token_ids`
     (see `LimeConfig`).
     """
     lime_kwargs = dict(
@@ -307,6 +309,7 @@ def build_model(
         tag_head_type=tag_head_type,
         metadata_layer=metadata_layer,
         metadata_training_source=metadata_training_source,
+        predicted_tag_embedding=predicted_tag_embedding,
         meta_token_ids=list(meta_token_ids),
     )
     if from_backbone is not None:
@@ -475,6 +478,7 @@ def build_model_for(
         tag_head_type=options.tag_head_type,
         metadata_layer=options.metadata_layer,
         metadata_training_source=options.metadata_training_source,
+        predicted_tag_embedding=options.predicted_tag_embedding,
         meta_token_ids=list(meta_token_ids),
     )
 

@@ -74,13 +74,16 @@ def check_metadata_injection(
     training_source: str,
     tag_head_fields: Iterable[str],
     num_hidden_layers: int | None = None,
+    predicted_tag_embedding: str = "argmax",
 ) -> None:
-    """Raise `ValueError` unless `metadata_layer` (where the metadata joins the residual stream) and
-    `metadata_training_source` (what the LM reads in training) fit the model.
+    """Raise `ValueError` unless `metadata_layer` (where the metadata joins the residual stream),
+    `metadata_training_source` (what the LM reads in training) and `predicted_tag_embedding` (how it reads the heads'
+    tags) fit the model.
 
     Args:
         metadata_layer: 0 (the token embeddings) or a decoder layer index k > 0.
         training_source: "given" or "predicted" (the heads' own argmax, computed in the same forward).
+        predicted_tag_embedding: "argmax" or "expected" (the embeddings averaged under the heads' probabilities).
         tag_head_fields: the fields with tag heads.
         num_hidden_layers: the backbone's number of decoder layers, where known.
     """
@@ -90,13 +93,19 @@ def check_metadata_injection(
             f"and the metadata joins the input of a decoder layer k in [0, {num_hidden_layers}) "
             "(0: the token embeddings)"
         )
-    if training_source == "predicted" and not (list(tag_head_fields) and metadata_layer):
-        raise ValueError(
-            "metadata training source (--metadata-training-source) 'predicted' trains the LM on its tag heads' own "
-            "argmax, computed in the same forward: it needs tag heads (--tag-heads) and a metadata layer "
-            f"(--metadata-layer) > 0; got tag heads {list(tag_head_fields) or 'none'} and metadata layer "
-            f"{metadata_layer}"
-        )
+    heads_at_layer = {
+        "metadata training source (--metadata-training-source) 'predicted' trains the LM on its tag heads' own "
+        "argmax": training_source == "predicted",
+        "predicted tag embedding (--predicted-tag-embedding) 'expected' averages the embeddings under the tag heads' "
+        "probabilities": predicted_tag_embedding == "expected",
+    }
+    for option, chosen in heads_at_layer.items():
+        if chosen and not (list(tag_head_fields) and metadata_layer):
+            raise ValueError(
+                f"{option}, computed in the same forward: it needs tag heads (--tag-heads) and a metadata layer "
+                f"(--metadata-layer) > 0; got tag heads {list(tag_head_fields) or 'none'} and metadata layer "
+                f"{metadata_layer}"
+            )
 
 
 def check_meta_generation(config, generate_kwargs: dict, generation_config) -> None:

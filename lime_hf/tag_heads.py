@@ -254,6 +254,11 @@ class LimeTagHeads(nn.Module):
         operation (padding, unknown and each row's zero tail are masked out)."""
         return (stacked + self._label_mask(stacked.device, stacked.dtype)).argmax(-1)
 
+    def probabilities_stacked(self, stacked: torch.Tensor) -> torch.Tensor:
+        """The heads' softmax on `stacked_logits`: `(..., fields, width)` -> the same shape, zero on padding, unknown
+        and each row's zero tail (the labels `predict_stacked` chooses from)."""
+        return (stacked + self._label_mask(stacked.device, stacked.dtype)).softmax(-1)
+
 
 def check_tag_heads(model) -> None:
     """Raise unless `model` has tag heads (for `metadata_provider="model"` and the self-tagged evaluation)."""

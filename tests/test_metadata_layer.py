@@ -72,6 +72,9 @@ def llama_by_hand(model, ids: torch.Tensor, fed: dict[str, torch.Tensor]):
         ({"metadata_training_source": "gold"}, "'given'.*'predicted'"),
         ({"metadata_training_source": "predicted", "metadata_layer": 1}, "needs tag heads"),
         ({"metadata_training_source": "predicted", "tag_head_fields": ["pos"]}, r"metadata layer.*> 0"),
+        ({"predicted_tag_embedding": "soft"}, r"'argmax'.*'expected'.*got 'soft'"),
+        ({"predicted_tag_embedding": "expected", "metadata_layer": 1}, "'expected'.*needs tag heads"),
+        ({"predicted_tag_embedding": "expected", "tag_head_fields": ["pos"]}, r"metadata layer.*> 0"),
     ],
 )
 def test_bad_metadata_layer_options_are_clear_errors(kwargs, message):
@@ -80,7 +83,10 @@ def test_bad_metadata_layer_options_are_clear_errors(kwargs, message):
     config = tiny_lime("llama", **HONEST).config
     with pytest.raises(ValueError, match="must be an integer >= 0"):
         config.metadata_layer = -1
-    assert config.metadata_layer == 1  # a refused value leaves the config as it was
+    with pytest.raises(ValueError, match="'argmax'.*'expected'"):
+        config.predicted_tag_embedding = "mean"
+    # a refused value leaves the config as it was
+    assert (config.metadata_layer, config.predicted_tag_embedding) == (1, "argmax")
 
 
 @pytest.mark.parametrize("shift", [0, 1])
@@ -123,10 +129,9 @@ def test_bare_input_ids_is_one_pass_fed_the_heads_argmax(arch, shift):
     torch.testing.assert_close(unknown, model.language_model(input_ids=ids).logits, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
-@pytest.mark.parametrize("shift", [0, 1])
-def test_cached_steps_and_generation_equal_uncached_with_left_padding(arch, shift):
-    model = tiny_lime(arch, metadata_shift=shift, **HONEST)
+def cached_and_uncached_agree(model) -> tuple[torch.Tensor, object]:
+    """Assert that a cached step equals the full forward, and cached generation the uncached one, with left padding;
+    returns the padding mask and the cached generation's output (6 new tokens after 7)."""
     ids, _ = ids_and_tags(model, (2, 7))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
@@ -141,6 +146,14 @@ def test_cached_steps_and_generation_equal_uncached_with_left_padding(arch, shif
     assert torch.equal(cached.sequences, uncached.sequences)
     for name in ("pos_ids", "ner_ids"):
         assert torch.equal(cached.metadata_ids[name], uncached.metadata_ids[name])
+    return mask, cached
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("shift", [0, 1])
+def test_cached_steps_and_generation_equal_uncached_with_left_padding(arch, shift):
+    model = tiny_lime(arch, metadata_shift=shift, **HONEST)
+    mask, cached = cached_and_uncached_agree(model)
     # The reported tags are the ones the heads fed: fed back explicitly, the model computes the same logits.
     sequences, extended = cached.sequences, torch.cat([mask, torch.ones_like(mask[:, :6])], 1)
     positions = (extended.cumsum(-1) - 1).clamp(min=0)
@@ -381,7 +394,10 @@ from tiny_models import random_tags, tiny_lime
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-model = tiny_lime("llama", tag_head_fields=["pos", "ner"], metadata_layer=1, metadata_training_source="predicted")
+model = tiny_lime(
+    "llama", tag_head_fields=["pos", "ner"], metadata_layer=1, metadata_training_source="predicted",
+    predicted_tag_embedding=sys.argv[3],
+)
 ddp = DistributedDataParallel(model.train())  # find_unused_parameters=False: every parameter must get a gradient
 optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
 ids = torch.randint(3, 97, (2, 8), generator=torch.Generator().manual_seed(rank))
@@ -396,13 +412,14 @@ dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_ddp_trains_the_predicted_source_without_unused_parameters(tmp_path):
+@pytest.mark.parametrize("embedding", ["argmax", "expected"])
+def test_ddp_trains_the_predicted_source_without_unused_parameters(tmp_path, embedding):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT, encoding="utf-8")
     torchrun = Path(sys.executable).parent / "torchrun"
     tests = Path(__file__).resolve().parent
     result = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", str(script), str(tests), str(tmp_path)],
+        [str(torchrun), "--nproc_per_node", "2", str(script), str(tests), str(tmp_path), embedding],
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
