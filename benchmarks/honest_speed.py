@@ -10,10 +10,12 @@ sits on one of its layers. Measured side by side in one run, as ratios to the ba
     cached step per token) before its forward;
   - honest: LIME with heads at `metadata_layer=2`, which tags inside its one forward (the default MLP heads);
   - honest_linear: the same with one linear classifier per field (`tag_head_type="linear"`, the honest runs' best);
+  - honest_expected: honest_linear reading its tags as their probability-weighted embeddings
+    (`predicted_tag_embedding="expected"`);
   (goal: honest <= 1.3x the backbone at 1,024 tokens)
 * generation: greedy tokens/s with the KV cache, batch 1 and 8, no tags, guidance or provider given, for
-  - backbone; honest and honest_linear (their own tags); honest1 and honest1_linear (LIME+1 at layer 2, guiding
-    itself);
+  - backbone; honest, honest_linear and honest_expected (their own tags); honest1, honest1_linear and
+    honest1_expected (LIME+1 at layer 2, guiding itself);
   - layer0_heads: today's heads model (`metadata_provider="model"`, the tracker's per-step work), for reference;
   (goal: >= 0.95x the backbone)
   Each layer-k model is also timed against its own backbone (the copy of the weights it wraps, its hook detached
@@ -47,6 +49,7 @@ from lime_hf import LimeForCausalLM
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HEADS = {"tag_head_fields": ["pos", "ner"]}
+EXPECTED = {"predicted_tag_embedding": "expected"}
 LAYER = 2  # of the backbone's 4 (the lead's pilot: layer 2)
 SCORING_LENGTHS = (64, 256, 1024)
 SCORING_BATCH = 4
@@ -73,6 +76,18 @@ def build_models(device: torch.device) -> dict[str, torch.nn.Module]:
         ).eval(),
         "honest1_linear": LimeForCausalLM.from_backbone(
             copy.deepcopy(backbone), metadata_shift=1, metadata_layer=LAYER, tag_head_type="linear", **HEADS
+        ).eval(),
+        # Linear heads whose tags are read as their probability-weighted embeddings (the honest stage's choice).
+        "honest_expected": LimeForCausalLM.from_backbone(
+            copy.deepcopy(backbone), metadata_layer=LAYER, tag_head_type="linear", **EXPECTED, **HEADS
+        ).eval(),
+        "honest1_expected": LimeForCausalLM.from_backbone(
+            copy.deepcopy(backbone),
+            metadata_shift=1,
+            metadata_layer=LAYER,
+            tag_head_type="linear",
+            **EXPECTED,
+            **HEADS,
         ).eval(),
     }
 
@@ -118,7 +133,7 @@ def scoring(models: dict, rounds: int, device: torch.device, clock: str) -> list
         ids = random_ids((SCORING_BATCH, length), device)
         calls = {
             name: partial(models[name], input_ids=ids)
-            for name in ("backbone", "layer0_heads", "honest", "honest_linear")
+            for name in ("backbone", "layer0_heads", "honest", "honest_linear", "honest_expected")
         }
         seconds = median_times(calls, rounds, device, 1 if length > 256 else 2, clock)
         for name, value in seconds.items():

@@ -362,6 +362,11 @@ def test_honest_stage_trains_its_runs_and_reports_them_against_the_baseline(tmp_
         "honest_rich_linear",
         "honest_causal_linear_k3",
         "honest_plus1_linear",
+        "honest_causal_linear_expected",
+        "honest_causal_linear_w01_expected",
+        "honest_plus1_linear_expected",
+        "honest_causal_linear_expected_drop15",
+        "honest_causal_linear_expected_drop30",
     )
     # the variants trained on causal tags
     causal = ("honest_causal", "honest_best", "honest_rich", "honest_plus1_linear")
@@ -369,7 +374,11 @@ def test_honest_stage_trains_its_runs_and_reports_them_against_the_baseline(tmp_
         run = json.loads((runs / f"lm-{variant}-s0.json").read_text())
         assert run["config"]["metadata_layer"] == 1  # half of the smoke preset's 2 layers
         assert run["config"].get("tag_head_type", "mlp") == ("linear" if "_linear" in variant else "mlp")
-        assert run["config"].get("tag_loss_weight", 0.2) == {"w05": 0.5, "w01": 0.1}.get(variant[-3:], 0.2)
+        weight = next((value for key, value in {"_w05": 0.5, "_w01": 0.1}.items() if key in variant), 0.2)
+        assert run["config"].get("tag_loss_weight", 0.2) == weight
+        embedding = "expected" if "_expected" in variant else "argmax"
+        assert run["config"].get("predicted_tag_embedding", "argmax") == embedding
+        assert run["metadata_dropout"] == {"drop15": 0.15, "drop30": 0.3}.get(variant[-6:], 0.0)
         assert run["training_tags"] == (
             "spaCy causal" if variant.startswith(causal) else "spaCy full-document"
         )
@@ -432,6 +441,9 @@ def test_honest_validation_scores_saved_models_on_the_next_tokens_and_selects_on
                 cfg, vocab, special, cfg["seq_len"], seed, shift, DEFAULT_METADATA_FIELDS, **extra
             )
             name = f"lm-{variant}-s{seed}"
+            if shift is not None:  # tables large enough that reading the heads' argmax or their blend differs
+                for table in model.metadata_embeddings.tables.values():
+                    table.weight.data.mul_(100)
             model.to(torch.bfloat16).save_pretrained(
                 tmp_path / "models" / "smoke" / name
             )  # as `run_lm` saves
@@ -456,6 +468,13 @@ def test_honest_validation_scores_saved_models_on_the_next_tokens_and_selects_on
             assert row["test_gain_points"] == pytest.approx(
                 0.0
             )  # the recorded numbers, not the saved model's
+            if variant == "heads_only_linear":  # a control: not read another way
+                assert row["validation_gain_points_read_expected"] is None
+                continue
+            models[f"lm-{variant}-s{seed}"].config.predicted_tag_embedding = "expected"
+            read = evaluate_own_tags(models[f"lm-{variant}-s{seed}"], validation, cpu, 16)["accuracy"]
+            assert read != own["accuracy"]
+            assert row["validation_gain_points_read_expected"] == pytest.approx(100 * (read - base))
     assert headline["selected"]["variant"] == "honest_causal_linear"  # the only variant that injects tags
     assert headline["selected"]["accuracy_goal_met"] is False
     written = json.loads((tmp_path / "results" / "reproduce_honest_validation.json").read_text())

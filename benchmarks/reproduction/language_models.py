@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lime_hf.collator import drop_tags
+
 from .harness import (
     PAD_ID,
     autocast,
@@ -39,7 +41,8 @@ class LmSpec:
     same text); `extra_modes(device, batch)`: evaluations beyond `lm_eval_modes`; `config`: further `LimeConfig`
     options; `train_tags`: the training tags, `"{field}"` arrays (spaCy's full-document tags) or `"{field}_{train_tags}"`;
     `extra_fields`: fields beyond the prepared data's pos and ner (name -> inventory), whose arrays the stream holds
-    under the same names.
+    under the same names; `metadata_dropout`: the share of training tags hidden as unknown (`lime_hf.collator.drop_tags`,
+    drawn from a generator seeded with the run's seed and the step).
     """
 
     shift: int | None
@@ -51,6 +54,7 @@ class LmSpec:
     config: dict | None = None
     train_tags: str | None = None
     extra_fields: dict[str, list[str]] | None = None
+    metadata_dropout: float = 0.0
 
 
 # ------------------------------------------------------------------------------------------ language models
@@ -197,11 +201,12 @@ def run_lm(
             orders = {epoch: np.random.default_rng(epoch).permutation(n_blocks)}
         index = torch.from_numpy(orders[epoch][within * batch : (within + 1) * batch])
         ids = train["input_ids"][index].to(device)
-        extra = (
-            {}
-            if shift is None
-            else {f"{name}_ids": train[key][index].to(device) for name, key in tag_keys.items()}
-        )
+        extra = {} if shift is None else {f"{name}_ids": train[key][index] for name, key in tag_keys.items()}
+        if spec.metadata_dropout:
+            # Drawn per step, so that a resumed run hides the same tags as an unbroken one.
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            extra = {key: drop_tags(tags, spec.metadata_dropout, generator) for key, tags in extra.items()}
+        extra = {key: tags.to(device) for key, tags in extra.items()}
         with autocast(device):
             loss = model(input_ids=ids, labels=ids, **extra).loss
         loss_sum += optimizer_step(model, optimizer, scheduler, loss)
@@ -220,6 +225,7 @@ def run_lm(
         "tag_heads": list(spec.tag_heads),
         "config": spec.config or {},
         "training_tags": "spaCy full-document" if spec.train_tags is None else f"spaCy {spec.train_tags}",
+        "metadata_dropout": spec.metadata_dropout,
         "token_stream": spec.arrays,
         "train_config": cfg,
         "model_config": text_config,
