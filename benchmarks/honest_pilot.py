@@ -41,7 +41,7 @@ from reproduction.harness import (
     write_csv,
     write_json,
 )
-from reproduction.language_models import eval_blocks, lm_blocks
+from reproduction.language_models import lm_blocks, stream_blocks
 from torch import nn
 
 FIELDS = ("pos", "ner")
@@ -92,9 +92,8 @@ def run(mode: str, layer: int, seed: int, weight: float, shift: int, cache: Path
     )
     seq_len, batch, limit = cfg["seq_len"], cfg["batch"], cfg["eval_tokens"]
     train = {key: lm_blocks(train_np[key], seq_len) for key in ("input_ids", *FIELDS)}
-    evaluation = {key: eval_blocks(eval_np[key][:limit], seq_len, PAD_ID) for key in FIELDS}
-    evaluation["input_ids"] = eval_blocks(eval_np["input_ids"][:limit], seq_len, meta["pad_token_id"])
-    evaluation["mask"] = eval_blocks(np.ones(len(eval_np["input_ids"][:limit]), dtype=np.int64), seq_len, 0)
+    evaluated = {key: eval_np[key] for key in ("input_ids", *FIELDS)}
+    evaluation = stream_blocks(evaluated, seq_len, meta["pad_token_id"], stop=limit)
     special = {key: meta[key] for key in ("pad_token_id", "bos_token_id", "eos_token_id")}
     backbone, _ = build_model(cfg, meta["vocab_size"], special, seq_len, seed, None, None)
     torch.manual_seed(1000 + seed)

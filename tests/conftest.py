@@ -1,6 +1,7 @@
 """Shared fixtures: small real tokenizers trained in seconds on the shipped Austen excerpts, one spaCy load per session,
 and a local stand-in for the Hub's HTTP API."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,14 @@ from lime_hf.tokenization_lime import LimeTokenizer
 # needs nothing outside the repository.
 AUSTEN = Path(__file__).resolve().parent / "data" / "austen"
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>"]
+
+# Under pytest-xdist each worker takes its share of the cores: by default torch starts one thread per core in every
+# worker, and on a small machine they spin-wait against each other. The subprocesses a test starts take the same
+# count (OMP_NUM_THREADS), so that their float sums, and the logits they compare, are the worker's to the bit.
+if _workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    _threads = max(1, (os.cpu_count() or 1) // _workers)
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
 
 
 @pytest.fixture(scope="module")

@@ -180,6 +180,7 @@ def test_a_killed_worker_resumes_with_nothing_lost_or_duplicated(corpus, referen
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("two_processes")  # one at a time: launchers and Ray take fixed ports
 def test_ray_executor_on_a_local_cluster_equals_the_local_run(corpus, local_run, tmp_path):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

@@ -43,6 +43,7 @@ dist.destroy_process_group()
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("two_processes")  # one at a time: launchers and Ray take fixed ports
 def test_ddp_mixes_batches_with_and_without_metadata_without_extra_flags(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(textwrap.dedent(RANK_SCRIPT), encoding="utf-8")

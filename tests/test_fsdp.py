@@ -107,6 +107,7 @@ def accelerate_fsdp(tmp_path: Path) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("two_processes")  # one at a time: launchers and Ray take fixed ports
 def test_readme_fsdp_config_on_two_cpu_processes(corpus, tmp_path):  # noqa: F811
     assert "fsdp_version: 2" in readme_fsdp_config() and "FULL_STATE_DICT" in readme_fsdp_config()
     launched, fsdp_dir = run_training(
@@ -142,6 +143,7 @@ def test_readme_fsdp_config_on_two_cpu_processes(corpus, tmp_path):  # noqa: F81
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("two_processes")  # one at a time: launchers and Ray take fixed ports
 @pytest.mark.skipif(
     torch.cuda.is_available(), reason="pins what the launch does on a machine without a GPU; this one has one"
 )
@@ -216,6 +218,7 @@ def train_steps(model: torch.nn.Module, batch: dict[str, torch.Tensor], steps: i
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("two_processes")  # one at a time: launchers and Ray take fixed ports
 def test_fsdp2_fully_shard_on_two_gloo_processes_saves_a_full_state_dict(tmp_path):
     script = tmp_path / "shard.py"
     script.write_text(textwrap.dedent(FULLY_SHARD_SCRIPT), encoding="utf-8")

@@ -412,6 +412,7 @@ dist.destroy_process_group()
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("two_processes")  # one at a time: launchers and Ray take fixed ports
 @pytest.mark.parametrize("embedding", ["argmax", "expected"])
 def test_ddp_trains_the_predicted_source_without_unused_parameters(tmp_path, embedding):
     script = tmp_path / "ddp.py"

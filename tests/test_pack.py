@@ -265,6 +265,7 @@ def test_a_killed_task_resumes_with_nothing_lost_or_duplicated(corpus, tokenizer
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("two_processes")  # one at a time: launchers and Ray take fixed ports
 def test_ray_executor_on_a_local_cluster_equals_the_local_executor(
     corpus, tokenizer_dir, tokenizer, tmp_path
 ):

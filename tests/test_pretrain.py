@@ -371,6 +371,7 @@ main(sys.argv[1:], callbacks=[SaveRankState()])
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("two_processes")  # one at a time: launchers and Ray take fixed ports
 @pytest.mark.parametrize(
     "launcher",
     [

@@ -330,6 +330,7 @@ torch.save({"seen": collator.seen if not args.dataloader_num_workers else None,
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("two_processes")  # one at a time: launchers and Ray take fixed ports
 def test_two_gloo_processes_train_on_disjoint_shares_that_cover_the_blocks(
     shards, blocks, saved_tokenizer, tmp_path
 ):
