@@ -64,6 +64,9 @@ class LimePreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def __init__(self, config: LimeConfig):
+        # The config checked its rules across fields when it was made; `from_pretrained(..., key=value)` and a user's
+        # edits set fields one at a time since, and a model built on a broken pair would ignore one of them silently.
+        config.validate_lime()
         super().__init__(config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.metadata_embeddings = LimeMetadataEmbeddings(config)

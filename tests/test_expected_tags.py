@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 
 from lime_hf.cli.train import parse_train_arguments
 from lime_hf.compat import CACHE_NAME
-from lime_hf.configuration_lime import PAD_ID, UNKNOWN_ID
+from lime_hf.configuration_lime import DEFAULT_METADATA_FIELDS, PAD_ID, UNKNOWN_ID, make_inventory
 from lime_hf.model_card import render_model_card
 from lime_hf.options import check_train_options
 from lime_hf.trainer import LimeTrainer
@@ -63,6 +63,35 @@ def test_given_tags_are_read_as_given_and_a_field_without_a_head_is_looked_up(tr
     full, _ = added_at_layer_k(model, input_ids=ids, **tags)
     model.config.predicted_tag_embedding = "argmax"
     torch.testing.assert_close(full, added_at_layer_k(model, input_ids=ids, **tags)[0], atol=1e-6, rtol=0)
+
+
+def test_lime_plus_1_guidance_weights_and_fields_of_three_sizes_are_read_by_hand():
+    """LIME+1, partly given: position i reads token i+1's given tag (the guidance at the last position) where it is
+    known, else the heads' blend; a headed field given nowhere reads the blend everywhere, a field without a head its
+    own tags. Three inventories of different sizes share the padded table; every weight differs from 1."""
+    fields = DEFAULT_METADATA_FIELDS | {"mood": make_inventory(["indicative", "imperative", "question"])}
+    weights = {"pos": 0.5, "ner": 2.0, "mood": 1.5}
+    model = tiny_lime(
+        "llama", metadata_shift=1, metadata_fields=fields, metadata_weights=weights,
+        **(EXPECTED | {"tag_head_fields": ["pos", "mood"]}),
+    )  # fmt: skip
+    ids, tags = ids_and_tags(model)
+    pos = tags["pos_ids"].clone()
+    pos[:, 1::3] = UNKNOWN_ID
+    guidance = {"pos": torch.tensor([5, UNKNOWN_ID])}  # row 0 guided, row 1 left to the heads
+    added, out = added_at_layer_k(
+        model, input_ids=ids, pos_ids=pos, ner_ids=tags["ner_ids"], next_metadata_ids=guidance
+    )
+    fed_pos = torch.cat([pos[:, 1:], guidance["pos"][:, None]], 1)
+    fed_ner = torch.cat([tags["ner_ids"][:, 1:], torch.full_like(pos[:, :1], UNKNOWN_ID)], 1)
+    blend_pos = expected_embedding(model, "pos", out.tag_logits["pos"])
+    by_hand = torch.where(
+        (fed_pos == UNKNOWN_ID)[..., None], blend_pos, model.metadata_embeddings.lookup({"pos": fed_pos})
+    )
+    by_hand = by_hand + expected_embedding(model, "mood", out.tag_logits["mood"])
+    by_hand = by_hand + model.metadata_embeddings.lookup({"ner": fed_ner})
+    torch.testing.assert_close(added, by_hand, atol=1e-6, rtol=1e-5)
+    assert out.fed_metadata_ids["pos"][0, -1] == 5 and out.fed_metadata_ids["pos"][1, -1] > UNKNOWN_ID
 
 
 @pytest.mark.parametrize("shift", [0, 1])
@@ -138,6 +167,22 @@ def test_trainer_trains_it_and_save_load_card_and_remote_code_keep_it(tmp_path):
         cwd=tmp_path,
     )
     assert printed.strip() == "OK expected"
+
+
+def test_no_model_is_built_on_a_config_changed_to_break_the_rule(tmp_path):
+    """The rule holds where the config changes after it was made: a `from_pretrained` keyword, or an edited config."""
+    model = tiny_lime("llama", tag_head_fields=["pos"])  # heads at layer 0
+    model.save_pretrained(tmp_path)
+    rule = (
+        "'expected' averages the embeddings under the tag heads' probabilities, computed in the same forward"
+    )
+    with pytest.raises(ValueError, match=rule):
+        AutoModelForCausalLM.from_pretrained(tmp_path, predicted_tag_embedding="expected")
+    model.config.predicted_tag_embedding = "expected"
+    with pytest.raises(ValueError, match=rule):
+        AutoModelForCausalLM.from_config(model.config)
+    model.config.metadata_layer = 1  # the pair holds again
+    assert AutoModelForCausalLM.from_config(model.config).metadata_injection.layer == 1
 
 
 def test_lime_hf_train_takes_it_and_refuses_it_without_a_metadata_layer(tmp_path):
