@@ -42,7 +42,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from step_cost import CLOCKS, TEXT_CONFIG
+from step_cost import CLOCKS, TEXT_CONFIG, generate_unhooked
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from lime_hf import LimeForCausalLM
@@ -152,15 +152,6 @@ def scoring(models: dict, rounds: int, device: torch.device, clock: str) -> list
     return rows
 
 
-def own_backbone_generate(model, **decoding) -> None:
-    """`generate` of the backbone a layer-k model wraps (the same weights in the same memory), its hook off."""
-    model.metadata_injection.detach()
-    try:
-        model.language_model.generate(**decoding)
-    finally:
-        model.metadata_injection.attach(model.language_model)
-
-
 @torch.no_grad()
 def generation(models: dict, rounds: int, new_tokens: int, device: torch.device, clock: str) -> list[dict]:
     """Greedy generation against the shared backbone, and each layer-k model also against its own backbone (a copy
@@ -180,7 +171,10 @@ def generation(models: dict, rounds: int, new_tokens: int, device: torch.device,
             name for name, model in models.items() if getattr(model, "metadata_injection", None) is not None
         ]
         calls |= {
-            f"{name}/own_backbone": partial(own_backbone_generate, models[name], **decoding) for name in own
+            f"{name}/own_backbone": partial(
+                generate_unhooked, models[name], models[name].metadata_injection, **decoding
+            )
+            for name in own
         }
         seconds = median_times(calls, rounds, device, rounds, clock)
         for name in models:

@@ -172,7 +172,10 @@ class ModelTagProvider:
         if mask is not None:
             extra["attention_mask"] = mask[:, :-1]
             extra["position_ids"] = (mask[:, :-1].cumsum(-1) - 1).clamp(min=0)
-        outputs = self.model(input_ids=prompt_ids[:, :-1], use_cache=False, **head_ids, **extra)
+        # Only the hidden states are read: no logits or tag logits past the last position.
+        outputs = self.model(
+            input_ids=prompt_ids[:, :-1], use_cache=False, logits_to_keep=1, **head_ids, **extra
+        )
         previous = outputs.last_hidden_state[:, -1]
         if mask is not None:
             previous = torch.where((mask[:, -2] == 0)[:, None], start, previous)

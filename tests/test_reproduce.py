@@ -367,12 +367,16 @@ def test_honest_stage_trains_its_runs_and_reports_them_against_the_baseline(tmp_
         "honest_plus1_linear_expected",
         "honest_causal_linear_expected_drop15",
         "honest_causal_linear_expected_drop30",
+        "honest_causal_linear_w05_expected",
+        "heads_only_plus1_linear",
+        "honest_plus1_linear_w01",
     )
     # the variants trained on causal tags
-    causal = ("honest_causal", "honest_best", "honest_rich", "honest_plus1_linear")
+    causal = ("honest_causal", "honest_best", "honest_rich", "honest_plus1_linear", "heads_only_plus1")
     for variant in variants:
         run = json.loads((runs / f"lm-{variant}-s0.json").read_text())
         assert run["config"]["metadata_layer"] == 1  # half of the smoke preset's 2 layers
+        assert run["metadata_shift"] == int("plus1" in variant)
         assert run["config"].get("tag_head_type", "mlp") == ("linear" if "_linear" in variant else "mlp")
         weight = next((value for key, value in {"_w05": 0.5, "_w01": 0.1}.items() if key in variant), 0.2)
         assert run["config"].get("tag_loss_weight", 0.2) == weight

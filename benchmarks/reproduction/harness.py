@@ -159,12 +159,16 @@ def spans_to_annotation(spans_by_field: dict[str, list[tuple[int, int, str]]]) -
 
 
 def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Compressed, in the smallest integer type that holds the values (the arrays travel to a GPU machine)."""
+    """Compressed, in the smallest integer type that holds the values (the arrays travel to a GPU machine). Written
+    under another name and then renamed: the resumable stages take an existing file as done, so a killed process
+    (or another one preparing the same file) must never leave half of one."""
     small = {}
     for key, values in arrays.items():
         values = np.asarray(values)
         small[key] = values.astype(np.int16) if values.min() >= -(2**15) and values.max() < 2**15 else values
-    np.savez_compressed(path, **small)
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npz")
+    np.savez_compressed(partial, **small)
+    os.replace(partial, path)
 
 
 def load_arrays(path: Path) -> dict[str, np.ndarray]:

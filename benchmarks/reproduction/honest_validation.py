@@ -29,7 +29,8 @@ from .honest import GOALS, HONEST_VARIANTS, evaluate_own_tags
 from .language_models import evaluate_lm, stream_blocks
 
 FILE = "reproduce_honest_validation"
-CONTROLS = ("heads_only", "heads_only_linear")  # nothing injected: not an honest LIME to select
+# Nothing injected: not an honest LIME to select.
+CONTROLS = ("heads_only", "heads_only_linear", "heads_only_plus1_linear")
 # An argmax run's validation score with its heads' tags read as expected embeddings.
 READ_EXPECTED = "validation_read_expected"
 EVAL_BATCH = 16
