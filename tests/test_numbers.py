@@ -204,8 +204,9 @@ def test_every_quoted_number_is_in_a_results_file(page: Path):
 
 def test_the_finder_can_fail():
     numbers = result_numbers(SOURCES["reproduction.md"])
-    assert backed("17.89", numbers) and backed("1.494e+04", numbers)
-    assert not backed("17.90", numbers) and not backed("1.493e+04", numbers)  # 17.89 and 17.91 are results
+    assert backed("20.08", numbers) and backed("1.494e+04", numbers)
+    # No result rounds to these (the honest stage's runs made 17.90 one: a canary must be a number no file backs).
+    assert not backed("20.09", numbers) and not backed("1.493e+04", numbers)
 
 
 def test_the_demo_page_quotes_the_demo_run():
@@ -227,8 +228,8 @@ def test_a_changed_number_is_found_out(tmp_path):
     page = DOCS / "reproduction.md"
     changed = tmp_path / page.name
     changed.write_text(
-        page.read_text(encoding="utf-8").replace("| 17.89 % |", "| 17.90 % |"), encoding="utf-8"
+        page.read_text(encoding="utf-8").replace("| 20.08 % |", "| 20.09 % |"), encoding="utf-8"
     )
     numbers = result_numbers(SOURCES[page.name])
-    assert all(backed(number, numbers) for number, line in quoted_numbers(page) if "17.89" in line)
-    assert not all(backed(number, numbers) for number, line in quoted_numbers(changed) if "17.90" in line)
+    assert all(backed(number, numbers) for number, line in quoted_numbers(page) if "20.08" in line)
+    assert not all(backed(number, numbers) for number, line in quoted_numbers(changed) if "20.09" in line)
