@@ -205,7 +205,7 @@ def test_every_quoted_number_is_in_a_results_file(page: Path):
 def test_the_finder_can_fail():
     numbers = result_numbers(SOURCES["reproduction.md"])
     assert backed("20.08", numbers) and backed("1.494e+04", numbers)
-    # No result rounds to these (the honest stage's runs made 17.90 one: a canary must be a number no file backs).
+    # Canaries: numbers next to quoted results that no results file backs (a new run can make one real: pick again).
     assert not backed("20.09", numbers) and not backed("1.493e+04", numbers)
 
 

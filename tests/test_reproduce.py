@@ -370,15 +370,20 @@ def test_honest_stage_trains_its_runs_and_reports_them_against_the_baseline(tmp_
         "honest_causal_linear_w05_expected",
         "heads_only_plus1_linear",
         "honest_plus1_linear_w01",
+        "honest_plus1_linear_k3",
+        "honest_plus1_linear_k3_w01",
+        "honest_plus1_linear_w001",
     )
     # the variants trained on causal tags
     causal = ("honest_causal", "honest_best", "honest_rich", "honest_plus1_linear", "heads_only_plus1")
     for variant in variants:
         run = json.loads((runs / f"lm-{variant}-s0.json").read_text())
-        assert run["config"]["metadata_layer"] == 1  # half of the smoke preset's 2 layers
+        # half of the smoke preset's 2 layers; "k3" runs: the last layer's input (also 1 there)
+        assert run["config"]["metadata_layer"] == 1
         assert run["metadata_shift"] == int("plus1" in variant)
         assert run["config"].get("tag_head_type", "mlp") == ("linear" if "_linear" in variant else "mlp")
-        weight = next((value for key, value in {"_w05": 0.5, "_w01": 0.1}.items() if key in variant), 0.2)
+        weights = {"_w05": 0.5, "_w01": 0.1, "_w001": 0.01}
+        weight = next((value for key, value in weights.items() if key in variant), 0.2)
         assert run["config"].get("tag_loss_weight", 0.2) == weight
         embedding = "expected" if "_expected" in variant else "argmax"
         assert run["config"].get("predicted_tag_embedding", "argmax") == embedding
