@@ -142,7 +142,7 @@ SETUP = {
         "7",
     },  # assumed words/token, cores, a BPE's size, steps, a port
 }
-# Differences of two results, quoted in the prose: (page, number) -> the difference, from the files.
+# Numbers the prose derives from results (a difference, a mean, a cost model): (page, number) -> the value, from the files.
 LIME_HEADS = json.loads((RESULTS / "reproduce.json").read_text(encoding="utf-8"))[
     "self_tagging_final_eval_metrics"
 ]["lm-lime_heads-s0"]
@@ -153,6 +153,11 @@ ANNOTATE_RATE = next(
     for row in csv.DictReader((RESULTS / "datatrove_annotation.csv").open(encoding="utf-8"))
     if row["setup"] == "local, 2 workers"
 )
+# The baseline's final perplexity, the mean of its seeds (the honest stage compares self-guided LIME+1 with it).
+BASELINE_PERPLEXITIES = {
+    row["seed"]: row["baseline_perplexity"]
+    for row in json.loads((RESULTS / "reproduce_honest.json").read_text(encoding="utf-8"))["rows"]
+}
 PACK_RATE = next(
     float(row["marginal_words_per_s"])
     for row in csv.DictReader((RESULTS / "pack_throughput.csv").open(encoding="utf-8"))
@@ -170,6 +175,7 @@ DERIVED = {
     ("scale.md", "0.18"): PAPER_WORDS / PACK_RATE / 2048 / 3600,
     ("README.md", "14,150"): PAPER_WORDS / ANNOTATE_RATE / 3600,
     ("README.md", "365"): PAPER_WORDS / PACK_RATE / 3600,
+    ("reproduction.md", "131.0"): sum(BASELINE_PERPLEXITIES.values()) / len(BASELINE_PERPLEXITIES),
 }
 
 
