@@ -142,7 +142,8 @@ SETUP = {
         "7",
     },  # assumed words/token, cores, a BPE's size, steps, a port
 }
-# Numbers the prose derives from results (a difference, a mean, a cost model): (page, number) -> the value, from the files.
+# Numbers the prose derives from results (a difference, a mean, a cost model): (page, number) -> the value,
+# from the files.
 LIME_HEADS = json.loads((RESULTS / "reproduce.json").read_text(encoding="utf-8"))[
     "self_tagging_final_eval_metrics"
 ]["lm-lime_heads-s0"]
