@@ -200,12 +200,10 @@ class LimeMetaAttentionLayers(nn.Module):
         self._handles = []
 
     @contextmanager
-    def scope(self, state: "MetaAttentionState | None", inputs: dict) -> Iterator[None]:
-        """One backbone call: `state` into its keywords `inputs` (for the sublayers) and, where the positional
-        encoding is zeroed at meta-tokens, the meta positions into the positional hook's `ContextVar`."""
-        if state is None:
-            yield
-            return
+    def scope(self, state: MetaAttentionState, inputs: dict) -> Iterator[None]:
+        """One backbone call with meta-tokens: `state` into its keywords `inputs` (for the sublayers) and, where
+        the positional encoding is zeroed at meta-tokens, the meta positions into the positional hook's
+        `ContextVar`."""
         inputs[STATE_KEYWORD] = state
         zero = state.is_meta if self.config.meta_positional == "zero" else None
         token = _ZEROED_POSITIONS.set(zero)
@@ -276,10 +274,10 @@ class _SublayerHook:
         self.layers, self.index = layers, index
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output):
-        sublayer = self.layers.layers[self.index]
         state = kwargs.get(STATE_KEYWORD)
         if state is None and not (module.training and torch.is_grad_enabled()):
-            return None
+            return None  # most decoding steps: checked first, as this runs at every layer of every call
+        sublayer = self.layers.layers[self.index]
         # Decoder layers return the hidden states, or a tuple that starts with them (older versions).
         hidden = output[0] if isinstance(output, tuple) else output
         if state is None:

@@ -243,7 +243,7 @@ class LimePreTrainedModel(PreTrainedModel):
         inputs[cache_keyword(module)] = cache
         if injection is not None:
             inputs[INJECTION_KEYWORD] = injection
-        if self.meta_attention is None:
+        if meta_state is None:  # no meta-attention, or no meta-token in this call
             outputs = module(**inputs)
         else:
             with self.meta_attention.scope(meta_state, inputs):
