@@ -378,7 +378,7 @@ def test_honest_stage_trains_its_runs_and_reports_them_against_the_baseline(tmp_
     causal = ("honest_causal", "honest_best", "honest_rich", "honest_plus1_linear", "heads_only_plus1")
     for variant in variants:
         run = json.loads((runs / f"lm-{variant}-s0.json").read_text())
-        # half of the smoke preset's 2 layers; "k3" runs: the last layer's input (also 1 there)
+        # half of the smoke preset's 2 layers; "k3" runs: the last layer's input (also 1 there, see below)
         assert run["config"]["metadata_layer"] == 1
         assert run["metadata_shift"] == int("plus1" in variant)
         assert run["config"].get("tag_head_type", "mlp") == ("linear" if "_linear" in variant else "mlp")
@@ -495,3 +495,12 @@ def test_honest_validation_scores_saved_models_on_the_next_tokens_and_selects_on
         path.rmdir()
     again = report_validation(tmp_path, "smoke", lm, tmp_path / "results")
     assert again["rows"] == headline["rows"]
+
+
+def test_honest_k3_runs_read_the_last_layers_input_on_the_committed_preset():
+    from reproduction.honest import honest_specs
+
+    layers = PRESETS["cpu"]["lm"]["layers"]
+    for variant, spec in honest_specs(layers).items():
+        expected = layers - 1 if "_k3" in variant else layers // 2
+        assert spec.config["metadata_layer"] == expected, variant

@@ -183,7 +183,7 @@ def honest_specs(layers: int) -> dict[str, LmSpec]:
     heads = dict(tag_heads=HEAD_FIELDS, extra_modes=own_tags_mode)
     nothing_injected = at_k | dict(metadata_weights={"pos": 0.0, "ner": 0.0})
     linear = dict(tag_head_type="linear")
-    w05, w01 = dict(tag_loss_weight=0.5), dict(tag_loss_weight=0.1)
+    w05, w01, w001 = dict(tag_loss_weight=0.5), dict(tag_loss_weight=0.1), dict(tag_loss_weight=0.01)
     expected = dict(predicted_tag_embedding="expected")
     at_last = dict(metadata_layer=layers - 1)  # the heads read the input of the last decoder layer
     return {
@@ -240,7 +240,7 @@ def honest_specs(layers: int) -> dict[str, LmSpec]:
             1, **heads, **causal, config=predicted | linear | at_last | w01, train_tags="causal"
         ),
         "honest_plus1_linear_w001": LmSpec(
-            1, **heads, **causal, config=predicted | linear | dict(tag_loss_weight=0.01), train_tags="causal"
+            1, **heads, **causal, config=predicted | linear | w001, train_tags="causal"
         ),
         "honest_rich_linear": LmSpec(
             0,
